@@ -1,0 +1,1 @@
+"""Shared kernel: envelope, Avro codec, topic catalog, configuration, Kafka helpers."""

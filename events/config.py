@@ -1,0 +1,135 @@
+"""Configuration from environment variables, with documented defaults.
+
+Every setting has one environment variable; a bad value raises ConfigError naming it.
+The table in README.md is generated from SETTINGS below (`labbus config`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str
+    help: str
+
+
+SETTINGS: dict[str, Setting] = {
+    "home": Setting("LABBUS_HOME", str(REPO_ROOT / ".local"),
+                    "Directory for local services' binaries, data and logs."),
+    "kafka_bootstrap": Setting("LABBUS_KAFKA_BOOTSTRAP", "127.0.0.1:19092",
+                               "Kafka bootstrap servers (host:port[,host:port])."),
+    "postgres_dsn": Setting("LABBUS_POSTGRES_DSN",
+                            "postgresql://labbus_writer:labbus_writer@127.0.0.1:15432/labbus",
+                            "PostgreSQL DSN of the writer role used by projectors and migrations."),
+    "postgres_api_dsn": Setting("LABBUS_POSTGRES_API_DSN",
+                                "postgresql://labbus_reader:labbus_reader@127.0.0.1:15432/labbus",
+                                "PostgreSQL DSN of the SELECT-only role used by the query API."),
+    "mongo_url": Setting("LABBUS_MONGO_URL", "mongodb://127.0.0.1:27018",
+                         "MongoDB connection URL."),
+    "mongo_db": Setting("LABBUS_MONGO_DB", "labbus", "MongoDB database name."),
+    "namespace": Setting("LABBUS_NAMESPACE", "",
+                         "Prefix for topic names and consumer groups (isolates test runs)."),
+    "api_host": Setting("LABBUS_API_HOST", "127.0.0.1", "Query API bind address."),
+    "api_port": Setting("LABBUS_API_PORT", "8000", "Query API port."),
+    "metrics_port": Setting("LABBUS_METRICS_PORT", "0",
+                            "Prometheus /metrics port of a worker process (0 = the process default)."),
+    "log_level": Setting("LABBUS_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR."),
+    "max_clock_skew_s": Setting("LABBUS_MAX_CLOCK_SKEW_S", "5",
+                                "Readings timestamped further than this into the future are rejected."),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    kafka_bootstrap: str
+    postgres_dsn: str
+    postgres_api_dsn: str
+    mongo_url: str
+    mongo_db: str
+    namespace: str
+    api_host: str
+    api_port: int
+    metrics_port: int
+    log_level: str
+    max_clock_skew_s: float
+
+    def explicitly_set(self, name: str, environ: dict[str, str] | None = None) -> bool:
+        """True when the user pointed this setting at their own service (so nothing local starts)."""
+        env = os.environ if environ is None else environ
+        return SETTINGS[name].env in env
+
+
+def _int(name: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} must be between {low} and {high}")
+    return value
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} must not be negative")
+    return value
+
+
+def _hostports(name: str, raw: str) -> str:
+    for part in raw.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"{SETTINGS[name].env}={raw!r}: expected host:port[,host:port]")
+    return raw
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    if not raw.startswith(tuple(s + "://" for s in schemes)):
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: expected a URL starting with "
+                          + " or ".join(s + "://" for s in schemes))
+    return raw
+
+
+def load(environ: dict[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    raw = {name: env.get(s.env, s.default) for name, s in SETTINGS.items()}
+    level = raw["log_level"].upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"LABBUS_LOG_LEVEL={raw['log_level']!r}: use DEBUG, INFO, WARNING or ERROR")
+    namespace = raw["namespace"]
+    if namespace and not all(c.isalnum() or c in "-_." for c in namespace):
+        raise ConfigError(f"LABBUS_NAMESPACE={namespace!r}: letters, digits, '-', '_' and '.' only")
+    return Config(
+        home=Path(raw["home"]).expanduser().resolve(),
+        kafka_bootstrap=_hostports("kafka_bootstrap", raw["kafka_bootstrap"]),
+        postgres_dsn=_url("postgres_dsn", raw["postgres_dsn"], ("postgresql", "postgres")),
+        postgres_api_dsn=_url("postgres_api_dsn", raw["postgres_api_dsn"], ("postgresql", "postgres")),
+        mongo_url=_url("mongo_url", raw["mongo_url"], ("mongodb", "mongodb+srv")),
+        mongo_db=raw["mongo_db"] or "labbus",
+        namespace=namespace,
+        api_host=raw["api_host"],
+        api_port=_int("api_port", raw["api_port"], 1, 65535),
+        metrics_port=_int("metrics_port", raw["metrics_port"], 0, 65535),
+        log_level=level,
+        max_clock_skew_s=_float("max_clock_skew_s", raw["max_clock_skew_s"]),
+    )
+
+
+assert {f.name for f in fields(Config)} == set(SETTINGS), "SETTINGS and Config disagree"
