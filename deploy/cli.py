@@ -1,0 +1,261 @@
+"""The `labbus` command: one subcommand per process, plus local services and tools."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import click
+
+from events import config as config_mod
+from events import logs, metrics
+
+
+def _cfg() -> config_mod.Config:
+    try:
+        return config_mod.load()
+    except config_mod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _start_process(name: str, cfg: config_mod.Config, metrics_port: int | None = None) -> None:
+    logs.configure(name, cfg.log_level)
+    port = metrics_port if metrics_port is not None else cfg.metrics_port
+    if port >= 0:
+        try:
+            bound = metrics.serve(name, port)
+            click.echo(f"{name}: metrics on http://127.0.0.1:{bound}/metrics", err=True)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve metrics on port {port or metrics.DEFAULT_PORTS.get(name)}: {exc}; "
+                "set LABBUS_METRICS_PORT or --metrics-port") from None
+
+
+def _run_until_signal(coro_factory) -> None:
+    """Run an async main with a stop event set by SIGINT/SIGTERM."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await coro_factory(stop)
+
+    try:
+        asyncio.run(main())
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+metrics_option = click.option("--metrics-port", type=int, default=None,
+                              help="Port for /metrics (default: LABBUS_METRICS_PORT or the "
+                                   "process's own default; -1 disables).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """labbus: an event-sourced message bus for laboratory automation."""
+
+
+# -- services -------------------------------------------------------------------------------
+@main.group()
+def services() -> None:
+    """Local Kafka, PostgreSQL and Mongo-compatible servers (no Docker needed)."""
+
+
+@services.command("up")
+def services_up() -> None:
+    """Install (once) and start the local servers; wait until each answers."""
+    from deploy.local import services as svc
+
+    try:
+        addresses = svc.up(_cfg(), echo=lambda m: click.echo(m, err=True))
+    except svc.ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, addr in addresses.items():
+        click.echo(f"{name:9} {addr}")
+
+
+@services.command("down")
+def services_down() -> None:
+    """Stop the local servers (data is kept under LABBUS_HOME)."""
+    from deploy.local import services as svc
+
+    svc.down(_cfg(), echo=lambda m: click.echo(m, err=True))
+
+
+@services.command("status")
+def services_status() -> None:
+    """Show whether each local server runs, where, and its pid."""
+    from deploy.local import services as svc
+
+    for s in svc.status(_cfg()):
+        state = "running" if s.running else "stopped"
+        click.echo(f"{s.name:9} {state:8} {s.address or '-':40} pid={s.pid or '-'} {s.detail or ''}")
+
+
+# -- configuration and catalog -------------------------------------------------------------------
+@main.command("config")
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown (for the README).")
+def show_config(markdown: bool) -> None:
+    """Show every environment variable, its default and its current value."""
+    cfg = _cfg()
+    for name, s in config_mod.SETTINGS.items():
+        if markdown:
+            click.echo(f"| `{s.env}` | `{s.default.replace(str(config_mod.REPO_ROOT), '.')}` | {s.help} |")
+        else:
+            click.echo(f"{s.env:26} = {getattr(cfg, name)}")
+
+
+@main.group()
+def topics() -> None:
+    """The topic catalog."""
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """Print the catalog: name, partitions, key, retention, event types."""
+    from events.topics import CATALOG, topic_name
+
+    cfg = _cfg()
+    for spec in CATALOG:
+        keep = "compacted" if spec.compacted else f"{(spec.retention_ms or 0) // 86_400_000} d"
+        click.echo(f"{topic_name(cfg, spec):32} p={spec.partitions} key={spec.key:12} "
+                   f"{keep:10} {', '.join(spec.event_types)}")
+
+
+@topics.command("create")
+def topics_create() -> None:
+    """Create missing topics of the catalog (idempotent)."""
+    from events.kafka import ensure_topics
+
+    created = asyncio.run(ensure_topics(_cfg()))
+    click.echo("created: " + (", ".join(created) if created else "nothing, all exist"))
+
+
+# -- processes ------------------------------------------------------------------------------------
+@main.group()
+def agent() -> None:
+    """Instrument agents that publish events."""
+
+
+@agent.command("sim")
+@click.option("--devices", default=10, show_default=True, help="Number of simulated devices.")
+@click.option("--rate", default=10.0, show_default=True,
+              help="Readings per second over the fleet (0 = as fast as possible).")
+@click.option("--count", default=0, show_default=True, help="Readings to send (0 = until stopped).")
+@click.option("--bad-fraction", default=0.0, show_default=True,
+              help="Share of bad readings: wrong unit, out of range, future timestamp, "
+                   "duplicate event id, undecodable bytes (in turn).")
+@click.option("--seed", default=0, show_default=True, help="Random seed.")
+@metrics_option
+def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: int,
+              metrics_port: int | None) -> None:
+    """A simulated instrument fleet publishing DeviceRegistered and MeasurementRecorded."""
+    from producers import sim
+
+    cfg = _cfg()
+    _start_process("agent", cfg, metrics_port)
+    try:
+        simulator = sim.FleetSimulator(sim.make_fleet(devices, seed), seed, bad_fraction)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bad-fraction") from None
+
+    async def go(stop: asyncio.Event) -> None:
+        if count:
+            with click.progressbar(length=count, label="publishing", file=sys.stderr) as bar:
+                done = [0]
+
+                def progress(n: int) -> None:
+                    bar.update(n - done[0])
+                    done[0] = n
+
+                summary = await sim.publish(cfg, simulator, count, rate, progress, stop)
+        else:
+            summary = await sim.publish(cfg, simulator, 0, rate, None, stop)
+        click.echo(f"registered {summary.registered} devices, sent {summary.readings} readings "
+                   f"({summary.good} good, bad: {dict(summary.bad) or 'none'})")
+
+    _run_until_signal(go)
+
+
+@main.group()
+def process() -> None:
+    """Stream processors (faust-streaming apps)."""
+
+
+@process.command("validate")
+@metrics_option
+def process_validate(metrics_port: int | None) -> None:
+    """Validate raw readings: emit MeasurementValidated / MeasurementRejected, dead-letter junk."""
+    from processors import validator
+
+    cfg = _cfg()
+    _start_process("validator", cfg, metrics_port)
+    validator.run(cfg)
+
+
+@main.group()
+def project() -> None:
+    """Projectors that turn events into read models."""
+
+
+def _project(name: str, projection_factory, metrics_port: int | None) -> None:
+    from projections import runner
+
+    cfg = _cfg()
+    _start_process(f"projector-{name}", cfg, metrics_port)
+    _run_until_signal(lambda stop: runner.run(cfg, projection_factory(cfg), stop))
+
+
+@project.command("postgres")
+@metrics_option
+def project_postgres(metrics_port: int | None) -> None:
+    """Project devices and validated measurements into PostgreSQL (exactly-once positions)."""
+    from projections.postgres import PostgresProjection
+
+    _project("postgres", PostgresProjection, metrics_port)
+
+
+@project.command("mongo")
+@metrics_option
+def project_mongo(metrics_port: int | None) -> None:
+    """Project one document per device into MongoDB (idempotent upserts)."""
+    from projections.mongo import MongoProjection
+
+    _project("mongo", MongoProjection, metrics_port)
+
+
+@main.command("api")
+@click.option("--host", default=None, help="Bind address (default LABBUS_API_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default LABBUS_API_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the read-only query API (OpenAPI docs at /docs, metrics at /metrics)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    cfg = _cfg()
+    logs.configure("api", cfg.log_level)
+    uvicorn.run(create_app(cfg), host=host or cfg.api_host, port=port or cfg.api_port,
+                log_config=None, access_log=False)
+
+
+@main.command("demo")
+@click.option("--devices", default=20, show_default=True)
+@click.option("--rate", default=50.0, show_default=True, help="Readings per second.")
+@click.option("--bad-fraction", default=0.05, show_default=True)
+@click.option("--duration", default=0, show_default=True,
+              help="Stop after this many seconds (0 = until Ctrl-C).")
+def demo(devices: int, rate: float, bad_fraction: float, duration: int) -> None:
+    """Services + validator + projectors + API + a simulated fleet; prints the URLs to open."""
+    from deploy import demo as demo_mod
+
+    demo_mod.run(_cfg(), devices=devices, rate=rate, bad_fraction=bad_fraction,
+                 duration=duration, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Avro single-object encoding (0xC3 0x01 + 8-byte CRC-64-AVRO fingerprint + Avro binary).
+
+Schemas come from the `schemas/` folder, so any Avro library holding those files can decode a
+message without a registry server. Current schemas are the reader schemas; older versions kept in
+`schemas/previous/<full name>/v<N>.avsc` are registered as writer schemas, so data written with
+them still decodes (Avro schema resolution fills fields added since).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from events.config import REPO_ROOT
+from events.model import ENVELOPE_FIELDS, EVENT_TYPES, Envelope, Event
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+SCHEMAS_DIR = REPO_ROOT / "schemas"
+VERSION_PROPERTY = "labbus.version"
+
+
+class DecodeError(ValueError):
+    """Bytes that cannot become an event; `kind` is the dead-letter error_type."""
+
+    kind = "corrupt_payload"
+
+
+class NotSingleObject(DecodeError):
+    kind = "not_single_object"
+
+
+class UnknownFingerprint(DecodeError):
+    kind = "unknown_fingerprint"
+
+
+@dataclass(frozen=True)
+class SchemaEntry:
+    name: str
+    version: int
+    parsed: Any
+    fingerprint: bytes
+    path: Path
+
+
+def _load(path: Path) -> tuple[dict, Any, bytes]:
+    raw = json.loads(path.read_text())
+    parsed = parse_schema(raw, _write_hint=False)
+    fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+    return raw, parsed, fp
+
+
+class Codec:
+    def __init__(self, schemas_dir: Path = SCHEMAS_DIR) -> None:
+        self.current: dict[str, SchemaEntry] = {}
+        self.writers: dict[bytes, SchemaEntry] = {}
+        for path in sorted(schemas_dir.glob("*.avsc")):
+            raw, parsed, fp = _load(path)
+            name = f"{raw['namespace']}.{raw['name']}"
+            entry = SchemaEntry(name, int(raw.get(VERSION_PROPERTY, 1)), parsed, fp, path)
+            self.current[name] = entry
+            self.writers[fp] = entry
+        for path in sorted(schemas_dir.glob("previous/*/v*.avsc")):
+            raw, parsed, fp = _load(path)
+            name = f"{raw['namespace']}.{raw['name']}"
+            self.writers.setdefault(
+                fp, SchemaEntry(name, int(raw.get(VERSION_PROPERTY, path.stem[1:])), parsed, fp, path)
+            )
+        self._payload_fields = {
+            name: tuple(f.name for f in fields(cls) if f.name != "envelope")
+            for name, cls in EVENT_TYPES.items()
+        }
+
+    def schema(self, event_type: str) -> SchemaEntry:
+        try:
+            return self.current[event_type]
+        except KeyError:
+            raise KeyError(f"no schema for event type {event_type!r} in {SCHEMAS_DIR}") from None
+
+    def encode(self, event: Event) -> bytes:
+        entry = self.schema(event.TYPE)
+        record = {name: getattr(event.envelope, name) for name in ENVELOPE_FIELDS}
+        record["schema_version"] = entry.version
+        for name in self._payload_fields[event.TYPE]:
+            record[name] = getattr(event, name)
+        buf = io.BytesIO()
+        buf.write(MAGIC)
+        buf.write(entry.fingerprint)
+        schemaless_writer(buf, entry.parsed, record)
+        return buf.getvalue()
+
+    def decode_record(self, data: bytes) -> tuple[str, dict]:
+        """Decode to (event type, record dict) without building the dataclass."""
+        if data is None or len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise NotSingleObject("not Avro single-object encoded (missing 0xC3 0x01 header)")
+        fp = bytes(data[2:HEADER_LEN])
+        writer = self.writers.get(fp)
+        if writer is None:
+            raise UnknownFingerprint(f"unknown schema fingerprint {fp.hex()}")
+        reader = self.current.get(writer.name, writer)
+        reader_schema = None if reader is writer else reader.parsed
+        try:
+            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader_schema)
+        except Exception as exc:  # fastavro raises several types for truncated or garbled data
+            raise DecodeError(f"cannot decode {writer.name} v{writer.version}: {exc!r}") from exc
+        return writer.name, record
+
+    def decode(self, data: bytes) -> Event:
+        name, record = self.decode_record(data)
+        cls = EVENT_TYPES.get(name)
+        if cls is None:
+            raise UnknownFingerprint(f"schema {name} has no event class in this process")
+        envelope = Envelope(**{f: record[f] for f in ENVELOPE_FIELDS})
+        return cls(envelope, **{f: record[f] for f in self._payload_fields[name]})
+
+
+_default: Codec | None = None
+
+
+def default_codec() -> Codec:
+    global _default
+    if _default is None:
+        _default = Codec()
+    return _default

@@ -1,0 +1,78 @@
+"""Kafka helpers: producer and consumer factories with labbus's guarantees, topic creation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from events.config import Config
+from events.topics import CATALOG, TopicSpec, topic_name
+
+log = logging.getLogger(__name__)
+
+
+def producer(cfg: Config, **overrides) -> AIOKafkaProducer:
+    """acks=all and idempotence: a send that succeeded is on the broker exactly once."""
+    options = dict(
+        bootstrap_servers=cfg.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        compression_type=None,
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKafkaConsumer:
+    """Auto-commit off: each process commits only after its own work is durable."""
+    options = dict(
+        bootstrap_servers=cfg.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=16 * 1024 * 1024,
+    )
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] = CATALOG,
+                        timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics of the catalog; existing ones are left as they are. Returns created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap, request_timeout_ms=15000)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConnectionError(
+                    f"Kafka at LABBUS_KAFKA_BOOTSTRAP={cfg.kafka_bootstrap} does not answer; "
+                    "start it with `labbus services up`") from None
+            await asyncio.sleep(0.5)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [s for s in specs if topic_name(cfg, s) not in existing]
+        created = []
+        for spec in wanted:
+            name = topic_name(cfg, spec)
+            try:
+                await admin.create_topics([NewTopic(name, spec.partitions, 1,
+                                                    topic_configs=spec.configs())])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it meanwhile
+        if created:
+            log.info("created topics", extra={"topics": created})
+        return created
+    finally:
+        await admin.close()

@@ -1,0 +1,25 @@
+"""Prometheus metrics shared by every labbus process (labelled by process name)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS_IN = Counter("labbus_events_in_total", "Events consumed", ["process", "topic"])
+EVENTS_OUT = Counter("labbus_events_out_total", "Events produced or projected", ["process", "topic"])
+EVENTS_REJECTED = Counter("labbus_events_rejected_total", "Events rejected or dead-lettered",
+                          ["process", "reason"])
+PROCESSING_SECONDS = Histogram(
+    "labbus_processing_seconds", "Time to process one batch of events", ["process"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+CONSUMER_LAG = Gauge("labbus_consumer_lag", "Messages behind the log end",
+                     ["process", "topic", "partition"])
+
+DEFAULT_PORTS = {"agent": 9101, "validator": 9102, "projector-postgres": 9103,
+                 "projector-mongo": 9104}
+
+
+def serve(process: str, port: int) -> int:
+    """Expose /metrics for a worker process; port 0 means the process's default port."""
+    port = port or DEFAULT_PORTS.get(process, 9100)
+    start_http_server(port, addr="127.0.0.1")
+    return port

@@ -1,0 +1,155 @@
+"""Events as small frozen dataclasses: an Envelope plus the payload fields of one .avsc."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timezone
+from typing import Any, ClassVar, TypeVar
+
+E = TypeVar("E", bound="Event")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    event_id: uuid.UUID
+    event_type: str
+    schema_version: int
+    occurred_at: datetime
+    recorded_at: datetime
+    source: str
+    subject: str
+    correlation_id: uuid.UUID | None
+    causation_id: uuid.UUID | None
+    sequence: int
+
+
+ENVELOPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Envelope))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event; subclasses set TYPE to the full Avro name of their schema."""
+
+    TYPE: ClassVar[str] = ""
+    envelope: Envelope
+
+    @classmethod
+    def create(
+        cls: type[E],
+        *,
+        source: str,
+        subject: str,
+        sequence: int,
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        schema_version: int = 1,
+        **payload: Any,
+    ) -> E:
+        now = utcnow()
+        envelope = Envelope(
+            event_id=event_id or uuid.uuid4(),
+            event_type=cls.TYPE,
+            schema_version=schema_version,
+            occurred_at=occurred_at or now,
+            recorded_at=now,
+            source=source,
+            subject=subject,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            sequence=sequence,
+        )
+        return cls(envelope, **payload)
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        return self.envelope.event_id
+
+    @property
+    def key(self) -> bytes:
+        return self.envelope.subject.encode()
+
+    def with_envelope(self: E, **changes: Any) -> E:
+        return replace(self, envelope=replace(self.envelope, **changes))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRegistered(Event):
+    TYPE: ClassVar[str] = "lab.device.DeviceRegistered"
+    device_id: str
+    device_type: str
+    model: str
+    location: str
+    metrics: list[str]
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementRecorded(Event):
+    TYPE: ClassVar[str] = "lab.measurement.MeasurementRecorded"
+    device_id: str
+    metric: str
+    value: float
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementValidated(Event):
+    TYPE: ClassVar[str] = "lab.measurement.MeasurementValidated"
+    measurement_id: uuid.UUID
+    device_id: str
+    metric: str
+    value: float
+    unit: str
+    measured_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementRejected(Event):
+    TYPE: ClassVar[str] = "lab.measurement.MeasurementRejected"
+    measurement_id: uuid.UUID
+    device_id: str
+    metric: str
+    value: float
+    unit: str
+    measured_at: datetime
+    reason_code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter(Event):
+    TYPE: ClassVar[str] = "lab.deadletter.DeadLetter"
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    original_key: bytes | None
+    original_value: bytes | None
+    error_type: str
+    error: str
+    failed_by: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.TYPE: cls
+    for cls in (DeviceRegistered, MeasurementRecorded, MeasurementValidated,
+                MeasurementRejected, DeadLetter)
+}
+
+
+def register(cls: type[E]) -> type[E]:
+    """Class decorator for event types defined in other packages."""
+    EVENT_TYPES[cls.TYPE] = cls
+    return cls
+
+
+def derived_id(parent: uuid.UUID, purpose: str) -> uuid.UUID:
+    """A deterministic id for an event derived from another, so reprocessing re-emits the same id
+    and idempotent consumers drop the repeat."""
+    return uuid.uuid5(parent, purpose)

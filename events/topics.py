@@ -1,0 +1,58 @@
+"""The topic catalog: every topic labbus uses, its partitioning, retention and allowed events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from events.config import Config
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    key: str
+    event_types: tuple[str, ...]
+    retention_ms: int | None = 7 * DAY_MS
+    compacted: bool = False
+    description: str = ""
+
+    def configs(self) -> dict[str, str]:
+        cfg = {"min.insync.replicas": "1"}
+        if self.compacted:
+            cfg["cleanup.policy"] = "compact"
+        if self.retention_ms is not None and not self.compacted:
+            cfg["retention.ms"] = str(self.retention_ms)
+        return cfg
+
+
+DEVICES = TopicSpec(
+    "lab.devices", 3, "device_id", ("lab.device.DeviceRegistered",), compacted=True,
+    description="Device registrations; compacted, so the latest registration per device is kept.")
+MEASUREMENTS_RECORDED = TopicSpec(
+    "lab.measurements.recorded", 6, "device_id", ("lab.measurement.MeasurementRecorded",),
+    description="Raw readings as instrument agents publish them.")
+MEASUREMENTS_VALIDATED = TopicSpec(
+    "lab.measurements.validated", 6, "device_id", ("lab.measurement.MeasurementValidated",),
+    retention_ms=30 * DAY_MS, description="Readings that passed validation.")
+MEASUREMENTS_REJECTED = TopicSpec(
+    "lab.measurements.rejected", 3, "device_id", ("lab.measurement.MeasurementRejected",),
+    retention_ms=30 * DAY_MS, description="Readings that failed validation, with the reason.")
+DEAD_LETTER = TopicSpec(
+    "lab.deadletter", 1, "original key", ("lab.deadletter.DeadLetter",),
+    retention_ms=30 * DAY_MS,
+    description="Undecodable or unprocessable messages with their original bytes and the error.")
+
+CATALOG: tuple[TopicSpec, ...] = (
+    DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
+)
+
+
+def topic_name(cfg: Config, spec: TopicSpec) -> str:
+    return f"{cfg.namespace}.{spec.name}" if cfg.namespace else spec.name
+
+
+def group_id(cfg: Config, process: str) -> str:
+    return f"{cfg.namespace}.labbus.{process}" if cfg.namespace else f"labbus.{process}"

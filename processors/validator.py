@@ -1,0 +1,148 @@
+"""The measurement validator, a faust-streaming app.
+
+Reads raw readings, writes MeasurementValidated or MeasurementRejected, and sends what cannot be
+decoded to the dead-letter topic. Outputs go through labbus's idempotent acks=all producer and are
+awaited before the batch is acknowledged, so faust commits an offset only after its outputs are on
+the broker. Output ids derive from input ids, so a replay after a crash re-emits identical events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import faust
+import mode
+
+from events import kafka, metrics
+from events.codec import Codec, DecodeError, default_codec
+from events.config import Config
+from events.model import Event, MeasurementRecorded
+from events.topics import (DEAD_LETTER, MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED,
+                           MEASUREMENTS_VALIDATED, group_id, topic_name)
+from processors import validation
+from processors.dead_letter import dead_letter
+
+PROCESS = "validator"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Validator:
+    """Turns one incoming message into exactly one outgoing event (and the topic for it)."""
+
+    def __init__(self, cfg: Config, codec: Codec | None = None) -> None:
+        self.cfg = cfg
+        self.codec = codec or default_codec()
+        self.windows: dict[int, validation.DedupWindow] = defaultdict(validation.DedupWindow)
+        self.topics = {spec: topic_name(cfg, spec) for spec in
+                       (MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER)}
+
+    def handle(self, msg: Incoming, now: datetime) -> tuple[str, Event]:
+        try:
+            reading = self.codec.decode(msg.value)
+        except DecodeError as exc:
+            return self._dead(msg, exc)
+        if not isinstance(reading, MeasurementRecorded):
+            return self._dead(msg, TypeError(f"{reading.TYPE} does not belong on {msg.topic}"),
+                              "unexpected_event_type")
+        first = self.windows[msg.partition].first_offset(reading.event_id, msg.offset)
+        if first != msg.offset:
+            why = validation.Rejection(
+                "duplicate_event_id",
+                f"event id {reading.event_id} already seen at offset {first} of partition "
+                f"{msg.partition}")
+            return self.topics[MEASUREMENTS_REJECTED], validation.rejected(
+                reading, why, PROCESS, purpose=f"duplicate@{msg.partition}:{msg.offset}")
+        why = validation.check(reading, now, self.cfg.max_clock_skew_s)
+        if why is not None:
+            return self.topics[MEASUREMENTS_REJECTED], validation.rejected(reading, why, PROCESS)
+        return self.topics[MEASUREMENTS_VALIDATED], validation.validated(reading, PROCESS)
+
+    def _dead(self, msg: Incoming, exc: Exception, kind: str | None = None) -> tuple[str, Event]:
+        return self.topics[DEAD_LETTER], dead_letter(
+            topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
+            value=msg.value, error=exc, failed_by=PROCESS, error_type=kind)
+
+
+def build_app(cfg: Config) -> faust.App:
+    app = faust.App(
+        group_id(cfg, PROCESS),
+        broker=f"kafka://{cfg.kafka_bootstrap}",
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        web_enabled=False,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=8192,
+        producer_acks=-1,
+    )
+    raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED), key_type=bytes, value_type=bytes)
+    validator = Validator(cfg)
+    @app.service
+    class OutputProducer(mode.Service):
+        """labbus's idempotent producer, created inside faust's event loop."""
+
+        producer = None
+
+        async def on_start(self) -> None:
+            OutputProducer.producer = kafka.producer(cfg)
+            await OutputProducer.producer.start()
+
+        async def on_stop(self) -> None:
+            await OutputProducer.producer.stop()
+
+    @app.on_partitions_revoked.connect
+    async def forget_windows(app, revoked, **kwargs) -> None:  # noqa: ARG001
+        validator.windows.clear()
+
+    @app.agent(raw)
+    async def validate(stream):
+        while OutputProducer.producer is None:
+            await asyncio.sleep(0.05)
+        producer = OutputProducer.producer
+        async for batch in stream.take_events(2000, within=0.05):
+            started = time.perf_counter()
+            now = datetime.now(timezone.utc)
+            sends = []
+            for event in batch:
+                m = event.message
+                incoming = Incoming(m.topic, m.partition, m.offset, m.key, m.value)
+                topic, out = validator.handle(incoming, now)
+                sends.append(await producer.send(topic, validator.codec.encode(out), key=m.key))
+                metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
+                code = getattr(out, "reason_code", None) or getattr(out, "error_type", None)
+                if code:
+                    metrics.EVENTS_REJECTED.labels(PROCESS, code).inc()
+            for fut in sends:
+                await fut  # delivered (acks=all) before faust acks the batch
+            metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
+            metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
+            yield len(batch)
+
+    return app
+
+
+def run(cfg: Config) -> None:
+    """Run the validator worker until SIGINT/SIGTERM."""
+    from faust.worker import Worker
+
+    asyncio.run(kafka.ensure_topics(cfg))
+    app = build_app(cfg)
+    worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
+                    override_logging=False)
+    worker.execute_from_commandline()
