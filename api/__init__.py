@@ -1,0 +1,1 @@
+"""Read-only query API for analysts."""
