@@ -55,6 +55,7 @@ class Summary:
     registered: int = 0
     good: int = 0
     bad: Counter = field(default_factory=Counter)
+    good_ids: set | None = None  # filled when publish(track_ids=True)
 
     @property
     def readings(self) -> int:
@@ -130,11 +131,11 @@ class FleetSimulator:
 
 async def publish(cfg: Config, sim: FleetSimulator, count: int, rate: float = 0.0,
                   on_progress: Callable[[int], None] | None = None,
-                  stop: asyncio.Event | None = None) -> Summary:
+                  stop: asyncio.Event | None = None, track_ids: bool = False) -> Summary:
     """Register the fleet, then publish `count` readings (0 = until stopped) at `rate` per second
     (0 = as fast as the broker takes them). Returns what was sent."""
     await kafka.ensure_topics(cfg)
-    summary = Summary()
+    summary = Summary(good_ids=set() if track_ids else None)
     devices_topic = topic_name(cfg, DEVICES)
     readings_topic = topic_name(cfg, MEASUREMENTS_RECORDED)
     producer = kafka.producer(cfg)
@@ -152,6 +153,8 @@ async def publish(cfg: Config, sim: FleetSimulator, count: int, rate: float = 0.
             pending.append(await producer.send(readings_topic, value, key=key))
             if kind is None:
                 summary.good += 1
+                if track_ids:
+                    summary.good_ids.add(sim.codec.decode(value).event_id)
             else:
                 summary.bad[kind] += 1
             i += 1

@@ -1,0 +1,165 @@
+"""Test fixtures: the real Kafka, PostgreSQL and Mongo-compatible servers, one namespace per run.
+
+By default the project's own local services are used (`labbus services up`, started here when
+they are not running). Where a Docker engine exists, LABBUS_TEST_SERVICES=docker starts the three
+with testcontainers instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from events import config
+
+REPO = Path(__file__).resolve().parent.parent
+LABBUS = str(Path(sys.executable).parent / "labbus")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def _docker_services() -> dict[str, str]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.mongodb import MongoDbContainer
+    from testcontainers.postgres import PostgresContainer
+
+    kafka = KafkaContainer("apache/kafka:4.1.1").with_kraft().start()
+    pg = PostgresContainer("postgres:16", username="labbus_writer", password="labbus_writer",
+                           dbname="labbus").start()
+    mongo = MongoDbContainer("mongo:7").start()
+    pg_url = pg.get_connection_url().replace("postgresql+psycopg2://", "postgresql://")
+    return {"LABBUS_KAFKA_BOOTSTRAP": kafka.get_bootstrap_server(),
+            "LABBUS_POSTGRES_DSN": pg_url, "LABBUS_POSTGRES_API_DSN": pg_url,
+            "LABBUS_MONGO_URL": mongo.get_connection_url()}
+
+
+@pytest.fixture(scope="session")
+def base_env() -> dict[str, str]:
+    """Environment pointing at running services (started here if needed)."""
+    env = dict(os.environ)
+    if os.environ.get("LABBUS_TEST_SERVICES") == "docker":
+        env.update(_docker_services())
+        return env
+    from deploy.local import services
+
+    services.up(config.load(env), echo=lambda m: print(m, file=sys.stderr))
+    return env
+
+
+@pytest.fixture(scope="session")
+def env(base_env) -> dict[str, str]:
+    """A private namespace for this test session: topics, consumer groups, databases."""
+    run = uuid.uuid4().hex[:8]
+    cfg = config.load(base_env)
+    e = dict(base_env)
+    e["LABBUS_NAMESPACE"] = f"test-{run}"
+    e["LABBUS_MONGO_DB"] = f"labbus_test_{run}"
+    e["LABBUS_LOG_LEVEL"] = "WARNING"
+    db = f"labbus_test_{run}"
+    if os.environ.get("LABBUS_TEST_SERVICES") != "docker":
+        from deploy.local import postgres
+
+        e["LABBUS_POSTGRES_DSN"] = postgres.create_database(cfg, db)
+        e["LABBUS_POSTGRES_API_DSN"] = postgres.with_database(cfg.postgres_api_dsn, db)
+    yield e
+    if os.environ.get("LABBUS_TEST_SERVICES") != "docker":
+        from pymongo import MongoClient
+
+        from deploy.local import postgres
+
+        postgres.drop_database(cfg, db)
+        MongoClient(cfg.mongo_url).drop_database(e["LABBUS_MONGO_DB"])
+
+
+@pytest.fixture(scope="session")
+def cfg(env) -> config.Config:
+    return config.load(env)
+
+
+class Processes:
+    """labbus worker processes started as a user would start them, killed at teardown."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        name = "-".join(args[:2])
+        log = open(self.logdir / f"{name}-{len(self.running)}.log", "w")
+        proc = subprocess.Popen([LABBUS, *args, "--metrics-port", str(free_port())],
+                                env={**self.env, **(extra_env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+        proc.log_path = log.name
+        self.running.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.running:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def processes(env, tmp_path):
+    procs = Processes(env, tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def read_topic(cfg: config.Config, topic: str) -> list:
+    """Every record of a topic, from the beginning to the current end, across partitions."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh topic metadata
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records = []
+        while any((await consumer.position(tp)) < end[tp] for tp in tps):
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                records.extend(recs)
+        return records
+    finally:
+        await consumer.stop()
