@@ -202,30 +202,36 @@ def project() -> None:
     """Projectors that turn events into read models."""
 
 
-def _project(name: str, projection_factory, metrics_port: int | None) -> None:
+batch_option = click.option("--batch", default=5000, show_default=True,
+                            help="Most events written per transaction.")
+
+
+def _project(name: str, projection_factory, metrics_port: int | None, batch: int) -> None:
     from projections import runner
 
     cfg = _cfg()
     _start_process(f"projector-{name}", cfg, metrics_port)
-    _run_until_signal(lambda stop: runner.run(cfg, projection_factory(cfg), stop))
+    _run_until_signal(lambda stop: runner.run(cfg, projection_factory(cfg), stop, batch))
 
 
 @project.command("postgres")
 @metrics_option
-def project_postgres(metrics_port: int | None) -> None:
+@batch_option
+def project_postgres(metrics_port: int | None, batch: int) -> None:
     """Project devices and validated measurements into PostgreSQL (exactly-once positions)."""
     from projections.postgres import PostgresProjection
 
-    _project("postgres", PostgresProjection, metrics_port)
+    _project("postgres", PostgresProjection, metrics_port, batch)
 
 
 @project.command("mongo")
 @metrics_option
-def project_mongo(metrics_port: int | None) -> None:
+@batch_option
+def project_mongo(metrics_port: int | None, batch: int) -> None:
     """Project one document per device into MongoDB (idempotent upserts)."""
     from projections.mongo import MongoProjection
 
-    _project("mongo", MongoProjection, metrics_port)
+    _project("mongo", MongoProjection, metrics_port, batch)
 
 
 @main.command("api")
