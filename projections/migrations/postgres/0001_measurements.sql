@@ -20,7 +20,7 @@ CREATE TABLE measurements (
     validated_event_id  uuid NOT NULL,
     source_partition    integer NOT NULL,
     source_offset       bigint NOT NULL,
-    projected_at        timestamptz NOT NULL DEFAULT now()
+    projected_at        timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX measurements_by_device_time ON measurements (device_id, measured_at, measurement_id);
 CREATE INDEX measurements_by_device_metric_time

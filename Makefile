@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` runs labbus, `make test` runs the test suite.
+# Both create the virtualenv, install the Python packages and start the local services first.
+PYTHON ?= python3
+VENV := .venv
+LABBUS := $(VENV)/bin/labbus
+
+.PHONY: setup services demo test bench bench-convergence down lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed services
+
+services: $(VENV)/.installed
+	$(LABBUS) services up
+
+demo: setup
+	$(LABBUS) demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(VENV)/bin/python tests/bench/bench_pipeline.py
+
+bench-convergence: $(VENV)/.installed
+	$(VENV)/bin/python tests/bench/bench_convergence.py
+
+down:
+	$(LABBUS) services down
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/pip install -q ruff
+	$(VENV)/bin/ruff check events producers processors projections api deploy tests

@@ -1,0 +1,187 @@
+"""Pipeline benchmark: raw broker rate vs end-to-end readings/s, ingest->queryable latency, memory.
+
+    .venv/bin/python tests/bench/bench_pipeline.py [--readings 200000] [--latency-rate 1000]
+
+Runs against the services of `labbus services up` (or the LABBUS_* addresses), in a fresh
+namespace and database, with the validator and PostgreSQL projector as separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from deploy.local import kafka as local_kafka  # noqa: E402
+from deploy.local import postgres, services  # noqa: E402
+from events import config, kafka  # noqa: E402
+from events.topics import TopicSpec, topic_name  # noqa: E402
+from producers import sim  # noqa: E402
+
+LABBUS = str(Path(sys.executable).parent / "labbus")
+
+
+class PeakRss(threading.Thread):
+    def __init__(self, pids: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items() if pid}
+        self.peak = dict.fromkeys(self.procs, 0)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            for name, p in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+
+async def raw_broker_rate(cfg: config.Config, payloads: list[tuple[bytes, bytes]]) -> float:
+    """Produce the same encoded readings to a bare topic and consume them back: events/s."""
+    spec = TopicSpec(f"bench.raw.{uuid.uuid4().hex[:6]}", 6, "device_id", ())
+    await kafka.ensure_topics(cfg, (spec,))
+    name = topic_name(cfg, spec)
+    producer = kafka.producer(cfg)
+    consumer = kafka.consumer(cfg, name, group=None)
+    await producer.start()
+    await consumer.start()
+    started = time.perf_counter()
+    pending = []
+    for key, value in payloads:
+        pending.append(await producer.send(name, value, key=key))
+        if len(pending) >= 5000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    got = 0
+    while got < len(payloads):
+        batch = await consumer.getmany(timeout_ms=1000, max_records=10000)
+        got += sum(len(v) for v in batch.values())
+    elapsed = time.perf_counter() - started
+    await producer.stop()
+    await consumer.stop()
+    return len(payloads) / elapsed
+
+
+async def count_rows(dsn: str, prefix: str) -> int:
+    con = await asyncpg.connect(dsn)
+    try:
+        if not await con.fetchval("SELECT to_regclass('measurements') IS NOT NULL"):
+            return 0
+        return await con.fetchval(
+            "SELECT count(*) FROM measurements WHERE device_id LIKE $1", prefix + "%")
+    finally:
+        await con.close()
+
+
+async def wait_rows(dsn: str, prefix: str, n: int, timeout: float) -> float:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if await count_rows(dsn, prefix) >= n:
+            return time.perf_counter()
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"only {await count_rows(dsn, prefix)} of {n} rows after {timeout} s")
+
+
+async def latencies(dsn: str, prefix: str) -> list[float]:
+    con = await asyncpg.connect(dsn)
+    try:
+        rows = await con.fetch(
+            "SELECT extract(epoch FROM projected_at - measured_at) AS s FROM measurements "
+            "WHERE device_id LIKE $1", prefix + "%")
+        return sorted(float(r["s"]) for r in rows)
+    finally:
+        await con.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def main_async(args) -> None:
+    base = config.load()
+    services.up(base, echo=lambda m: print(m, file=sys.stderr))
+    run = uuid.uuid4().hex[:6]
+    db = f"labbus_bench_{run}"
+    env = dict(os.environ, LABBUS_NAMESPACE=f"bench-{run}", LABBUS_LOG_LEVEL="WARNING",
+               LABBUS_POSTGRES_DSN=postgres.create_database(base, db),
+               LABBUS_POSTGRES_API_DSN=postgres.with_database(base.postgres_api_dsn, db))
+    cfg = config.load(env)
+    await kafka.ensure_topics(cfg)
+
+    fleet_sim = sim.FleetSimulator(sim.make_fleet(100, seed=1, prefix="tp"), seed=1)
+    payloads = [fleet_sim.reading(i)[:2] for i in range(args.readings)]
+    raw = await raw_broker_rate(cfg, payloads)
+    print(f"raw broker rate (produce+consume, no processing): {raw:,.0f} events/s")
+
+    procs = {name: subprocess.Popen([LABBUS, *cmd, "--metrics-port", "-1"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, cmd in (("validator", ("process", "validate")),
+                               ("projector-postgres", ("project", "postgres")))}
+    pids = {n: p.pid for n, p in procs.items()}
+    pids["kafka (JVM)"] = None if base.explicitly_set("kafka_bootstrap") else \
+        local_kafka.running_pid(base)
+    rss = PeakRss(pids)
+    rss.start()
+    try:
+        # warm-up: processes join their groups and the projector migrates its schema
+        await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(10, 2, "warm"), 2), 500)
+        await wait_rows(cfg.postgres_dsn, "warm", 500, 120)
+
+        started = time.perf_counter()
+        await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(100, 3, "tp"), 3), args.readings)
+        published = time.perf_counter()
+        done = await wait_rows(cfg.postgres_dsn, "tp", args.readings, 600)
+        e2e = args.readings / (done - started)
+        print(f"end to end (publish -> validator -> projector -> queryable in PostgreSQL): "
+              f"{e2e:,.0f} readings/s  ({args.readings:,} readings in {done - started:.1f} s; "
+              f"publishing took {published - started:.1f} s)")
+        print(f"ratio end-to-end / raw broker: {e2e / raw:.2f}")
+
+        n_lat = int(args.latency_rate * args.latency_seconds)
+        await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(20, 4, "lat"), 4), n_lat,
+                          rate=args.latency_rate)
+        await wait_rows(cfg.postgres_dsn, "lat", n_lat, 120)
+        lat = await latencies(cfg.postgres_dsn, "lat")
+        print(f"ingest -> queryable latency at {args.latency_rate:,.0f} readings/s "
+              f"({len(lat):,} readings): p50 {pct(lat, 0.5) * 1000:.0f} ms, "
+              f"p99 {pct(lat, 0.99) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
+    finally:
+        rss.stopped.set()
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.wait(20)
+        postgres.drop_database(base, db)
+    for name, peak in rss.peak.items():
+        print(f"peak RSS {name}: {peak / 2**20:,.0f} MiB")
+    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readings", type=int, default=200_000)
+    parser.add_argument("--latency-rate", type=float, default=1000.0)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
