@@ -1,0 +1,27 @@
+"""Opentrons OT-2 producer: protocol generation, in-process simulation, and the robot's HTTP API.
+
+* ``protocol``   - batch of ``WellRecipe`` -> OT-2 Python protocol text (+ ``protocol_hash``).
+* ``simulate``   - run that text on opentrons' Protocol Engine, streaming each command as it
+                   completes (the only module that imports opentrons; import it explicitly).
+* ``robot_http`` - same, on a real OT-2 via its HTTP API on port 31950 (httpx).
+* ``commands``   - the shared plain-dict command shape and helpers (``dispensed_wells``...).
+
+Importing this package does not import opentrons (slow, and it reads its config dir once).
+"""
+
+from .commands import (
+    COMMAND_KEYS,
+    RunOutcome,
+    dispensed_wells,
+    find_labware_id,
+    labware_ids,
+    liquid_sources,
+    normalize_command,
+)
+from .protocol import DeckLayout, WellRecipe, generate_protocol, protocol_hash
+
+__all__ = [
+    "COMMAND_KEYS", "DeckLayout", "RunOutcome", "WellRecipe", "dispensed_wells",
+    "find_labware_id", "generate_protocol", "labware_ids", "liquid_sources",
+    "normalize_command", "protocol_hash",
+]
