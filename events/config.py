@@ -65,11 +65,11 @@ class Config:
     metrics_port: int
     log_level: str
     max_clock_skew_s: float
+    explicit: frozenset[str] = frozenset()
 
-    def explicitly_set(self, name: str, environ: dict[str, str] | None = None) -> bool:
+    def explicitly_set(self, name: str) -> bool:
         """True when the user pointed this setting at their own service (so nothing local starts)."""
-        env = os.environ if environ is None else environ
-        return SETTINGS[name].env in env
+        return name in self.explicit
 
 
 def _int(name: str, raw: str, low: int, high: int) -> int:
@@ -129,7 +129,8 @@ def load(environ: dict[str, str] | None = None) -> Config:
         metrics_port=_int("metrics_port", raw["metrics_port"], 0, 65535),
         log_level=level,
         max_clock_skew_s=_float("max_clock_skew_s", raw["max_clock_skew_s"]),
+        explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )
 
 
-assert {f.name for f in fields(Config)} == set(SETTINGS), "SETTINGS and Config disagree"
+assert {f.name for f in fields(Config)} - {"explicit"} == set(SETTINGS), "SETTINGS and Config disagree"

@@ -1,0 +1,1 @@
+"""Deployment helpers for labbus (local development services)."""
