@@ -156,7 +156,10 @@ async def read_topic(cfg: config.Config, topic: str) -> list:
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
         records = []
-        while any((await consumer.position(tp)) < end[tp] for tp in tps):
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end[tp] for tp in tps])
+
+        while await behind():
             batch = await consumer.getmany(timeout_ms=500)
             for recs in batch.values():
                 records.extend(recs)
