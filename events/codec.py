@@ -47,13 +47,23 @@ class SchemaEntry:
     parsed: Any
     fingerprint: bytes
     path: Path
+    plain: Any  # the same schema without logical types: uuids stay str, timestamps int micros
 
 
-def _load(path: Path) -> tuple[dict, Any, bytes]:
+def _strip_logical_types(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_logical_types(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [_strip_logical_types(v) for v in node]
+    return node
+
+
+def _load(path: Path) -> tuple[dict, Any, bytes, Any]:
     raw = json.loads(path.read_text())
     parsed = parse_schema(raw, _write_hint=False)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    return raw, parsed, fp
+    plain = parse_schema(_strip_logical_types(raw), _write_hint=False)
+    return raw, parsed, fp, plain
 
 
 class Codec:
@@ -61,17 +71,16 @@ class Codec:
         self.current: dict[str, SchemaEntry] = {}
         self.writers: dict[bytes, SchemaEntry] = {}
         for path in sorted(schemas_dir.glob("*.avsc")):
-            raw, parsed, fp = _load(path)
+            raw, parsed, fp, plain = _load(path)
             name = f"{raw['namespace']}.{raw['name']}"
-            entry = SchemaEntry(name, int(raw.get(VERSION_PROPERTY, 1)), parsed, fp, path)
+            entry = SchemaEntry(name, int(raw.get(VERSION_PROPERTY, 1)), parsed, fp, path, plain)
             self.current[name] = entry
             self.writers[fp] = entry
         for path in sorted(schemas_dir.glob("previous/*/v*.avsc")):
-            raw, parsed, fp = _load(path)
+            raw, parsed, fp, plain = _load(path)
             name = f"{raw['namespace']}.{raw['name']}"
-            self.writers.setdefault(
-                fp, SchemaEntry(name, int(raw.get(VERSION_PROPERTY, path.stem[1:])), parsed, fp, path)
-            )
+            version = int(raw.get(VERSION_PROPERTY, path.stem[1:]))
+            self.writers.setdefault(fp, SchemaEntry(name, version, parsed, fp, path, plain))
         self._payload_fields = {
             name: tuple(f.name for f in fields(cls) if f.name != "envelope")
             for name, cls in EVENT_TYPES.items()
@@ -89,14 +98,24 @@ class Codec:
         record["schema_version"] = entry.version
         for name in self._payload_fields[event.TYPE]:
             record[name] = getattr(event, name)
+        return self._write(entry, entry.parsed, record)
+
+    def encode_plain(self, event_type: str, record: dict) -> bytes:
+        """Encode a plain record (uuids as str, timestamps as int micros): the hot-path form."""
+        entry = self.schema(event_type)
+        return self._write(entry, entry.plain, record)
+
+    @staticmethod
+    def _write(entry: SchemaEntry, schema: Any, record: dict) -> bytes:
         buf = io.BytesIO()
         buf.write(MAGIC)
         buf.write(entry.fingerprint)
-        schemaless_writer(buf, entry.parsed, record)
+        schemaless_writer(buf, schema, record)
         return buf.getvalue()
 
-    def decode_record(self, data: bytes) -> tuple[str, dict]:
-        """Decode to (event type, record dict) without building the dataclass."""
+    def decode_record(self, data: bytes, plain: bool = False) -> tuple[str, dict]:
+        """Decode to (event type, record dict) without building the dataclass. With plain=True
+        logical types are not converted (uuids stay str, timestamps int micros): much faster."""
         if data is None or len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise NotSingleObject("not Avro single-object encoded (missing 0xC3 0x01 header)")
         fp = bytes(data[2:HEADER_LEN])
@@ -104,9 +123,12 @@ class Codec:
         if writer is None:
             raise UnknownFingerprint(f"unknown schema fingerprint {fp.hex()}")
         reader = self.current.get(writer.name, writer)
-        reader_schema = None if reader is writer else reader.parsed
+        if plain:
+            schemas = (writer.plain, None if reader is writer else reader.plain)
+        else:
+            schemas = (writer.parsed, None if reader is writer else reader.parsed)
         try:
-            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader_schema)
+            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), *schemas)
         except Exception as exc:  # fastavro raises several types for truncated or garbled data
             raise DecodeError(f"cannot decode {writer.name} v{writer.version}: {exc!r}") from exc
         return writer.name, record

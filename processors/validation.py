@@ -1,13 +1,20 @@
-"""Measurement validation rules: plain functions, no I/O."""
+"""Measurement validation rules: plain functions, no I/O.
+
+They work on plain Avro records (see Codec.decode_record(plain=True)): uuids are str and
+timestamps int microseconds, because this is the hottest path of the bus.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from uuid import UUID
+from datetime import datetime, timezone
 
-from events.model import MeasurementRecorded, MeasurementRejected, MeasurementValidated, derived_id
+from events.model import MeasurementRejected, MeasurementValidated, derived_id
+
+VALIDATED = MeasurementValidated.TYPE
+REJECTED = MeasurementRejected.TYPE
 
 
 @dataclass(frozen=True)
@@ -34,24 +41,26 @@ class Rejection:
     reason: str
 
 
-def check(reading: MeasurementRecorded, now: datetime, max_skew_s: float) -> Rejection | None:
-    """The first rule a reading breaks, or None when it is good."""
-    rule = METRICS.get(reading.metric)
+def _iso(micros: int) -> str:
+    return datetime.fromtimestamp(micros / 1e6, timezone.utc).isoformat()
+
+
+def check(reading: dict, now_us: int, max_skew_s: float) -> Rejection | None:
+    """The first rule a MeasurementRecorded record breaks, or None when it is good."""
+    metric, value, unit = reading["metric"], reading["value"], reading["unit"]
+    rule = METRICS.get(metric)
     if rule is None:
-        return Rejection("unknown_metric", f"unknown metric {reading.metric!r}; known: "
+        return Rejection("unknown_metric", f"unknown metric {metric!r}; known: "
                          + ", ".join(sorted(METRICS)))
-    if reading.unit != rule.unit:
-        return Rejection("wrong_unit", f"{reading.metric} must be in {rule.unit!r}, "
-                         f"got {reading.unit!r}")
-    if not rule.low <= reading.value <= rule.high:  # also false for NaN
-        return Rejection("out_of_range", f"{reading.metric}={reading.value} {reading.unit} "
+    if unit != rule.unit:
+        return Rejection("wrong_unit", f"{metric} must be in {rule.unit!r}, got {unit!r}")
+    if math.isnan(value) or not rule.low <= value <= rule.high:
+        return Rejection("out_of_range", f"{metric}={value} {unit} "
                          f"outside [{rule.low}, {rule.high}]")
-    skew = reading.envelope.occurred_at - now
-    if skew > timedelta(seconds=max_skew_s):
-        when = reading.envelope.occurred_at.isoformat()
-        return Rejection("future_timestamp", f"device timestamp {when} is "
-                         f"{skew.total_seconds():.1f} s in the future "
-                         f"(allowed skew {max_skew_s} s)")
+    skew_us = reading["occurred_at"] - now_us
+    if skew_us > max_skew_s * 1e6:
+        return Rejection("future_timestamp", f"device timestamp {_iso(reading['occurred_at'])} "
+                         f"is {skew_us / 1e6:.1f} s in the future (allowed skew {max_skew_s} s)")
     return None
 
 
@@ -64,9 +73,9 @@ class DedupWindow:
 
     def __init__(self, capacity: int = 200_000) -> None:
         self.capacity = capacity
-        self._first_seen: OrderedDict[UUID, int] = OrderedDict()
+        self._first_seen: OrderedDict[str, int] = OrderedDict()
 
-    def first_offset(self, event_id: UUID, offset: int) -> int:
+    def first_offset(self, event_id: str, offset: int) -> int:
         """Record the id at this offset if new; return the offset where it was first seen."""
         first = self._first_seen.get(event_id)
         if first is None:
@@ -80,27 +89,36 @@ class DedupWindow:
         return len(self._first_seen)
 
 
-def validated(reading: MeasurementRecorded, source: str) -> MeasurementValidated:
-    return MeasurementValidated.create(
-        event_id=derived_id(reading.event_id, "validated"),
-        source=source, subject=reading.envelope.subject, sequence=reading.envelope.sequence,
-        occurred_at=reading.envelope.occurred_at,
-        correlation_id=reading.envelope.correlation_id or reading.event_id,
-        causation_id=reading.event_id,
-        measurement_id=reading.event_id, device_id=reading.device_id, metric=reading.metric,
-        value=reading.value, unit=reading.unit, measured_at=reading.envelope.occurred_at,
-    )
+def _derived(reading: dict, event_type: str, purpose: str, now_us: int, source: str) -> dict:
+    return {
+        "event_id": derived_id(reading["event_id"], purpose),
+        "event_type": event_type,
+        "schema_version": 1,
+        "occurred_at": reading["occurred_at"],
+        "recorded_at": now_us,
+        "source": source,
+        "subject": reading["subject"],
+        "correlation_id": reading["correlation_id"] or reading["event_id"],
+        "causation_id": reading["event_id"],
+        "sequence": reading["sequence"],
+        "measurement_id": reading["event_id"],
+        "device_id": reading["device_id"],
+        "metric": reading["metric"],
+        "value": reading["value"],
+        "unit": reading["unit"],
+        "measured_at": reading["occurred_at"],
+    }
 
 
-def rejected(reading: MeasurementRecorded, why: Rejection, source: str,
-             purpose: str = "rejected") -> MeasurementRejected:
-    return MeasurementRejected.create(
-        event_id=derived_id(reading.event_id, purpose),
-        source=source, subject=reading.envelope.subject, sequence=reading.envelope.sequence,
-        occurred_at=reading.envelope.occurred_at,
-        correlation_id=reading.envelope.correlation_id or reading.event_id,
-        causation_id=reading.event_id,
-        measurement_id=reading.event_id, device_id=reading.device_id, metric=reading.metric,
-        value=reading.value, unit=reading.unit, measured_at=reading.envelope.occurred_at,
-        reason_code=why.code, reason=why.reason,
-    )
+def validated(reading: dict, now_us: int, source: str) -> dict:
+    """The MeasurementValidated record for a good reading."""
+    return _derived(reading, VALIDATED, "validated", now_us, source)
+
+
+def rejected(reading: dict, why: Rejection, now_us: int, source: str,
+             purpose: str = "rejected") -> dict:
+    """The MeasurementRejected record; `purpose` keeps ids of distinct rejections distinct."""
+    record = _derived(reading, REJECTED, purpose, now_us, source)
+    record["reason_code"] = why.code
+    record["reason"] = why.reason
+    return record

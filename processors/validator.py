@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import faust
 import mode
@@ -21,7 +20,7 @@ import mode
 from events import kafka, metrics
 from events.codec import Codec, DecodeError, default_codec
 from events.config import Config
-from events.model import Event, MeasurementRecorded
+from events.model import MeasurementRecorded
 from events.topics import (DEAD_LETTER, MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED,
                            MEASUREMENTS_VALIDATED, group_id, topic_name)
 from processors import validation
@@ -41,40 +40,47 @@ class Incoming:
 
 
 class Validator:
-    """Turns one incoming message into exactly one outgoing event (and the topic for it)."""
+    """Turns one incoming message into exactly one outgoing message: (topic, encoded event)."""
 
     def __init__(self, cfg: Config, codec: Codec | None = None) -> None:
         self.cfg = cfg
         self.codec = codec or default_codec()
         self.windows: dict[int, validation.DedupWindow] = defaultdict(validation.DedupWindow)
-        self.topics = {spec: topic_name(cfg, spec) for spec in
-                       (MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER)}
+        self.validated_topic = topic_name(cfg, MEASUREMENTS_VALIDATED)
+        self.rejected_topic = topic_name(cfg, MEASUREMENTS_REJECTED)
+        self.dead_letter_topic = topic_name(cfg, DEAD_LETTER)
 
-    def handle(self, msg: Incoming, now: datetime) -> tuple[str, Event]:
+    def handle(self, msg: Incoming, now_us: int) -> tuple[str, bytes, str | None]:
+        """(topic, encoded event, rejection or dead-letter code or None)."""
         try:
-            reading = self.codec.decode(msg.value)
+            event_type, reading = self.codec.decode_record(msg.value, plain=True)
         except DecodeError as exc:
             return self._dead(msg, exc)
-        if not isinstance(reading, MeasurementRecorded):
-            return self._dead(msg, TypeError(f"{reading.TYPE} does not belong on {msg.topic}"),
+        if event_type != MeasurementRecorded.TYPE:
+            return self._dead(msg, TypeError(f"{event_type} does not belong on {msg.topic}"),
                               "unexpected_event_type")
-        first = self.windows[msg.partition].first_offset(reading.event_id, msg.offset)
+        first = self.windows[msg.partition].first_offset(reading["event_id"], msg.offset)
         if first != msg.offset:
             why = validation.Rejection(
                 "duplicate_event_id",
-                f"event id {reading.event_id} already seen at offset {first} of partition "
+                f"event id {reading['event_id']} already seen at offset {first} of partition "
                 f"{msg.partition}")
-            return self.topics[MEASUREMENTS_REJECTED], validation.rejected(
-                reading, why, PROCESS, purpose=f"duplicate@{msg.partition}:{msg.offset}")
-        why = validation.check(reading, now, self.cfg.max_clock_skew_s)
-        if why is not None:
-            return self.topics[MEASUREMENTS_REJECTED], validation.rejected(reading, why, PROCESS)
-        return self.topics[MEASUREMENTS_VALIDATED], validation.validated(reading, PROCESS)
+            out = validation.rejected(reading, why, now_us, PROCESS,
+                                      purpose=f"duplicate@{msg.partition}:{msg.offset}")
+        else:
+            why = validation.check(reading, now_us, self.cfg.max_clock_skew_s)
+            if why is None:
+                out = validation.validated(reading, now_us, PROCESS)
+                return self.validated_topic, self.codec.encode_plain(validation.VALIDATED, out), None
+            out = validation.rejected(reading, why, now_us, PROCESS)
+        return self.rejected_topic, self.codec.encode_plain(validation.REJECTED, out), why.code
 
-    def _dead(self, msg: Incoming, exc: Exception, kind: str | None = None) -> tuple[str, Event]:
-        return self.topics[DEAD_LETTER], dead_letter(
-            topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-            value=msg.value, error=exc, failed_by=PROCESS, error_type=kind)
+    def _dead(self, msg: Incoming, exc: Exception,
+              kind: str | None = None) -> tuple[str, bytes, str | None]:
+        letter = dead_letter(topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                             key=msg.key, value=msg.value, error=exc, failed_by=PROCESS,
+                             error_type=kind)
+        return self.dead_letter_topic, self.codec.encode(letter), letter.error_type
 
 
 def build_app(cfg: Config) -> faust.App:
@@ -117,19 +123,20 @@ def build_app(cfg: Config) -> faust.App:
         producer = OutputProducer.producer
         async for batch in stream.take_events(2000, within=0.05):
             started = time.perf_counter()
-            now = datetime.now(timezone.utc)
+            now_us = time.time_ns() // 1000
             sends = []
+            out_counts: Counter = Counter()
             for event in batch:
                 m = event.message
                 incoming = Incoming(m.topic, m.partition, m.offset, m.key, m.value)
-                topic, out = validator.handle(incoming, now)
-                sends.append(await producer.send(topic, validator.codec.encode(out), key=m.key))
-                metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
-                code = getattr(out, "reason_code", None) or getattr(out, "error_type", None)
+                topic, value, code = validator.handle(incoming, now_us)
+                sends.append(await producer.send(topic, value, key=m.key))
+                out_counts[(topic, code)] += 1
+            await asyncio.gather(*sends)  # delivered (acks=all) before faust acks the batch
+            for (topic, code), n in out_counts.items():
+                metrics.EVENTS_OUT.labels(PROCESS, topic).inc(n)
                 if code:
-                    metrics.EVENTS_REJECTED.labels(PROCESS, code).inc()
-            for fut in sends:
-                await fut  # delivered (acks=all) before faust acks the batch
+                    metrics.EVENTS_REJECTED.labels(PROCESS, code).inc(n)
             metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
             metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
             yield len(batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from datetime import datetime, timezone
 
 from aiokafka import TopicPartition
 from pymongo import MongoClient, UpdateOne
@@ -17,6 +18,10 @@ from events.config import Config
 from events.model import DeviceRegistered, MeasurementValidated
 from events.topics import DEVICES, MEASUREMENTS_VALIDATED, topic_name
 from projections.runner import Positioned
+
+
+def _datetime(micros: int) -> datetime:
+    return datetime.fromtimestamp(micros / 1e6, timezone.utc)
 
 
 class MongoProjection:
@@ -59,8 +64,8 @@ class MongoProjection:
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
         by_device: dict[str, list[Positioned]] = defaultdict(list)
         for p in events:
-            if isinstance(p.event, (DeviceRegistered, MeasurementValidated)):
-                by_device[p.event.device_id].append(p)
+            if p.event_type in (DeviceRegistered.TYPE, MeasurementValidated.TYPE):
+                by_device[p.record["device_id"]].append(p)
         if by_device:
             absorbed = {d["_id"]: d.get("pos", {}) for d in self.db.devices.find(
                 {"_id": {"$in": list(by_device)}}, {"pos": 1})}
@@ -84,17 +89,17 @@ class MongoProjection:
             if p.offset < absorbed.get(slot, 0):
                 continue  # already absorbed before a restart
             last[slot] = p.offset + 1
-            e = p.event
-            if isinstance(e, DeviceRegistered):
-                sets.update({"device_type": e.device_type, "model": e.model,
-                             "location": e.location, "metrics": e.metrics,
-                             "attributes": e.attributes,
-                             "registered_at": e.envelope.occurred_at})
+            r = p.record
+            if p.event_type == DeviceRegistered.TYPE:
+                sets.update({"device_type": r["device_type"], "model": r["model"],
+                             "location": r["location"], "metrics": r["metrics"],
+                             "attributes": r["attributes"],
+                             "registered_at": _datetime(r["occurred_at"])})
             else:
-                sets[f"latest.{e.metric}"] = {"value": e.value, "unit": e.unit,
-                                              "measured_at": e.measured_at,
-                                              "measurement_id": str(e.measurement_id)}
-                incs[f"counts.{e.metric}"] += 1
+                sets[f"latest.{r['metric']}"] = {"value": r["value"], "unit": r["unit"],
+                                                 "measured_at": _datetime(r["measured_at"]),
+                                                 "measurement_id": r["measurement_id"]}
+                incs[f"counts.{r['metric']}"] += 1
                 incs["total_measurements"] += 1
         if not last:
             return None

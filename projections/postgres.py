@@ -16,8 +16,12 @@ from projections.runner import Positioned
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,
                           validated_event_id, source_partition, source_offset)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::text[],
-                     $6::timestamptz[], $7::uuid[], $8::int[], $9::bigint[])
+SELECT m.id, m.device_id, m.metric, m.value, m.unit,
+       'epoch'::timestamptz + m.measured_us * interval '1 microsecond',
+       m.event_id, m.part, m.off
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::bigint[],
+            $7::uuid[], $8::int[], $9::bigint[])
+     AS m(id, device_id, metric, value, unit, measured_us, event_id, part, off)
 ON CONFLICT (measurement_id) DO NOTHING
 """
 
@@ -25,10 +29,11 @@ UPSERT_DEVICES = """
 INSERT INTO devices (device_id, device_type, model, location, metrics, attributes,
                      registered_at, last_event_id)
 SELECT d.device_id, d.device_type, d.model, d.location,
-       ARRAY(SELECT jsonb_array_elements_text(d.metrics)), d.attributes, d.registered_at, d.event_id
+       ARRAY(SELECT jsonb_array_elements_text(d.metrics)), d.attributes,
+       'epoch'::timestamptz + d.registered_us * interval '1 microsecond', d.event_id
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
-            $7::timestamptz[], $8::uuid[])
-     AS d(device_id, device_type, model, location, metrics, attributes, registered_at, event_id)
+            $7::bigint[], $8::uuid[])
+     AS d(device_id, device_type, model, location, metrics, attributes, registered_us, event_id)
 ON CONFLICT (device_id) DO UPDATE SET
     device_type = EXCLUDED.device_type, model = EXCLUDED.model, location = EXCLUDED.location,
     metrics = EXCLUDED.metrics, attributes = EXCLUDED.attributes,
@@ -71,27 +76,27 @@ class PostgresProjection:
         return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
     async def apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
-        m_cols: list[list] = [[] for _ in range(9)]
-        devices: dict[str, DeviceRegistered] = {}
+        m_rows = []
+        devices: dict[str, dict] = {}
         for p in events:
-            e = p.event
-            if isinstance(e, MeasurementValidated):
-                for col, v in zip(m_cols, (e.measurement_id, e.device_id, e.metric, e.value,
-                                           e.unit, e.measured_at, e.event_id, p.tp.partition,
-                                           p.offset)):
-                    col.append(v)
-            elif isinstance(e, DeviceRegistered):
-                devices[e.device_id] = e  # the last registration in the batch wins
+            r = p.record
+            if p.event_type == MeasurementValidated.TYPE:
+                m_rows.append((r["measurement_id"], r["device_id"], r["metric"], r["value"],
+                               r["unit"], r["measured_at"], r["event_id"], p.tp.partition,
+                               p.offset))
+            elif p.event_type == DeviceRegistered.TYPE:
+                devices[r["device_id"]] = r  # the last registration in the batch wins
         async with self.pool.acquire() as con, con.transaction():
-            if m_cols[0]:
-                await con.execute(INSERT_MEASUREMENTS, *m_cols)
+            if m_rows:
+                await con.execute(INSERT_MEASUREMENTS, *map(list, zip(*m_rows)))
             if devices:
                 ds = list(devices.values())
                 await con.execute(
-                    UPSERT_DEVICES, [d.device_id for d in ds], [d.device_type for d in ds],
-                    [d.model for d in ds], [d.location for d in ds],
-                    [json.dumps(d.metrics) for d in ds], [json.dumps(d.attributes) for d in ds],
-                    [d.envelope.occurred_at for d in ds], [d.event_id for d in ds])
+                    UPSERT_DEVICES, [d["device_id"] for d in ds], [d["device_type"] for d in ds],
+                    [d["model"] for d in ds], [d["location"] for d in ds],
+                    [json.dumps(d["metrics"]) for d in ds],
+                    [json.dumps(d["attributes"]) for d in ds],
+                    [d["occurred_at"] for d in ds], [d["event_id"] for d in ds])
             tps = list(next_offsets)
             await con.execute(UPSERT_POSITIONS, self.name, [tp.topic for tp in tps],
                               [tp.partition for tp in tps], [next_offsets[tp] for tp in tps])

@@ -14,24 +14,26 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from events import kafka, metrics
 from events.codec import Codec, DecodeError, default_codec
 from events.config import Config
-from events.model import Event
 from events.topics import DEAD_LETTER, topic_name
 from processors.dead_letter import dead_letter
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Positioned:
-    """A decoded event and where it sits in the log."""
+    """A decoded event, as a plain Avro record (uuids str, timestamps int micros), and where it
+    sits in the log."""
 
     tp: TopicPartition
     offset: int
-    event: Event
+    event_type: str
+    record: dict
 
 
 class Projection(Protocol):
@@ -95,7 +97,8 @@ async def run(cfg: Config, projection: Projection, stop: asyncio.Event | None = 
             for tp, records in batches.items():
                 for rec in records:
                     try:
-                        decoded.append(Positioned(tp, rec.offset, codec.decode(rec.value)))
+                        decoded.append(Positioned(tp, rec.offset,
+                                                  *codec.decode_record(rec.value, plain=True)))
                     except DecodeError as exc:
                         dead = dead_letter(topic=tp.topic, partition=tp.partition,
                                            offset=rec.offset, key=rec.key, value=rec.value,
@@ -105,7 +108,10 @@ async def run(cfg: Config, projection: Projection, stop: asyncio.Event | None = 
                 next_offsets[tp] = records[-1].offset + 1
                 metrics.EVENTS_IN.labels(process, tp.topic).inc(len(records))
             await projection.apply(decoded, next_offsets)
-            await consumer.commit(next_offsets)
+            try:
+                await consumer.commit(next_offsets)
+            except KafkaError as exc:  # the database holds the position; this is only for tools
+                log.warning("kafka commit failed", extra={"error": repr(exc)})
             metrics.PROCESSING_SECONDS.labels(process).observe(time.perf_counter() - started)
             for tp, nxt in next_offsets.items():
                 high = consumer.highwater(tp)

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from events.codec import default_codec
 from events.model import DeviceRegistered, MeasurementValidated
 from projections.postgres import PostgresProjection
 from projections.runner import Positioned
@@ -27,12 +28,17 @@ def api(cfg):
         projection = PostgresProjection(cfg)
         await projection.start()
         tp = TopicPartition("api-test", 0)
-        events = [Positioned(tp, 0, DeviceRegistered.create(
+        codec = default_codec()
+
+        def at(offset, event):
+            return Positioned(tp, offset, *codec.decode_record(codec.encode(event), plain=True))
+
+        events = [at(0, DeviceRegistered.create(
             source="t", subject=DEVICE, sequence=0, device_id=DEVICE, device_type="ph-meter",
             model="m", location="l", metrics=["ph", "temperature"]))]
         for i in range(ROWS):
             # several readings share a timestamp, so order must fall back to the id
-            events.append(Positioned(tp, i + 1, MeasurementValidated.create(
+            events.append(at(i + 1, MeasurementValidated.create(
                 source="t", subject=DEVICE, sequence=i, measurement_id=uuid.uuid4(),
                 device_id=DEVICE, metric="ph" if i % 3 else "temperature", value=7.0,
                 unit="pH" if i % 3 else "degC", measured_at=T0 + timedelta(seconds=i // 4))))

@@ -88,7 +88,7 @@ def test_fingerprint_agrees_with_apache_avro_on_schemas_without_logical_types():
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "p.avsc"
         path.write_text(json.dumps(raw))
-        _, _, fp = _load(path)
+        _, _, fp, _ = _load(path)
     assert avro.schema.parse(json.dumps(raw)).fingerprint("CRC-64-AVRO") == fp
 
 

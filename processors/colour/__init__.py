@@ -1,0 +1,1 @@
+"""Closed-loop colour mixing: scoring, recipe constraints and the physics-shaped optimiser."""

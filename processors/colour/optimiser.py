@@ -1,0 +1,358 @@
+"""Physics-shaped optimiser for closed-loop colour mixing.
+
+Beer-Lambert says that, per wavelength, optical density adds up linearly over dyes.
+A camera channel integrates over many wavelengths, so per channel we use the local
+approximation
+
+    -log10(linear sRGB channel) ≈ baseline + Σ_i c_i · k_i,   k_i ≥ 0,
+
+with c_i the fraction of stock i in the well. The model is refitted at every call,
+weighted towards observations near the current best recipe, where the approximation
+matters. The state is nothing but the observations, so a restarted process proposes
+exactly what the crashed one would have.
+
+A success is declared only on a confirmed reading: the mean of several replicate
+wells of one recipe must be within tolerance, because a single low noisy reading
+is a false stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from processors.colour.recipes import DEFAULT_LIMITS, Limits, feasible_grid, feasible_mask
+from processors.colour.scoring import delta_e2000, lab_to_srgb, srgb_to_lab
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import colour
+
+RGB8 = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Observation:
+    recipe: Mapping[str, float]  # dye → µL; water makes up the rest
+    rgb8: RGB8
+
+
+@dataclass(frozen=True)
+class Proposal:
+    recipes: list[dict[str, int]]
+    done: bool
+    best_recipe: dict[str, int] | None
+    best_measured_de: float | None
+    reason: str
+    out_of_gamut: bool = False
+    predicted_de: float | None = None  # of the recipe the model thinks is best
+    best_replicates: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    limits: Limits = DEFAULT_LIMITS
+    confirm_replicates: int = 3
+    confirm_z: float = 2.0            # margin, in standard errors of the replicate mean's ΔE
+    prior_noise_lsb: float = 1.0      # camera noise assumed before replicates tell otherwise
+    locality_ul: float = 40.0         # kernel width of the local refit
+    locality_floor: float = 0.05      # far observations keep this much weight
+    grid_step_ul: int = 5
+    refine_window_ul: int = 4
+    design_level_ul: int = 60         # dye volume of the opening two-level factorial
+
+
+DEFAULT_SETTINGS = Settings()
+
+
+# --------------------------------------------------------------------------- model
+
+SRGB = colour.RGB_COLOURSPACES["sRGB"]
+
+
+@dataclass(frozen=True)
+class MixingModel:
+    """Per tristimulus channel, optical density = baseline + fractions @ absorptivity.
+
+    The channels are CIE X, Y and Z rather than the camera's R, G and B: X, Y and Z
+    weigh the spectrum with non-negative functions, so adding dye can only lower
+    them (k ≥ 0 holds). The sRGB primaries are mixtures of XYZ with negative lobes,
+    and an sRGB channel can *rise* with dye (red dye raises R by removing green).
+    The camera's sRGB encoding is public; only the dyes are unknown.
+    """
+    baseline: np.ndarray      # (3,)
+    absorptivity: np.ndarray  # (3, dyes), non-negative
+
+    def xyz(self, fractions: np.ndarray) -> np.ndarray:
+        return 10.0 ** -(self.baseline + np.asarray(fractions) @ self.absorptivity.T)
+
+    def srgb(self, fractions: np.ndarray) -> np.ndarray:
+        """What the camera would report, clipped to 0..1 like the camera."""
+        return np.clip(colour.XYZ_to_sRGB(self.xyz(fractions)), 0.0, 1.0)
+
+    def lab(self, fractions: np.ndarray) -> np.ndarray:
+        return srgb_to_lab(self.srgb(fractions))
+
+
+def _unclipped_rgb8(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit sRGB before clipping, and its derivative with respect to linear sRGB."""
+    linear = colour.XYZ_to_RGB(xyz, SRGB, apply_cctf_encoding=False)
+    h = 1e-6
+    encoded = colour.cctf_encoding(linear, function="sRGB")
+    slope = (colour.cctf_encoding(linear + h, function="sRGB") - encoded) / h
+    return 255.0 * encoded, 255.0 * slope
+
+
+def fit_model(fractions: np.ndarray, rgb8: np.ndarray, weights: np.ndarray,
+              noise_lsb: float = 1.0, start: MixingModel | None = None) -> MixingModel:
+    """Weighted, censored, non-negative least squares on the 8-bit readings themselves.
+
+    Fitting in reading space keeps the camera noise homoscedastic. A channel read
+    as 0 or 255 only says the truth is beyond the rail, so it is penalised only
+    when the prediction lands on the wrong side.
+    """
+    n, dyes = fractions.shape
+    low_rail, high_rail = rgb8 <= 0, rgb8 >= 255
+    scale = (np.sqrt(weights) / noise_lsb)[:, None]
+    to_rgb = SRGB.matrix_XYZ_to_RGB  # (3, 3), for the chain rule only
+
+    def unpack(theta):
+        return theta[:3], theta[3:].reshape(3, dyes)
+
+    def evaluate(theta):
+        baseline, absorptivity = unpack(theta)
+        xyz = 10.0 ** -(baseline + fractions @ absorptivity.T)
+        predicted, slope = _unclipped_rgb8(xyz)
+        r = predicted - rgb8
+        # Rails one count inside: noise may have pushed a near-rail truth onto the rail.
+        r = np.where(high_rail, np.minimum(predicted - 254.0, 0.0), r)
+        r = np.where(low_rail, np.maximum(predicted - 1.0, 0.0), r)
+        active = ~(high_rail & (predicted >= 254.0)) & ~(low_rail & (predicted <= 1.0))
+        return r, xyz, slope, active
+
+    def residuals(theta):
+        return (scale * evaluate(theta)[0]).ravel()
+
+    def jacobian(theta):
+        _, xyz, slope, active = evaluate(theta)
+        # d rgb8_c / d density_j = slope_c * M[c, j] * (-ln10 * xyz_j)
+        d_density = slope[:, :, None] * to_rgb[None, :, :] * (-np.log(10.0) * xyz)[:, None, :]  # (n, c, j)
+        d_density *= (scale * active)[:, :, None]
+        jac = np.zeros((n, 3, 3 + 3 * dyes))
+        for j in range(3):
+            jac[:, :, j] = d_density[:, :, j]
+            jac[:, :, 3 + j * dyes: 3 + (j + 1) * dyes] = d_density[:, :, j, None] * fractions[:, None, :]
+        return jac.reshape(n * 3, -1)
+
+    white = -np.log10(colour.xy_to_XYZ(SRGB.whitepoint))
+    if start is None:
+        theta0 = np.concatenate([white, np.full(3 * dyes, 0.5)])
+    else:
+        theta0 = np.concatenate([start.baseline, np.maximum(start.absorptivity.ravel(), 1e-3)])
+    lower = np.concatenate([white - 1.0, np.zeros(3 * dyes)])
+    upper = np.concatenate([white + 1.0, np.full(3 * dyes, 20.0)])
+    theta0 = np.clip(theta0, lower + 1e-9, upper - 1e-9)
+    result = least_squares(residuals, theta0, jac=jacobian, bounds=(lower, upper), method="trf")
+    baseline, absorptivity = unpack(result.x)
+    return MixingModel(baseline.copy(), absorptivity.copy())
+
+
+# --------------------------------------------------------------------------- history
+
+@dataclass(frozen=True)
+class Measured:
+    volumes: tuple[int, ...]
+    mean_rgb8: np.ndarray
+    replicates: int
+    de: float
+
+
+def _volumes(recipe: Mapping[str, float], dyes: Sequence[str]) -> tuple[int, ...]:
+    unknown = set(recipe) - set(dyes) - {"water"}
+    if unknown:
+        raise ValueError(f"observation uses dye(s) {sorted(unknown)} outside this campaign's {list(dyes)}")
+    return tuple(int(round(recipe.get(dye, 0))) for dye in dyes)
+
+
+def summarise(history: Sequence[Observation], dyes: Sequence[str], target_lab: np.ndarray) -> list[Measured]:
+    groups: dict[tuple[int, ...], list[RGB8]] = {}
+    for observation in history:
+        groups.setdefault(_volumes(observation.recipe, dyes), []).append(observation.rgb8)
+    summaries = []
+    for volumes, readings in groups.items():
+        mean = np.mean(np.asarray(readings, dtype=float), axis=0)
+        de = float(delta_e2000(srgb_to_lab(mean / 255.0), target_lab))
+        summaries.append(Measured(volumes, mean, len(readings), de))
+    return summaries
+
+
+def estimate_noise_lsb(history: Sequence[Observation], dyes: Sequence[str], prior_lsb: float,
+                       prior_dof: int = 4) -> float:
+    """Pooled replicate standard deviation in 8-bit counts, shrunk towards the prior."""
+    groups: dict[tuple[int, ...], list[RGB8]] = {}
+    for observation in history:
+        groups.setdefault(_volumes(observation.recipe, dyes), []).append(observation.rgb8)
+    squares, dof = prior_dof * prior_lsb ** 2, prior_dof
+    for readings in groups.values():
+        values = np.asarray(readings, dtype=float)
+        if len(values) < 2:
+            continue
+        for channel in values.T:
+            if channel.min() > 0 and channel.max() < 255:
+                squares += float(np.sum((channel - channel.mean()) ** 2))
+                dof += len(channel) - 1
+    return float(np.sqrt(squares / dof))
+
+
+def de_standard_error(mean_rgb8: np.ndarray, replicates: int, noise_lsb: float, target_lab: np.ndarray) -> float:
+    """How much camera noise alone moves the ΔE of a replicate mean (first-order propagation)."""
+    steps = np.eye(3) * 0.5
+    base = delta_e2000(srgb_to_lab(mean_rgb8 / 255.0), target_lab)
+    shifted = delta_e2000(srgb_to_lab((mean_rgb8 + steps) / 255.0), target_lab)
+    gradient = (np.asarray(shifted) - base) / 0.5
+    return float(np.linalg.norm(gradient) * noise_lsb / np.sqrt(replicates))
+
+
+# --------------------------------------------------------------------------- search
+
+def _predicted_de(model: MixingModel, volumes: np.ndarray, target_lab: np.ndarray, total_ul: float) -> np.ndarray:
+    return np.atleast_1d(delta_e2000(model.lab(volumes / total_ul), target_lab))
+
+
+def best_recipe_for(model: MixingModel, target_lab: np.ndarray, n_dyes: int,
+                    settings: Settings = DEFAULT_SETTINGS) -> tuple[np.ndarray, float]:
+    """Lowest predicted ΔE over feasible integer recipes: a coarse grid, then a 1 µL neighbourhood."""
+    limits = settings.limits
+    grid = feasible_grid(n_dyes, settings.grid_step_ul, limits)
+    de = _predicted_de(model, grid, target_lab, limits.total_ul)
+    seeds = grid[np.argsort(de)[:4]]
+    window = settings.refine_window_ul if n_dyes <= 4 else 2
+    offsets = np.array(list(itertools.product(range(-window, window + 1), repeat=n_dyes)), dtype=float)
+    candidates = np.unique(np.vstack([seed + offsets for seed in seeds]), axis=0)
+    candidates = candidates[feasible_mask(candidates, limits)]
+    candidates = np.vstack([candidates, seeds])
+    de = _predicted_de(model, candidates, target_lab, limits.total_ul)
+    best = int(np.argmin(de))
+    return candidates[best], float(de[best])
+
+
+# --------------------------------------------------------------------------- batch design
+
+def first_design(n_dyes: int, settings: Settings = DEFAULT_SETTINGS) -> list[tuple[int, ...]]:
+    """A two-level factorial (every subset of dyes at the design level), feasible rows only."""
+    rows = np.array(list(itertools.product((0, settings.design_level_ul), repeat=n_dyes)), dtype=float)
+    return [tuple(int(v) for v in row) for row in rows[feasible_mask(rows, settings.limits)]]
+
+
+def perturbations(centre: np.ndarray, settings: Settings = DEFAULT_SETTINGS, ring: int = 1) -> list[tuple[int, ...]]:
+    """One step up and one down per dye, snapped across the 0 / minimum-transfer gap."""
+    limits = settings.limits
+    moves = []
+    for dye, sign in itertools.product(range(len(centre)), (+1, -1)):
+        step = ring * max(3, int(round(0.1 * centre[dye])))
+        moved = centre.copy()
+        moved[dye] += sign * step
+        if 0 < moved[dye] < limits.min_transfer_ul:
+            moved[dye] = limits.min_transfer_ul if sign > 0 else 0
+        if feasible_mask(moved[None, :], limits)[0]:
+            moves.append(tuple(int(v) for v in moved))
+        elif sign > 0 and moved.sum() > centre.sum():
+            # No room to add dye: trade it against the largest other dye instead.
+            other = int(np.argmax(np.where(np.arange(len(centre)) == dye, -1, centre)))
+            moved[other] -= moved.sum() - centre.sum()
+            if feasible_mask(moved[None, :], limits)[0]:
+                moves.append(tuple(int(v) for v in moved))
+    return list(dict.fromkeys(moves))
+
+
+# --------------------------------------------------------------------------- propose
+
+def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: Sequence[str],
+            batch_size: int = 8, budget: int = 96, tolerance: float = 2.0,
+            warm_start: Sequence[Observation] = (), settings: Settings = DEFAULT_SETTINGS) -> Proposal:
+    """The next batch of recipes, or a verdict. Depends only on its arguments.
+
+    `warm_start` holds observations from earlier campaigns with the same dye stocks:
+    they shape the model but never count as evidence for this target.
+    """
+    target = np.asarray(target_lab, dtype=float)
+    dyes = list(dyes)
+    limits = settings.limits
+    measured = summarise(history, dyes, target)
+    noise = estimate_noise_lsb(list(history) + list(warm_start), dyes, settings.prior_noise_lsb)
+    best = min(measured, key=lambda m: (m.de, -m.replicates, m.volumes), default=None)
+    best_recipe = dict(zip(dyes, best.volumes)) if best else None
+    best_de = best.de if best else None
+    remaining = budget - len(history)
+
+    def verdict(recipes, done, reason, out_of_gamut=False, predicted=None):
+        return Proposal(recipes, done, best_recipe, best_de, reason, out_of_gamut, predicted,
+                        best.replicates if best else 0)
+
+    if best and best.replicates >= settings.confirm_replicates:
+        margin = settings.confirm_z * de_standard_error(best.mean_rgb8, best.replicates, noise, target)
+        if best.de + margin < tolerance:
+            return verdict([], True, f"confirmed: mean of {best.replicates} replicate wells has ΔE00 "
+                                     f"{best.de:.2f} (+{margin:.2f} noise margin) < {tolerance:g}")
+    if remaining <= 0:
+        return verdict([], False, f"budget of {budget} wells spent without a confirmed match")
+    size = min(batch_size, remaining)
+
+    observations = list(history) + list(warm_start)
+    if len(observations) < len(dyes) + 2:
+        design = first_design(len(dyes), settings)
+        seen = {m.volumes for m in measured}
+        fresh = [v for v in design if v not in seen] or design
+        return verdict([dict(zip(dyes, v)) for v in fresh[:size]], False,
+                       "exploring: too few observations to fit the mixing model")
+
+    fractions = np.array([_volumes(o.recipe, dyes) for o in observations], dtype=float) / limits.total_ul
+    rgb8 = np.array([o.rgb8 for o in observations], dtype=float)
+    model = fit_model(fractions, rgb8, np.ones(len(observations)), noise)
+    centre, predicted = best_recipe_for(model, target, len(dyes), settings)
+    # Refit around the best recipe measured so far: the linear-density picture is
+    # only locally true, and near the answer is where it has to be right.
+    anchor = np.array(best.volumes, dtype=float) if best else centre
+    distance = np.linalg.norm(fractions * limits.total_ul - anchor, axis=1)
+    weights = settings.locality_floor + (1 - settings.locality_floor) * np.exp(
+        -0.5 * (distance / settings.locality_ul) ** 2)
+    model = fit_model(fractions, rgb8, weights, noise, start=model)
+    centre, predicted = best_recipe_for(model, target, len(dyes), settings)
+
+    out_of_gamut, gamut_reason = _gamut_check(target, predicted, tolerance, len(history) + len(warm_start))
+    centre_volumes = tuple(int(v) for v in centre)
+    replicates = {m.volumes: m.replicates for m in measured}
+    batch: list[tuple[int, ...]] = []
+    if best and best.de < tolerance + 1.0:
+        batch += [best.volumes] * max(0, settings.confirm_replicates - best.replicates)
+    # A recipe the model believes in is planted in replicate, so a hit confirms itself.
+    wanted = settings.confirm_replicates if predicted < tolerance else 1
+    planted = replicates.get(centre_volumes, 0) + batch.count(centre_volumes)
+    batch += [centre_volumes] * max(wanted - planted, 0 if planted else 1)
+    for ring in (1, 2, 3):  # local steps teach the model its slopes; wider rings fill spare wells
+        batch += [p for p in perturbations(centre, settings, ring) if p not in batch]
+    batch = batch[:size]
+
+    reason = (f"model's best recipe {dict(zip(dyes, centre_volumes))} predicts ΔE00 {predicted:.2f}"
+              + (f"; {gamut_reason}" if out_of_gamut else ""))
+    # Giving up on a match is final, so it waits for half the budget: early models can be wrong.
+    if (out_of_gamut and best and best.replicates >= settings.confirm_replicates and best.de >= tolerance
+            and best.volumes == centre_volumes and len(history) >= budget // 2):
+        return verdict([], True, f"closest reachable colour confirmed with ΔE00 {best.de:.2f}; {gamut_reason}",
+                       True, predicted)
+    return verdict([dict(zip(dyes, v)) for v in batch], False, reason, out_of_gamut, predicted)
+
+
+def _gamut_check(target: np.ndarray, predicted_de: float, tolerance: float, n_observations: int) -> tuple[bool, str]:
+    srgb = lab_to_srgb(target)
+    if np.any(srgb < -0.5 / 255) or np.any(srgb > 1 + 0.5 / 255):
+        return True, "target is outside the sRGB gamut the camera can report; aiming for the closest colour"
+    if predicted_de > tolerance and n_observations >= 16:
+        return True, (f"target looks outside the dyes' gamut: the closest feasible recipe is predicted at "
+                      f"ΔE00 {predicted_de:.2f}; aiming for it")
+    return False, ""
