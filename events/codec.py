@@ -60,9 +60,9 @@ def _strip_logical_types(node: Any) -> Any:
 
 def _load(path: Path) -> tuple[dict, Any, bytes, Any]:
     raw = json.loads(path.read_text())
-    parsed = parse_schema(raw, _write_hint=False)
+    parsed = parse_schema(raw)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    plain = parse_schema(_strip_logical_types(raw), _write_hint=False)
+    plain = parse_schema(_strip_logical_types(raw))
     return raw, parsed, fp, plain
 
 

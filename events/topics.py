@@ -56,3 +56,6 @@ def topic_name(cfg: Config, spec: TopicSpec) -> str:
 
 def group_id(cfg: Config, process: str) -> str:
     return f"{cfg.namespace}.labbus.{process}" if cfg.namespace else f"labbus.{process}"
+
+# The validator writes each validated reading to the partition its raw reading came from.
+assert MEASUREMENTS_RECORDED.partitions == MEASUREMENTS_VALIDATED.partitions

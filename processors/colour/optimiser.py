@@ -1,19 +1,21 @@
 """Physics-shaped optimiser for closed-loop colour mixing.
 
 Beer-Lambert says that, per wavelength, optical density adds up linearly over dyes.
-A camera channel integrates over many wavelengths, so per channel we use the local
-approximation
+A channel that integrates over many wavelengths with a non-negative sensitivity
+keeps that shape locally:
 
-    -log10(linear sRGB channel) ≈ baseline + Σ_i c_i · k_i,   k_i ≥ 0,
+    -log10(channel) ≈ baseline + Σ_i c_i · k_i,   k_i ≥ 0,
 
-with c_i the fraction of stock i in the well. The model is refitted at every call,
-weighted towards observations near the current best recipe, where the approximation
-matters. The state is nothing but the observations, so a restarted process proposes
-exactly what the crashed one would have.
+with c_i the fraction of stock i in the well. The channels are CIE X, Y, Z (see
+MixingModel for why not the camera's R, G, B); readings are compared in 8-bit sRGB,
+through the camera's published sRGB encoding. The model is refitted at every call,
+weighted towards observations near the best recipe measured so far, where the
+approximation has to hold. The state is nothing but the observations, so a
+restarted process proposes exactly what the crashed one would have.
 
 A success is declared only on a confirmed reading: the mean of several replicate
-wells of one recipe must be within tolerance, because a single low noisy reading
-is a false stop.
+wells of one recipe must be within tolerance, with a margin for camera noise,
+because a single low noisy reading is a false stop.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Settings:
     prior_noise_lsb: float = 1.0      # camera noise assumed before replicates tell otherwise
     locality_ul: float = 40.0         # kernel width of the local refit
     locality_floor: float = 0.05      # far observations keep this much weight
+    model_error: float = 0.01         # relative XYZ error the local model is allowed
     grid_step_ul: int = 5
     refine_window_ul: int = 4
     design_level_ul: int = 60         # dye volume of the opening two-level factorial
@@ -101,25 +104,35 @@ class MixingModel:
 
 def _unclipped_rgb8(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8-bit sRGB before clipping, and its derivative with respect to linear sRGB."""
-    linear = colour.XYZ_to_RGB(xyz, SRGB, apply_cctf_encoding=False)
+    # XYZ here is already relative to the sRGB white point, so no chromatic adaptation.
+    linear = colour.XYZ_to_RGB(xyz, SRGB, chromatic_adaptation_transform=None, apply_cctf_encoding=False)
     h = 1e-6
     encoded = colour.cctf_encoding(linear, function="sRGB")
     slope = (colour.cctf_encoding(linear + h, function="sRGB") - encoded) / h
     return 255.0 * encoded, 255.0 * slope
 
 
-def fit_model(fractions: np.ndarray, rgb8: np.ndarray, weights: np.ndarray,
-              noise_lsb: float = 1.0, start: MixingModel | None = None) -> MixingModel:
+def fit_model(fractions: np.ndarray, rgb8: np.ndarray, weights: np.ndarray, noise_lsb: float = 1.0,
+              start: MixingModel | None = None, model_error: float = 0.0) -> MixingModel:
     """Weighted, censored, non-negative least squares on the 8-bit readings themselves.
 
-    Fitting in reading space keeps the camera noise homoscedastic. A channel read
-    as 0 or 255 only says the truth is beyond the rail, so it is penalised only
-    when the prediction lands on the wrong side.
+    Residuals are in reading counts, where camera noise is even. A channel read as
+    0 or 255 only says the truth is beyond the rail, so it is penalised only when
+    the prediction lands on the wrong side. With `model_error` (relative error of
+    the tristimulus values, judged at `start`) a reading also tolerates the model's
+    own inexactness; this matters for dark channels, where sRGB is a near-cancelling
+    difference of X, Y and Z and the gamma curve is steep, so a 1 % error in XYZ
+    becomes tens of counts but hardly any ΔE.
     """
     n, dyes = fractions.shape
     low_rail, high_rail = rgb8 <= 0, rgb8 >= 255
-    scale = (np.sqrt(weights) / noise_lsb)[:, None]
     to_rgb = SRGB.matrix_XYZ_to_RGB  # (3, 3), for the chain rule only
+    sigma = np.full((n, 3), float(noise_lsb))
+    if start is not None and model_error > 0:
+        reference = start.xyz(fractions)
+        _, slope = _unclipped_rgb8(reference)
+        sigma = np.hypot(sigma, model_error * slope * (reference @ np.abs(to_rgb).T))
+    scale = np.sqrt(weights)[:, None] / sigma
 
     def unpack(theta):
         return theta[:3], theta[3:].reshape(3, dyes)
@@ -183,12 +196,12 @@ def summarise(history: Sequence[Observation], dyes: Sequence[str], target_lab: n
     groups: dict[tuple[int, ...], list[RGB8]] = {}
     for observation in history:
         groups.setdefault(_volumes(observation.recipe, dyes), []).append(observation.rgb8)
-    summaries = []
-    for volumes, readings in groups.items():
-        mean = np.mean(np.asarray(readings, dtype=float), axis=0)
-        de = float(delta_e2000(srgb_to_lab(mean / 255.0), target_lab))
-        summaries.append(Measured(volumes, mean, len(readings), de))
-    return summaries
+    if not groups:
+        return []
+    means = np.array([np.mean(np.asarray(readings, dtype=float), axis=0) for readings in groups.values()])
+    des = np.atleast_1d(delta_e2000(srgb_to_lab(means / 255.0), target_lab))
+    return [Measured(volumes, mean, len(readings), float(de))
+            for (volumes, readings), mean, de in zip(groups.items(), means, des)]
 
 
 def estimate_noise_lsb(history: Sequence[Observation], dyes: Sequence[str], prior_lsb: float,
@@ -314,6 +327,7 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     fractions = np.array([_volumes(o.recipe, dyes) for o in observations], dtype=float) / limits.total_ul
     rgb8 = np.array([o.rgb8 for o in observations], dtype=float)
     model = fit_model(fractions, rgb8, np.ones(len(observations)), noise)
+    model = fit_model(fractions, rgb8, np.ones(len(observations)), noise, model, settings.model_error)
     centre, predicted = best_recipe_for(model, target, len(dyes), settings)
     # Refit around the best recipe measured so far: the linear-density picture is
     # only locally true, and near the answer is where it has to be right.
@@ -321,7 +335,7 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     distance = np.linalg.norm(fractions * limits.total_ul - anchor, axis=1)
     weights = settings.locality_floor + (1 - settings.locality_floor) * np.exp(
         -0.5 * (distance / settings.locality_ul) ** 2)
-    model = fit_model(fractions, rgb8, weights, noise, start=model)
+    model = fit_model(fractions, rgb8, weights, noise, model, settings.model_error)
     centre, predicted = best_recipe_for(model, target, len(dyes), settings)
 
     out_of_gamut, gamut_reason = _gamut_check(target, predicted, tolerance, len(history) + len(warm_start))
@@ -329,7 +343,9 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     replicates = {m.volumes: m.replicates for m in measured}
     batch: list[tuple[int, ...]] = []
     if best and best.de < tolerance + 1.0:
-        batch += [best.volumes] * max(0, settings.confirm_replicates - best.replicates)
+        missing = settings.confirm_replicates - best.replicates
+        # Confirmed but still inside the noise margin: more replicates tighten the mean.
+        batch += [best.volumes] * (missing if missing > 0 else 2 if best.de < tolerance else 0)
     # A recipe the model believes in is planted in replicate, so a hit confirms itself.
     wanted = settings.confirm_replicates if predicted < tolerance else 1
     planted = replicates.get(centre_volumes, 0) + batch.count(centre_volumes)
