@@ -241,7 +241,7 @@ def best_recipe_for(model: MixingModel, target_lab: np.ndarray, n_dyes: int,
                     settings: Settings = DEFAULT_SETTINGS) -> tuple[np.ndarray, float]:
     """Lowest predicted ΔE over feasible integer recipes: a coarse grid, then a 1 µL neighbourhood."""
     limits = settings.limits
-    grid = feasible_grid(n_dyes, settings.grid_step_ul, limits)
+    grid = feasible_grid(n_dyes, settings.grid_step_ul * (1 if n_dyes <= 4 else 2), limits)  # keep it fast
     de = _predicted_de(model, grid, target_lab, limits.total_ul)
     seeds = grid[np.argsort(de)[:4]]
     window = settings.refine_window_ul if n_dyes <= 4 else 2
@@ -312,16 +312,15 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
         if best.de + margin < tolerance:
             return verdict([], True, f"confirmed: mean of {best.replicates} replicate wells has ΔE00 "
                                      f"{best.de:.2f} (+{margin:.2f} noise margin) < {tolerance:g}")
-    if remaining <= 0:
-        return verdict([], False, f"budget of {budget} wells spent without a confirmed match")
-    size = min(batch_size, remaining)
-
+    spent = f"budget of {budget} wells spent without a confirmed match"
     observations = list(history) + list(warm_start)
     if len(observations) < len(dyes) + 2:
+        if remaining <= 0:
+            return verdict([], False, spent)
         design = first_design(len(dyes), settings)
         seen = {m.volumes for m in measured}
         fresh = [v for v in design if v not in seen] or design
-        return verdict([dict(zip(dyes, v)) for v in fresh[:size]], False,
+        return verdict([dict(zip(dyes, v)) for v in fresh[:min(batch_size, remaining)]], False,
                        "exploring: too few observations to fit the mixing model")
 
     fractions = np.array([_volumes(o.recipe, dyes) for o in observations], dtype=float) / limits.total_ul
@@ -339,10 +338,22 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     centre, predicted = best_recipe_for(model, target, len(dyes), settings)
 
     out_of_gamut, gamut_reason = _gamut_check(target, predicted, tolerance, len(history) + len(warm_start))
+    gamut_note = f"; {gamut_reason}" if out_of_gamut else ""
+    if remaining <= 0:
+        return verdict([], False, spent + gamut_note, out_of_gamut, predicted)
+    # Giving up on a match is final, so it waits for half the budget (early models can be
+    # wrong) and for the model to see nothing clearly better than the confirmed best.
+    # It is a stop without success: done stays False.
+    if (out_of_gamut and best and best.replicates >= settings.confirm_replicates and best.de >= tolerance
+            and len(history) >= budget // 2
+            and _predicted_de(model, np.array([best.volumes], float), target, limits.total_ul)[0] < predicted + 0.5):
+        return verdict([], False, f"stopping: closest reachable colour confirmed with ΔE00 {best.de:.2f}"
+                                  + gamut_note, out_of_gamut, predicted)
+
     centre_volumes = tuple(int(v) for v in centre)
     replicates = {m.volumes: m.replicates for m in measured}
     batch: list[tuple[int, ...]] = []
-    if best and best.de < tolerance + 1.0:
+    if best and (best.de < tolerance + 1.0 or out_of_gamut):
         missing = settings.confirm_replicates - best.replicates
         # Confirmed but still inside the noise margin: more replicates tighten the mean.
         batch += [best.volumes] * (missing if missing > 0 else 2 if best.de < tolerance else 0)
@@ -352,15 +363,9 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     batch += [centre_volumes] * max(wanted - planted, 0 if planted else 1)
     for ring in (1, 2, 3):  # local steps teach the model its slopes; wider rings fill spare wells
         batch += [p for p in perturbations(centre, settings, ring) if p not in batch]
-    batch = batch[:size]
+    batch = batch[:min(batch_size, remaining)]
 
-    reason = (f"model's best recipe {dict(zip(dyes, centre_volumes))} predicts ΔE00 {predicted:.2f}"
-              + (f"; {gamut_reason}" if out_of_gamut else ""))
-    # Giving up on a match is final, so it waits for half the budget: early models can be wrong.
-    if (out_of_gamut and best and best.replicates >= settings.confirm_replicates and best.de >= tolerance
-            and best.volumes == centre_volumes and len(history) >= budget // 2):
-        return verdict([], True, f"closest reachable colour confirmed with ΔE00 {best.de:.2f}; {gamut_reason}",
-                       True, predicted)
+    reason = f"model's best recipe {dict(zip(dyes, centre_volumes))} predicts ΔE00 {predicted:.2f}" + gamut_note
     return verdict([dict(zip(dyes, v)) for v in batch], False, reason, out_of_gamut, predicted)
 
 

@@ -7,7 +7,6 @@ Every check returns a list of human-readable reasons; an empty list means OK.
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -137,8 +136,11 @@ def allowed_dye_volumes(limits: Limits = DEFAULT_LIMITS, step: int = 1) -> list[
 @functools.lru_cache(maxsize=16)
 def feasible_grid(n_dyes: int, step: int = 5, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """All feasible dye-volume vectors (rows, µL) whose volumes lie on the `step` grid."""
-    values = np.array(allowed_dye_volumes(limits, step))
-    grid = np.array(list(itertools.product(values, repeat=n_dyes)), dtype=float).reshape(-1, n_dyes)
+    values = np.array(allowed_dye_volumes(limits, step), dtype=float)
+    grid = np.zeros((1, 0))
+    for _ in range(n_dyes):  # grow one dye at a time, pruning overfull wells early
+        grid = np.hstack([np.repeat(grid, len(values), axis=0), np.tile(values, len(grid))[:, None]])
+        grid = grid[grid.sum(axis=1) <= limits.total_ul]
     grid = grid[feasible_mask(grid, limits)]
     grid.setflags(write=False)
     return grid

@@ -109,11 +109,18 @@ def test_out_of_gamut_target_is_flagged_and_the_closest_colour_pursued():
     assert proposal.predicted_de < proposal.best_measured_de + 2.0
 
 
+def test_out_of_gamut_campaign_ends_without_claiming_success():
+    proposal, history, reader = run(parse_target("#00ff00"), seed=6)
+    assert not proposal.done and proposal.recipes == [] and proposal.out_of_gamut
+    assert proposal.reason.startswith("stopping: closest reachable colour confirmed")
+    assert 48 <= len(history) < 96 and proposal.best_replicates >= 3
+
+
 def test_warm_start_skips_the_exploratory_design():
-    earlier, _ = run(colour_of({"red": 60, "yellow": 0, "blue": 80}), seed=7)[1:], None
+    _, earlier_campaign, _ = run(colour_of({"red": 60, "yellow": 0, "blue": 80}), seed=7)
     target = colour_of({"red": 20, "yellow": 90, "blue": 30})
     cold = propose([], target, DYES)
-    warm = propose([], target, DYES, warm_start=earlier[0])
+    warm = propose([], target, DYES, warm_start=earlier_campaign)
     assert cold.reason.startswith("exploring")
     assert warm.reason.startswith("model's best recipe") and warm.predicted_de < 2.0
     assert warm.best_recipe is None  # earlier campaigns are no evidence for this target
