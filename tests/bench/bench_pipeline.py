@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from deploy.local import kafka as local_kafka  # noqa: E402
 from deploy.local import postgres, services  # noqa: E402
 from events import config, kafka  # noqa: E402
-from events.topics import TopicSpec, topic_name  # noqa: E402
+from events.topics import DEVICES, MEASUREMENTS_RECORDED, TopicSpec, topic_name  # noqa: E402
 from producers import sim  # noqa: E402
 
 LABBUS = str(Path(sys.executable).parent / "labbus")
@@ -52,29 +52,34 @@ class PeakRss(threading.Thread):
             time.sleep(0.2)
 
 
-async def raw_broker_rate(cfg: config.Config, payloads: list[tuple[bytes, bytes]]) -> float:
-    """Produce the same encoded readings to a bare topic and consume them back: events/s."""
-    spec = TopicSpec(f"bench.raw.{uuid.uuid4().hex[:6]}", 6, "device_id", ())
-    await kafka.ensure_topics(cfg, (spec,))
-    name = topic_name(cfg, spec)
+async def produce(cfg: config.Config, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
+    """Publish pre-encoded readings the way every labbus producer does (acks=all, idempotent)."""
     producer = kafka.producer(cfg)
-    consumer = kafka.consumer(cfg, name, group=None)
     await producer.start()
-    await consumer.start()
-    started = time.perf_counter()
     pending = []
     for key, value in payloads:
-        pending.append(await producer.send(name, value, key=key))
+        pending.append(await producer.send(topic, value, key=key))
         if len(pending) >= 5000:
             await asyncio.gather(*pending)
             pending.clear()
     await asyncio.gather(*pending)
+    await producer.stop()
+
+
+async def raw_broker_rate(cfg: config.Config, payloads: list[tuple[bytes, bytes]]) -> float:
+    """Produce the readings to a bare topic and consume them back: events/s."""
+    spec = TopicSpec(f"bench.raw.{uuid.uuid4().hex[:6]}", 6, "device_id", ())
+    await kafka.ensure_topics(cfg, (spec,))
+    name = topic_name(cfg, spec)
+    consumer = kafka.consumer(cfg, name, group=None)
+    await consumer.start()
+    started = time.perf_counter()
+    await produce(cfg, name, payloads)
     got = 0
     while got < len(payloads):
         batch = await consumer.getmany(timeout_ms=1000, max_records=10000)
         got += sum(len(v) for v in batch.values())
     elapsed = time.perf_counter() - started
-    await producer.stop()
     await consumer.stop()
     return len(payloads) / elapsed
 
@@ -90,11 +95,30 @@ async def count_rows(dsn: str, prefix: str) -> int:
         await con.close()
 
 
-async def wait_rows(dsn: str, prefix: str, n: int, timeout: float) -> float:
+async def projected_offsets(dsn: str) -> int:
+    """Readings the projector has committed: its stored positions, written in the same
+    transaction as the rows. Far cheaper to poll than count(*), which would load the database."""
+    con = await asyncpg.connect(dsn)
+    try:
+        if not await con.fetchval("SELECT to_regclass('projection_positions') IS NOT NULL"):
+            return 0
+        return await con.fetchval(
+            "SELECT coalesce(sum(next_offset), 0) FROM projection_positions "
+            "WHERE projection = 'postgres' AND topic LIKE '%measurements.validated'")
+    finally:
+        await con.close()
+
+
+async def wait_rows(dsn: str, prefix: str, n: int, timeout: float, before: int) -> float:
+    """Wait until `n` more readings are projected than `before` (read before publishing);
+    then check they are all there."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        if await count_rows(dsn, prefix) >= n:
-            return time.perf_counter()
+        if await projected_offsets(dsn) >= before + n:
+            done = time.perf_counter()
+            rows = await count_rows(dsn, prefix)
+            assert rows == n, f"{rows} rows for {prefix!r}, expected {n}"
+            return done
         await asyncio.sleep(0.05)
     raise TimeoutError(f"only {await count_rows(dsn, prefix)} of {n} rows after {timeout} s")
 
@@ -125,8 +149,10 @@ async def main_async(args) -> None:
     cfg = config.load(env)
     await kafka.ensure_topics(cfg)
 
-    fleet_sim = sim.FleetSimulator(sim.make_fleet(100, seed=1, prefix="tp"), seed=1)
+    fleet = sim.make_fleet(100, seed=1, prefix="tp")
+    fleet_sim = sim.FleetSimulator(fleet, seed=1)
     payloads = [fleet_sim.reading(i)[:2] for i in range(args.readings)]
+    registrations = [(r.key, fleet_sim.codec.encode(r)) for r in fleet_sim.registrations()]
     raw = await raw_broker_rate(cfg, payloads)
     print(f"raw broker rate (produce+consume, no processing): {raw:,.0f} events/s")
 
@@ -142,12 +168,14 @@ async def main_async(args) -> None:
     try:
         # warm-up: processes join their groups and the projector migrates its schema
         await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(10, 2, "warm"), 2), 500)
-        await wait_rows(cfg.postgres_dsn, "warm", 500, 120)
+        await wait_rows(cfg.postgres_dsn, "warm", 500, 120, before=0)
 
+        await produce(cfg, topic_name(cfg, DEVICES), registrations)
+        before = await projected_offsets(cfg.postgres_dsn)
         started = time.perf_counter()
-        await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(100, 3, "tp"), 3), args.readings)
+        await produce(cfg, topic_name(cfg, MEASUREMENTS_RECORDED), payloads)  # the same events
         published = time.perf_counter()
-        done = await wait_rows(cfg.postgres_dsn, "tp", args.readings, 600)
+        done = await wait_rows(cfg.postgres_dsn, "tp", args.readings, 600, before)
         e2e = args.readings / (done - started)
         print(f"end to end (publish -> validator -> projector -> queryable in PostgreSQL): "
               f"{e2e:,.0f} readings/s  ({args.readings:,} readings in {done - started:.1f} s; "
@@ -155,9 +183,10 @@ async def main_async(args) -> None:
         print(f"ratio end-to-end / raw broker: {e2e / raw:.2f}")
 
         n_lat = int(args.latency_rate * args.latency_seconds)
+        before = await projected_offsets(cfg.postgres_dsn)
         await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(20, 4, "lat"), 4), n_lat,
                           rate=args.latency_rate)
-        await wait_rows(cfg.postgres_dsn, "lat", n_lat, 120)
+        await wait_rows(cfg.postgres_dsn, "lat", n_lat, 120, before)
         lat = await latencies(cfg.postgres_dsn, "lat")
         print(f"ingest -> queryable latency at {args.latency_rate:,.0f} readings/s "
               f"({len(lat):,} readings): p50 {pct(lat, 0.5) * 1000:.0f} ms, "
