@@ -1,0 +1,32 @@
+"""The README's downstream consumer decodes labbus events with only the .avsc files."""
+
+import subprocess
+import sys
+
+from events import kafka
+from events.codec import default_codec
+from events.model import DeviceRegistered
+from tests.conftest import REPO, run
+
+
+def test_downstream_consumer_example_decodes_events(cfg):
+    topic = f"{cfg.namespace}.downstream.example"
+
+    async def publish():
+        from events.topics import TopicSpec
+
+        await kafka.ensure_topics(cfg, (TopicSpec("downstream.example", 1, "device_id", ()),))
+        producer = kafka.producer(cfg)
+        await producer.start()
+        event = DeviceRegistered.create(source="t", subject="dev-x", sequence=1, device_id="dev-x",
+                                        device_type="balance", model="m", location="l",
+                                        metrics=["weight"])
+        await producer.send_and_wait(topic, default_codec().encode(event), key=event.key)
+        await producer.stop()
+
+    run(publish())
+    out = subprocess.run(
+        [sys.executable, str(REPO / "deploy/examples/downstream_consumer.py"), topic,
+         "--bootstrap", cfg.kafka_bootstrap, "--group", f"{cfg.namespace}.example", "--max", "1"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert "lab.device.DeviceRegistered dev-x" in out.stdout
