@@ -39,6 +39,7 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
         isolation_level="read_committed",
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
+        fetch_max_wait_ms=100,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
