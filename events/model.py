@@ -137,10 +137,167 @@ class DeadLetter(Event):
     failed_by: str
 
 
+# -- closed-loop colour mixing (issue 3) ------------------------------------------------------
+# A recipe record is a plain dict {"well": str, "volumes": {dye: µL}, "water_ul": float}.
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentRequested(Event):
+    TYPE: ClassVar[str] = "lab.experiment.ExperimentRequested"
+    experiment_id: str
+    target_hex: str | None
+    target_lab: list[float]
+    dyes: list[str]
+    budget_wells: int
+    batch_size: int
+    tolerance_de: float
+    requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentRejected(Event):
+    TYPE: ClassVar[str] = "lab.experiment.ExperimentRejected"
+    experiment_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecipesProposed(Event):
+    TYPE: ClassVar[str] = "lab.experiment.RecipesProposed"
+    experiment_id: str
+    iteration: int
+    recipes: list[dict]
+    predicted_de: float | None
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecipeRejected(Event):
+    TYPE: ClassVar[str] = "lab.experiment.RecipeRejected"
+    experiment_id: str
+    iteration: int
+    reasons: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RobotRunRequested(Event):
+    TYPE: ClassVar[str] = "lab.robot.RobotRunRequested"
+    run_id: str
+    experiment_id: str
+    iteration: int
+    protocol_hash: str
+    protocol_text: str
+    recipes: list[dict]
+
+
+@dataclass(frozen=True, slots=True)
+class RobotRunStarted(Event):
+    TYPE: ClassVar[str] = "lab.robot.RobotRunStarted"
+    run_id: str
+    experiment_id: str
+    iteration: int
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class RobotCommandExecuted(Event):
+    TYPE: ClassVar[str] = "lab.robot.RobotCommandExecuted"
+    run_id: str
+    experiment_id: str
+    iteration: int
+    command_id: str
+    command_key: str | None
+    command_type: str
+    params_json: str
+    result_json: str | None
+    status: str
+    created_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    error_json: str | None
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class WellDispensed(Event):
+    TYPE: ClassVar[str] = "lab.robot.WellDispensed"
+    run_id: str
+    experiment_id: str
+    iteration: int
+    well: str
+    volumes: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class RobotRunFinished(Event):
+    TYPE: ClassVar[str] = "lab.robot.RobotRunFinished"
+    run_id: str
+    experiment_id: str
+    iteration: int
+    commands: int
+    wells: int
+
+
+@dataclass(frozen=True, slots=True)
+class RobotRunFailed(Event):
+    TYPE: ClassVar[str] = "lab.robot.RobotRunFailed"
+    run_id: str
+    experiment_id: str
+    iteration: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class WellColourMeasured(Event):
+    TYPE: ClassVar[str] = "lab.colour.WellColourMeasured"
+    experiment_id: str
+    run_id: str
+    iteration: int
+    well: str
+    rgb: list[int]
+    lab: list[float]
+    instrument_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class WellScored(Event):
+    TYPE: ClassVar[str] = "lab.experiment.WellScored"
+    experiment_id: str
+    iteration: int
+    well: str
+    delta_e: float
+    volumes: dict[str, float]
+    rgb: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentCompleted(Event):
+    TYPE: ClassVar[str] = "lab.experiment.ExperimentCompleted"
+    experiment_id: str
+    best_well: str
+    best_volumes: dict[str, float]
+    best_de: float
+    wells_used: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentFailed(Event):
+    TYPE: ClassVar[str] = "lab.experiment.ExperimentFailed"
+    experiment_id: str
+    reason: str
+    wells_used: int
+    best_de: float | None
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, MeasurementRecorded, MeasurementValidated,
-                MeasurementRejected, DeadLetter)
+                MeasurementRejected, DeadLetter,
+                ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,
+                RobotRunRequested, RobotRunStarted, RobotCommandExecuted, WellDispensed,
+                RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,
+                ExperimentCompleted, ExperimentFailed)
 }
 
 

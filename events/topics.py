@@ -45,8 +45,28 @@ DEAD_LETTER = TopicSpec(
     retention_ms=30 * DAY_MS,
     description="Undecodable or unprocessable messages with their original bytes and the error.")
 
+EXPERIMENTS = TopicSpec(
+    "lab.experiments", 3, "experiment_id",
+    ("lab.experiment.ExperimentRequested", "lab.experiment.ExperimentRejected",
+     "lab.experiment.RecipesProposed", "lab.experiment.RecipeRejected", "lab.experiment.WellScored",
+     "lab.experiment.ExperimentCompleted", "lab.experiment.ExperimentFailed"),
+    retention_ms=-1,
+    description="Colour-mixing campaigns: requests, proposals, scores and verdicts. Kept forever: "
+                "the experiment processor rebuilds its state from it.")
+ROBOT_RUNS = TopicSpec(
+    "lab.robot.runs", 3, "experiment_id",
+    ("lab.robot.RobotRunRequested", "lab.robot.RobotRunStarted", "lab.robot.RobotCommandExecuted",
+     "lab.robot.WellDispensed", "lab.robot.RobotRunFinished", "lab.robot.RobotRunFailed"),
+    retention_ms=-1,
+    description="OT-2 runs: protocol, every engine command, dispensed wells, outcome. Keyed by "
+                "experiment so one experiment's runs stay in order.")
+COLOUR_READINGS = TopicSpec(
+    "lab.colour.readings", 3, "experiment_id", ("lab.colour.WellColourMeasured",),
+    retention_ms=-1, description="Plate reader colour readings of dispensed wells.")
+
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
+    EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
 )
 
 

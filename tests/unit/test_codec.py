@@ -14,7 +14,12 @@ from fastavro import parse_schema, schemaless_writer
 from events.codec import (MAGIC, SCHEMAS_DIR, Codec, DecodeError, NotSingleObject,
                           UnknownFingerprint, default_codec)
 from events.model import (ENVELOPE_FIELDS, EVENT_TYPES, DeadLetter, DeviceRegistered,
-                          MeasurementRecorded, MeasurementRejected, MeasurementValidated)
+                          ExperimentCompleted, ExperimentFailed, ExperimentRejected,
+                          ExperimentRequested, MeasurementRecorded, MeasurementRejected,
+                          MeasurementValidated, RecipeRejected, RecipesProposed,
+                          RobotCommandExecuted, RobotRunFailed, RobotRunFinished,
+                          RobotRunRequested, RobotRunStarted, WellColourMeasured,
+                          WellDispensed, WellScored)
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
 
@@ -35,6 +40,49 @@ SAMPLES = [
                       source_partition=0, source_offset=1, original_key=b"k",
                       original_value=b"\x00\x01", error_type="corrupt_payload", error="bad",
                       failed_by="validator"),
+]
+
+_RECIPES = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
+            {"well": "B1", "volumes": {}, "water_ul": 200.0}]
+_RUN = dict(run_id="r1", experiment_id="x1", iteration=0)
+SAMPLES += [
+    ExperimentRequested.create(source="cli", subject="x1", sequence=1, experiment_id="x1",
+                               target_hex="#7a3cc0", target_lab=[40.5, 45.25, -55.0],
+                               dyes=["red", "yellow", "blue"], budget_wells=96, batch_size=8,
+                               tolerance_de=2.0, requested_by="me"),
+    ExperimentRequested.create(source="cli", subject="x2", sequence=1, experiment_id="x2",
+                               target_hex=None, target_lab=[50.0, 0.0, 0.0], dyes=["red"],
+                               budget_wells=8, batch_size=1, tolerance_de=1.5, requested_by="me"),
+    ExperimentRejected.create(source="p", subject="x1", sequence=1, experiment_id="x1",
+                              reason="unknown dye(s) green"),
+    RecipesProposed.create(source="p", subject="x1", sequence=2, experiment_id="x1", iteration=0,
+                           recipes=_RECIPES, predicted_de=None, note="exploring"),
+    RecipesProposed.create(source="p", subject="x1", sequence=3, experiment_id="x1", iteration=1,
+                           recipes=_RECIPES[:1], predicted_de=1.25, note="model"),
+    RecipeRejected.create(source="p", subject="x1", sequence=4, experiment_id="x1", iteration=1,
+                          reasons=["A1: red 5 µL is below the p300 minimum 20 µL"]),
+    RobotRunRequested.create(source="p", subject="x1", sequence=5, protocol_hash="ab" * 32,
+                             protocol_text="def run(protocol): pass\n", recipes=_RECIPES, **_RUN),
+    RobotRunStarted.create(source="ot2", subject="x1", sequence=1, mode="simulate", **_RUN),
+    RobotCommandExecuted.create(source="ot2", subject="x1", sequence=2, command_id="c1", command_key="k",
+                                command_type="aspirate", params_json='{"volume": 60}',
+                                result_json="{}", status="succeeded",
+                                created_at="2026-01-02T03:04:05Z", started_at=None,
+                                completed_at=None, error_json=None, index=3, **_RUN),
+    WellDispensed.create(source="ot2", subject="x1", sequence=3, well="A1",
+                         volumes={"red": 60.0, "water": 140.0}, **_RUN),
+    RobotRunFinished.create(source="ot2", subject="x1", sequence=4, commands=91, wells=8, **_RUN),
+    RobotRunFailed.create(source="ot2", subject="x1", sequence=5, error="tip collision", **_RUN),
+    WellColourMeasured.create(source="reader", subject="x1", sequence=1, experiment_id="x1",
+                              run_id="r1", iteration=0, well="A1", rgb=[120, 60, 190],
+                              lab=[40.5, 45.25, -55.0], instrument_id="reader-1"),
+    WellScored.create(source="p", subject="x1", sequence=6, experiment_id="x1", iteration=0,
+                      well="A1", delta_e=3.5, volumes={"red": 60.0}, rgb=[1, 2, 3]),
+    ExperimentCompleted.create(source="p", subject="x1", sequence=7, experiment_id="x1",
+                               best_well="A1", best_volumes={"red": 60.0}, best_de=0.75,
+                               wells_used=24, reason="confirmed"),
+    ExperimentFailed.create(source="p", subject="x1", sequence=8, experiment_id="x1",
+                            reason="budget spent", wells_used=96, best_de=None),
 ]
 
 
