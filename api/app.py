@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 import asyncpg
@@ -25,7 +25,7 @@ LATENCY = Histogram("labbus_api_request_seconds", "API request latency", ["route
 
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -116,7 +116,7 @@ def create_app(cfg: Config) -> FastAPI:
                                  "SELECT 1 FROM measurements WHERE device_id = $1 LIMIT 1",
                                  device_id):
             raise HTTPException(404, f"no device {device_id!r}")
-        after_t, after_id = datetime.min.replace(tzinfo=timezone.utc), uuid.UUID(int=0)
+        after_t, after_id = datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0)
         if cursor_:
             raw_t, raw_id = cursor.decode(cursor_, 2)
             try:
@@ -173,7 +173,7 @@ async def _check_kafka(cfg: Config) -> str:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
         writer.close()
         return "ok"
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         return f"unreachable: {exc!r}"
 
 
