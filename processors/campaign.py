@@ -1,0 +1,283 @@
+"""Closed-loop colour-mixing campaigns as plain functions: events in, events out, no I/O.
+
+One `Campaign` per experiment holds everything decided so far. Its state depends only on the
+input events (ExperimentRequested, WellColourMeasured, RobotRunFailed), never on the order in
+which events of different topics arrive: a reading for a batch not proposed yet is parked until
+its batch exists, and a finished batch is fed to the optimiser in plate-well order. Every output
+carries an id derived from the experiment and its position in the campaign, so replaying the
+inputs from the beginning re-derives byte-for-byte the same decisions with the same event ids.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from events.model import (Event, ExperimentCompleted, ExperimentFailed, ExperimentRejected,
+                          ExperimentRequested, RecipeRejected, RecipesProposed, RobotRunFailed,
+                          RobotRunRequested, WellColourMeasured, WellScored, derived_id)
+from processors.colour import optimiser, recipes, scoring
+from producers.ot2.protocol import PLATE_WELLS, WellRecipe, generate_protocol, protocol_hash
+from producers.plate_reader_model import FOOD_DYES
+
+SOURCE = "experiment"
+KNOWN_DYES: tuple[str, ...] = tuple(d.name for d in FOOD_DYES)  # the stocks on the OT-2 deck
+MAX_WELLS = len(PLATE_WELLS)  # one 96-well plate per campaign
+
+
+@dataclass
+class Campaign:
+    experiment_id: str
+    request_id: uuid.UUID
+    target_lab: np.ndarray
+    dyes: list[str]
+    budget: int
+    batch_size: int
+    tolerance: float
+    iteration: int = -1
+    batch: dict[str, dict[str, int]] = field(default_factory=dict)  # well -> recipe of this batch
+    run_id: str | None = None
+    scored: dict[str, tuple[list[int], float]] = field(default_factory=dict)  # well -> (rgb, ΔE)
+    recipes_by_well: dict[str, dict[str, int]] = field(default_factory=dict)
+    history: list[optimiser.Observation] = field(default_factory=list)
+    parked: dict[tuple[int, str], WellColourMeasured] = field(default_factory=dict)
+    wells_allocated: int = 0
+    outputs: int = 0
+    finished: bool = False
+
+    @property
+    def wells_used(self) -> int:
+        return len(self.history)
+
+    def emit(self, cls: type[Event], purpose: str, cause: uuid.UUID, **payload) -> Event:
+        self.outputs += 1
+        return cls.create(
+            source=SOURCE, subject=self.experiment_id, sequence=self.outputs,
+            event_id=uuid.UUID(derived_id(self.request_id, purpose)),
+            correlation_id=self.request_id, causation_id=cause,
+            experiment_id=self.experiment_id, **payload)
+
+
+def request_problems(req: ExperimentRequested) -> list[str]:
+    """Everything wrong with a request, as readable sentences; empty when it can run."""
+    problems = []
+    if not req.experiment_id.strip():
+        problems.append("experiment_id is empty")
+    if not req.dyes:
+        problems.append("no dyes given")
+    unknown = [d for d in req.dyes if d not in KNOWN_DYES]
+    if unknown:
+        problems.append(f"unknown dye(s) {', '.join(unknown)}; the deck holds "
+                        f"{', '.join(KNOWN_DYES)}")
+    if len(set(req.dyes)) != len(req.dyes):
+        problems.append(f"dyes repeat: {', '.join(req.dyes)}")
+    if not 1 <= req.budget_wells <= MAX_WELLS:
+        problems.append(f"budget of {req.budget_wells} wells is outside 1..{MAX_WELLS} "
+                        "(one 96-well plate)")
+    if not 1 <= req.batch_size <= MAX_WELLS:
+        problems.append(f"batch size {req.batch_size} is outside 1..{MAX_WELLS}")
+    if not (math.isfinite(req.tolerance_de) and req.tolerance_de > 0):
+        problems.append(f"tolerance ΔE00 {req.tolerance_de} must be a positive number")
+    if req.target_hex is not None:
+        try:
+            scoring.parse_target(req.target_hex)
+        except scoring.TargetError as exc:
+            problems.append(str(exc))
+    if len(req.target_lab) != 3 or not all(math.isfinite(v) for v in req.target_lab):
+        problems.append(f"target_lab must be three finite numbers, got {list(req.target_lab)}")
+    elif not 0.0 <= req.target_lab[0] <= 100.0:
+        problems.append(f"target L* {req.target_lab[0]} is outside 0..100")
+    return problems
+
+
+def start(req: ExperimentRequested) -> tuple[Campaign | None, list[Event]]:
+    """A new campaign and its first batch, or None and an ExperimentRejected."""
+    problems = request_problems(req)
+    if problems:
+        rejected = ExperimentRejected.create(
+            source=SOURCE, subject=req.experiment_id, sequence=1,
+            event_id=uuid.UUID(derived_id(req.event_id, "rejected")),
+            correlation_id=req.event_id, causation_id=req.event_id,
+            experiment_id=req.experiment_id, reason="; ".join(problems))
+        return None, [rejected]
+    c = Campaign(req.experiment_id, req.event_id, np.asarray(req.target_lab, dtype=float),
+                 list(req.dyes), req.budget_wells, req.batch_size, req.tolerance_de)
+    return c, _next(c, req.event_id)
+
+
+def _propose(c: Campaign) -> optimiser.Proposal:
+    return optimiser.propose(c.history, c.target_lab, c.dyes, batch_size=c.batch_size,
+                             budget=c.budget, tolerance=c.tolerance)
+
+
+def _next(c: Campaign, cause: uuid.UUID) -> list[Event]:
+    """Ask the optimiser; emit the next batch (proposal + robot run) or the verdict."""
+    proposal = _propose(c)
+    if proposal.done:
+        return _complete(c, proposal, cause)
+    if not proposal.recipes:
+        return _fail(c, proposal.reason, cause, proposal.best_measured_de)
+    c.iteration += 1
+    free = PLATE_WELLS[c.wells_allocated:]
+    n = min(len(proposal.recipes), len(free), c.budget - c.wells_allocated)
+    if n <= 0:
+        return _fail(c, f"no free wells left on the plate after {c.wells_allocated}", cause,
+                     proposal.best_measured_de)
+    batch = {well: {d: int(recipe.get(d, 0)) for d in c.dyes}
+             for well, recipe in zip(free[:n], proposal.recipes[:n])}
+    c.wells_allocated += n
+    c.batch = batch
+    c.recipes_by_well.update(batch)
+    records = [{"well": w, "volumes": {d: float(v) for d, v in r.items()},
+                "water_ul": float(recipes.water_ul(r))} for w, r in batch.items()]
+    it = c.iteration
+    out: list[Event] = [c.emit(RecipesProposed, f"proposed/{it}", cause, iteration=it,
+                               recipes=records, predicted_de=proposal.predicted_de,
+                               note=proposal.reason)]
+    reasons = []
+    for well, recipe in batch.items():
+        reasons += recipes.well_violations(well)
+        reasons += [f"{well}: {r}" for r in recipes.recipe_violations(recipe, dyes=c.dyes)]
+    text = None
+    if not reasons:
+        try:
+            text = generate_protocol([WellRecipe(r["well"], r["volumes"], r["water_ul"])
+                                      for r in records], c.dyes)
+        except ValueError as exc:
+            reasons.append(f"protocol: {exc}")
+    if reasons:
+        out.append(c.emit(RecipeRejected, f"recipe-rejected/{it}", cause, iteration=it,
+                          reasons=reasons))
+        out += _fail(c, f"batch {it} broke the robot's recipe rules: {reasons[0]}", cause,
+                     proposal.best_measured_de)
+        return out
+    c.run_id = derived_id(c.request_id, f"run/{it}")
+    out.append(c.emit(RobotRunRequested, f"run-requested/{it}", cause, run_id=c.run_id,
+                      iteration=it, protocol_hash=protocol_hash(text), protocol_text=text,
+                      recipes=records))
+    return out
+
+
+def on_reading(c: Campaign, reading: WellColourMeasured) -> list[Event]:
+    """Score a reading; when it completes the batch, decide what comes next."""
+    if c.finished:
+        return []
+    slot = (reading.iteration, reading.well)
+    if reading.iteration > c.iteration:  # its batch is not proposed yet (replay order)
+        c.parked.setdefault(slot, reading)
+        return []
+    if reading.iteration < c.iteration or reading.well not in c.batch or reading.well in c.scored:
+        return []  # stale, unknown well, or a repeat
+    return _score(c, reading)
+
+
+def _score(c: Campaign, reading: WellColourMeasured) -> list[Event]:
+    de = float(scoring.delta_e2000(np.asarray(reading.lab, dtype=float), c.target_lab))
+    rgb = [int(v) for v in reading.rgb]
+    c.scored[reading.well] = (rgb, de)
+    recipe = c.batch[reading.well]
+    out: list[Event] = [c.emit(WellScored, f"scored/{reading.well}", reading.event_id,
+                               iteration=c.iteration, well=reading.well, delta_e=de,
+                               volumes={d: float(v) for d, v in recipe.items()}, rgb=rgb)]
+    if any(w not in c.scored for w in c.batch):
+        return out
+    for well in c.batch:  # plate order, whatever order the readings came in
+        c.history.append(optimiser.Observation(c.batch[well], tuple(c.scored[well][0])))
+    out += _next(c, reading.event_id)
+    for slot in sorted(k for k in c.parked if k[0] == c.iteration):
+        out += on_reading(c, c.parked.pop(slot))
+    return out
+
+
+def on_run_failed(c: Campaign, failed: RobotRunFailed) -> list[Event]:
+    if c.finished or failed.run_id != c.run_id:
+        return []
+    return _fail(c, f"robot run {failed.run_id} (batch {failed.iteration}) failed: {failed.error}",
+                 failed.event_id, _best(c)[1] if c.history else None)
+
+
+def _best(c: Campaign, volumes: dict[str, int] | None = None) -> tuple[str, float]:
+    """The scored well with the lowest ΔE00 (among wells holding `volumes`, when given)."""
+    wells = [w for w in c.scored if volumes is None or c.recipes_by_well[w] == volumes]
+    well = min(wells or c.scored, key=lambda w: (c.scored[w][1], w))
+    return well, c.scored[well][1]
+
+
+def _complete(c: Campaign, proposal: optimiser.Proposal, cause: uuid.UUID) -> list[Event]:
+    c.finished = True
+    best_recipe = {d: int(proposal.best_recipe.get(d, 0)) for d in c.dyes}
+    well, _ = _best(c, best_recipe)
+    return [c.emit(ExperimentCompleted, "completed", cause, best_well=well,
+                   best_volumes={d: float(v) for d, v in best_recipe.items()},
+                   best_de=float(proposal.best_measured_de), wells_used=c.wells_used,
+                   reason=proposal.reason)]
+
+
+def _fail(c: Campaign, reason: str, cause: uuid.UUID, best_de: float | None) -> list[Event]:
+    c.finished = True
+    return [c.emit(ExperimentFailed, "failed", cause, reason=reason, wells_used=c.wells_used,
+                   best_de=None if best_de is None else float(best_de))]
+
+
+class Campaigns:
+    """Every campaign, fed events of any of the input types in any cross-topic order."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Campaign] = {}
+        self.rejected: set[str] = set()
+        self.waiting: dict[str, list[Event]] = {}  # inputs that came before their request
+
+    def handle(self, event: Event) -> list[Event]:
+        if isinstance(event, ExperimentRequested):
+            xid = event.experiment_id
+            if xid in self.by_id or xid in self.rejected:
+                return []  # a repeated request: the first one counts
+            campaign, out = start(event)
+            if campaign is None:
+                self.rejected.add(xid)
+                return out
+            self.by_id[xid] = campaign
+            for waiting in self.waiting.pop(xid, []):
+                out += self.handle(waiting)
+            return out
+        if isinstance(event, (WellColourMeasured, RobotRunFailed)):
+            campaign = self.by_id.get(event.experiment_id)
+            if campaign is None:
+                if event.experiment_id not in self.rejected:
+                    self.waiting.setdefault(event.experiment_id, []).append(event)
+                return []
+            if isinstance(event, WellColourMeasured):
+                return on_reading(campaign, event)
+            return on_run_failed(campaign, event)
+        return []
+
+
+def simulate(req: ExperimentRequested, read: callable, max_steps: int = 200) -> list[Event]:
+    """Drive a campaign with a reader function `read(volumes) -> rgb8, lab` (tests, demos)."""
+    campaigns = Campaigns()
+    pending: list[Event] = campaigns.handle(req)
+    log: list[Event] = list(pending)
+    for _ in range(max_steps):
+        runs = [e for e in pending if isinstance(e, RobotRunRequested)]
+        if not runs:
+            break
+        pending = []
+        for run in runs:
+            for r in run.recipes:
+                rgb, lab = read({**r["volumes"], "water": r["water_ul"]})
+                reading = WellColourMeasured.create(
+                    source="sim", subject=run.experiment_id, sequence=0,
+                    experiment_id=run.experiment_id, run_id=run.run_id,
+                    iteration=run.iteration, well=r["well"], rgb=list(rgb), lab=list(lab),
+                    instrument_id="sim")
+                pending += campaigns.handle(reading)
+        log += pending
+    return log
+
+
+def target_from(text: str | Sequence[float]) -> list[float]:
+    return [float(v) for v in scoring.parse_target(text)]

@@ -1,0 +1,99 @@
+"""Campaign logic: request validation, batches, scoring, verdicts, replay determinism."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import numpy as np
+import pytest
+
+from events.model import (ExperimentCompleted, ExperimentFailed, ExperimentRejected,
+                          ExperimentRequested, RecipesProposed, RobotRunRequested,
+                          WellColourMeasured, WellScored)
+from processors import campaign
+from producers.plate_reader_model import PlateReaderModel, rgb_to_lab
+
+DYES = ["red", "yellow", "blue"]
+RECIPE = {"red": 40, "yellow": 30, "blue": 60}  # feasible, so its colour is reachable
+
+
+def reachable_lab() -> list[float]:
+    rgb = np.asarray(PlateReaderModel(seed=None).true_rgb(RECIPE)) * 255.0
+    return [float(v) for v in rgb_to_lab(rgb)]
+
+
+def request(xid="x1", **changes) -> ExperimentRequested:
+    fields = dict(experiment_id=xid, target_hex=None, target_lab=reachable_lab(), dyes=DYES,
+                  budget_wells=48, batch_size=8, tolerance_de=2.0, requested_by="test")
+    fields.update(changes)
+    return ExperimentRequested.create(source="t", subject=xid, sequence=1,
+                                      event_id=uuid.UUID(int=1), **fields)
+
+
+def reader(seed=3):
+    model = PlateReaderModel(seed=seed)
+
+    def read(volumes):
+        rgb = model.read(volumes)
+        return rgb, [float(v) for v in rgb_to_lab(rgb)]
+    return read
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(dyes=["red", "green"]), "unknown dye(s) green"),
+    (dict(budget_wells=200), "budget of 200 wells"),
+    (dict(batch_size=0), "batch size 0"),
+    (dict(target_hex="#zzz"), "target '#zzz'"),
+    (dict(tolerance_de=-1.0), "tolerance"),
+])
+def test_bad_requests_are_rejected_with_a_readable_reason(changes, words):
+    out = campaign.Campaigns().handle(request(**changes))
+    assert len(out) == 1 and isinstance(out[0], ExperimentRejected)
+    assert words in out[0].reason
+
+
+def test_a_reachable_target_completes_within_budget_without_reusing_wells():
+    log = campaign.simulate(request(), reader())
+    assert isinstance(log[-1], ExperimentCompleted), log[-1]
+    done = log[-1]
+    assert done.best_de < 2.0 and done.wells_used <= 48
+    scored = [e.well for e in log if isinstance(e, WellScored)]
+    assert len(scored) == len(set(scored)) == done.wells_used
+    runs = [e for e in log if isinstance(e, RobotRunRequested)]
+    assert [r.iteration for r in runs] == list(range(len(runs)))
+    assert all("def run(" in r.protocol_text for r in runs)
+    ids = [e.event_id for e in log]
+    assert len(ids) == len(set(ids))
+
+
+def test_replay_in_any_cross_topic_order_gives_the_same_ids():
+    log = campaign.simulate(request(), reader())
+    readings = []
+    for run in (e for e in log if isinstance(e, RobotRunRequested)):
+        read = reader(seed=hash(run.run_id) % 1000)
+        for r in run.recipes:
+            rgb, lab = read({**r["volumes"], "water": r["water_ul"]})
+            readings.append(WellColourMeasured.create(
+                source="r", subject="x1", sequence=0, experiment_id="x1", run_id=run.run_id,
+                iteration=run.iteration, well=r["well"], rgb=list(rgb), lab=lab,
+                instrument_id="r"))
+    first = campaign.Campaigns()
+    out_a = first.handle(request())
+    for r in readings:
+        out_a += first.handle(r)
+    shuffled = readings[:]
+    random.Random(5).shuffle(shuffled)
+    second = campaign.Campaigns()
+    out_b = []
+    for r in shuffled:  # readings before their request and before their batch
+        out_b += second.handle(r)
+    out_b += second.handle(request())
+    assert sorted(str(e.event_id) for e in out_a) == sorted(str(e.event_id) for e in out_b)
+
+
+def test_budget_spent_fails_the_experiment():
+    log = campaign.simulate(request(budget_wells=8, target_lab=[95.0, -60.0, 90.0]), reader())
+    assert isinstance(log[-1], ExperimentFailed)
+    assert log[-1].wells_used == 8 and "budget" in log[-1].reason
+    assert sum(isinstance(e, RecipesProposed) for e in log) == 1
