@@ -182,6 +182,31 @@ def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: 
     _run_until_signal(go)
 
 
+@agent.command("ot2")
+@click.option("--simulate", is_flag=True, required=True,
+              help="Run protocols on opentrons' Protocol Engine in-process (the only mode so far).")
+@metrics_option
+def agent_ot2(simulate: bool, metrics_port: int | None) -> None:
+    """An OT-2 agent: runs each RobotRunRequested, publishes its commands and dispensed wells."""
+    from producers import ot2_agent
+
+    cfg = _cfg()
+    _start_process("agent-ot2", cfg, metrics_port)
+    _run_until_signal(lambda stop: ot2_agent.run(cfg, stop))
+
+
+@agent.command("reader")
+@click.option("--seed", default=0, show_default=True, help="Seed of the simulated camera noise.")
+@metrics_option
+def agent_reader(seed: int, metrics_port: int | None) -> None:
+    """A simulated plate reader: a WellColourMeasured for each WellDispensed."""
+    from producers import colour_reader
+
+    cfg = _cfg()
+    _start_process("agent-reader", cfg, metrics_port)
+    _run_until_signal(lambda stop: colour_reader.run(cfg, stop, seed))
+
+
 @main.group()
 def process() -> None:
     """Stream processors (faust-streaming apps)."""
@@ -196,6 +221,86 @@ def process_validate(metrics_port: int | None) -> None:
     cfg = _cfg()
     _start_process("validator", cfg, metrics_port)
     validator.run(cfg)
+
+
+@process.command("experiment")
+@metrics_option
+def process_experiment(metrics_port: int | None) -> None:
+    """Run colour-mixing campaigns: propose recipes, request robot runs, score readings."""
+    from processors import experiment
+
+    cfg = _cfg()
+    _start_process("experiment", cfg, metrics_port)
+    _run_until_signal(lambda stop: experiment.run(cfg, stop))
+
+
+# -- experiments ----------------------------------------------------------------------------------
+@main.group()
+def experiment() -> None:
+    """Closed-loop colour-mixing experiments on the OT-2."""
+
+
+@experiment.command("start")
+@click.option("--target", required=True,
+              help="Target colour: '#7a3cc0', 'rgb(122, 60, 192)' or 'lab(50, 20, -30)'.")
+@click.option("--budget", default=96, show_default=True, help="Most wells to use (1-96).")
+@click.option("--batch", default=8, show_default=True, help="Wells per robot run.")
+@click.option("--dyes", default="red,yellow,blue", show_default=True,
+              help="Comma-separated dye stocks.")
+@click.option("--tolerance", default=2.0, show_default=True, help="Success below this ΔE00.")
+@click.option("--id", "experiment_id", default=None, help="Experiment id (default: generated).")
+def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance: float,
+                     experiment_id: str | None) -> None:
+    """Request an experiment; prints its id (follow it with `labbus experiment watch ID`)."""
+    from deploy import experiment as exp
+    from processors.colour.scoring import TargetError
+
+    try:
+        req = exp.request(target, budget, batch, [d.strip() for d in dyes.split(",") if d.strip()],
+                          tolerance, experiment_id)
+    except TargetError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
+    asyncio.run(exp.publish(_cfg(), req))
+    click.echo(req.experiment_id)
+
+
+@experiment.command("watch")
+@click.argument("experiment_id")
+@click.option("--timeout", default=0.0, help="Give up after this many seconds (0 = never).")
+def experiment_watch(experiment_id: str, timeout: float) -> None:
+    """Follow an experiment: wells used, best ΔE00, until it completes, fails or is rejected."""
+    from deploy import experiment as exp
+    from events.model import ExperimentCompleted, ExperimentRequested, WellScored
+
+    state = {"bar": None, "best": None, "budget": 96, "label": ""}
+
+    def on_event(event) -> None:
+        if isinstance(event, ExperimentRequested):
+            state["budget"] = event.budget_wells
+            return
+        if isinstance(event, WellScored):
+            if state["bar"] is None:
+                state["bar"] = click.progressbar(length=state["budget"], label="wells used",
+                                                 file=sys.stderr, show_pos=True,
+                                                 item_show_func=lambda _: state["label"])
+                state["bar"].__enter__()
+            if state["best"] is None or event.delta_e < state["best"]:
+                state["best"] = event.delta_e
+            state["label"] = f"best ΔE00 {state['best']:.2f}"
+            state["bar"].update(1)
+            return
+        line = None if isinstance(event, exp.FINAL) else exp.describe(event)
+        if line:
+            click.echo(("\n" if state["bar"] else "") + line, err=True)
+
+    final = asyncio.run(exp.watch(_cfg(), experiment_id, on_event, timeout))
+    if state["bar"]:
+        state["bar"].__exit__(None, None, None)
+    if final is None:
+        raise click.ClickException(f"no verdict for {experiment_id} within {timeout:g} s")
+    click.echo(exp.describe(final))
+    if not isinstance(final, ExperimentCompleted):
+        sys.exit(1)
 
 
 @main.group()

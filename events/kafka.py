@@ -77,3 +77,31 @@ async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] = CATALOG,
         return created
     finally:
         await admin.close()
+
+
+async def read_to_end(cfg: Config, *topics: str):
+    """Yield every record of `topics` from the beginning up to their end offsets at call time
+    (no consumer group, nothing committed): how a process rebuilds what is already in the log."""
+    from aiokafka import TopicPartition
+
+    reader = consumer(cfg, group=None)
+    await reader.start()
+    try:
+        await reader._client.force_metadata_update()  # noqa: SLF001 - topics may be brand new
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t) or ())]
+        if not tps:
+            return
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        end = await reader.end_offsets(tps)
+        left = {tp for tp in tps if end[tp] > 0}
+        while left:
+            batch = await reader.getmany(*left, timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    yield record
+            for tp in list(left):
+                if await reader.position(tp) >= end[tp]:
+                    left.discard(tp)
+    finally:
+        await reader.stop()

@@ -15,7 +15,8 @@ CONSUMER_LAG = Gauge("labbus_consumer_lag", "Messages behind the log end",
                      ["process", "topic", "partition"])
 
 DEFAULT_PORTS = {"agent": 9101, "validator": 9102, "projector-postgres": 9103,
-                 "projector-mongo": 9104}
+                 "projector-mongo": 9104, "experiment": 9105, "agent-ot2": 9106,
+                 "agent-reader": 9107}
 
 
 def serve(process: str, port: int) -> int:

@@ -1,0 +1,96 @@
+"""The experiment processor: runs closed-loop colour-mixing campaigns (processors/campaign.py).
+
+Inputs: ExperimentRequested (lab.experiments), WellColourMeasured (lab.colour.readings) and
+RobotRunFailed (lab.robot.runs). State is not stored anywhere: on every start the process reads
+its input topics from the beginning (no consumer group, so nothing is committed) and folds them
+through the campaign functions again, which re-derive the same outputs with the same ids. Before
+that it collects the ids of every event already on its output topics and sends only outputs whose
+id is not there, so a restart neither loses a decision nor writes one twice. Outputs go through
+labbus's idempotent acks=all producer and are awaited before the next poll.
+
+Run one instance: two instances would each send every new decision (with identical ids; readers
+that key on event_id drop the repeat, but the log would hold it twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from events import kafka, metrics
+from events.codec import DecodeError, default_codec
+from events.config import Config
+from events.model import Event, ExperimentRequested, RobotRunFailed, WellColourMeasured
+from events.topics import CATALOG, COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
+from processors.campaign import Campaigns
+
+PROCESS = "experiment"
+INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFailed.TYPE}
+log = logging.getLogger(__name__)
+
+
+def topic_of(cfg: Config, event: Event) -> str:
+    for spec in CATALOG:
+        if event.TYPE in spec.event_types:
+            return topic_name(cfg, spec)
+    raise KeyError(f"no topic carries {event.TYPE}")
+
+
+async def run(cfg: Config, stop: asyncio.Event) -> None:
+    await kafka.ensure_topics(cfg)
+    codec = default_codec()
+    outputs = (topic_name(cfg, EXPERIMENTS), topic_name(cfg, ROBOT_RUNS))
+    present: set[str] = set()
+    async for record in kafka.read_to_end(cfg, *outputs):
+        try:
+            _, plain = codec.decode_record(record.value, plain=True)
+        except DecodeError:
+            continue
+        present.add(plain["event_id"])
+    log.info("experiment processor: %d events already in the log", len(present))
+
+    inputs = (topic_name(cfg, EXPERIMENTS), topic_name(cfg, COLOUR_READINGS),
+              topic_name(cfg, ROBOT_RUNS))
+    consumer = kafka.consumer(cfg, *inputs, group=None, fetch_max_wait_ms=100)
+    producer = kafka.producer(cfg)
+    await producer.start()
+    await consumer.start()
+    campaigns = Campaigns()
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200)
+            started = time.perf_counter()
+            futures = []
+            for tp, records in batch.items():
+                metrics.EVENTS_IN.labels(PROCESS, tp.topic).inc(len(records))
+                for record in records:
+                    try:
+                        name, _ = codec.decode_record(record.value, plain=True)
+                        if name not in INPUTS:
+                            continue
+                        event = codec.decode(record.value)
+                    except DecodeError as exc:
+                        log.warning("skipping undecodable record %s:%d@%d: %s", tp.topic,
+                                    tp.partition, record.offset, exc)
+                        continue
+                    try:
+                        produced = campaigns.handle(event)
+                    except Exception:  # noqa: BLE001 - one broken campaign must not stop the rest
+                        log.exception("campaign step failed for %s", event.event_id)
+                        continue
+                    for out in produced:
+                        if str(out.event_id) in present:
+                            continue
+                        present.add(str(out.event_id))
+                        topic = topic_of(cfg, out)
+                        futures.append(await producer.send(topic, codec.encode(out), key=out.key))
+                        metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
+                        log.info("%s %s", out.TYPE, getattr(out, "experiment_id", ""))
+            if futures:
+                await asyncio.gather(*futures)
+            if batch:
+                metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
