@@ -197,14 +197,15 @@ def agent_ot2(simulate: bool, metrics_port: int | None) -> None:
 
 @agent.command("reader")
 @click.option("--seed", default=0, show_default=True, help="Seed of the simulated camera noise.")
+@click.option("--delay", default=0.0, show_default=True, help="Seconds each reading takes.")
 @metrics_option
-def agent_reader(seed: int, metrics_port: int | None) -> None:
+def agent_reader(seed: int, delay: float, metrics_port: int | None) -> None:
     """A simulated plate reader: a WellColourMeasured for each WellDispensed."""
     from producers import colour_reader
 
     cfg = _cfg()
     _start_process("agent-reader", cfg, metrics_port)
-    _run_until_signal(lambda stop: colour_reader.run(cfg, stop, seed))
+    _run_until_signal(lambda stop: colour_reader.run(cfg, stop, seed, delay))
 
 
 @main.group()

@@ -38,7 +38,8 @@ def measure(dispensed: WellDispensed, seed: int = 0, sequence: int = 0) -> WellC
         instrument_id=INSTRUMENT)
 
 
-async def run(cfg: Config, stop: asyncio.Event, seed: int = 0) -> None:
+async def run(cfg: Config, stop: asyncio.Event, seed: int = 0, delay_s: float = 0.0) -> None:
+    """`delay_s`: seconds each reading takes (a real camera is not instant)."""
     await kafka.ensure_topics(cfg)
     codec = default_codec()
     source, sink = topic_name(cfg, ROBOT_RUNS), topic_name(cfg, COLOUR_READINGS)
@@ -62,6 +63,8 @@ async def run(cfg: Config, stop: asyncio.Event, seed: int = 0) -> None:
                     except DecodeError as exc:
                         log.warning("skipping undecodable record at offset %d: %s", record.offset, exc)
                         continue
+                    if delay_s:
+                        await asyncio.sleep(delay_s)
                     sequence += 1
                     try:
                         reading = measure(dispensed, seed, sequence)

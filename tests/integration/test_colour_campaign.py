@@ -1,0 +1,105 @@
+"""Closed-loop colour mixing over Kafka: experiment processor -> OT-2 agent (simulated Protocol
+Engine) -> plate reader agent -> experiment processor, until a recipe matches the target."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import numpy as np
+
+from deploy import experiment as exp
+from events.codec import default_codec
+from events.model import (ExperimentCompleted, ExperimentRejected, RecipesProposed,
+                          RobotCommandExecuted, RobotRunFinished, RobotRunRequested,
+                          WellColourMeasured, WellDispensed, WellScored)
+from events.topics import COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
+from producers.plate_reader_model import PlateReaderModel
+from tests.conftest import read_topic, run, wait_for
+
+RECIPE = {"red": 40, "yellow": 30, "blue": 60}  # a feasible recipe: its colour is reachable
+
+
+def reachable_hex() -> str:
+    rgb = np.asarray(PlateReaderModel(seed=None).true_rgb(RECIPE)) * 255
+    return "#" + "".join(f"{round(v):02x}" for v in rgb)
+
+
+def events_of(cfg, spec, experiment_id: str) -> list:
+    codec = default_codec()
+    return [codec.decode(r.value) for r in run(read_topic(cfg, topic_name(cfg, spec)))
+            if r.key == experiment_id.encode()]
+
+
+def verdict(cfg, experiment_id: str):
+    final = [e for e in events_of(cfg, EXPERIMENTS, experiment_id) if isinstance(e, exp.FINAL)]
+    return final[0] if final else None
+
+
+def check_campaign(cfg, xid: str) -> tuple[ExperimentCompleted, list]:
+    everything = (events_of(cfg, EXPERIMENTS, xid) + events_of(cfg, ROBOT_RUNS, xid)
+                  + events_of(cfg, COLOUR_READINGS, xid))
+    ids = Counter(e.event_id for e in everything)
+    assert [i for i, n in ids.items() if n > 1] == [], "an event was written twice"
+    done = [e for e in everything if isinstance(e, ExperimentCompleted)]
+    assert len(done) == 1
+    done = done[0]
+    dispensed = [e.well for e in everything if isinstance(e, WellDispensed)]
+    measured = [e.well for e in everything if isinstance(e, WellColourMeasured)]
+    scored = [e.well for e in everything if isinstance(e, WellScored)]
+    assert len(dispensed) == len(set(dispensed)), "a well was dispensed twice"
+    assert len(scored) == len(set(scored)), "a well was scored twice"
+    assert sorted(dispensed) == sorted(measured) == sorted(scored)
+    assert len(scored) == done.wells_used <= 48
+    runs = [e for e in everything if isinstance(e, RobotRunRequested)]
+    finished = [e for e in everything if isinstance(e, RobotRunFinished)]
+    assert {r.run_id for r in runs} == {f.run_id for f in finished}
+    commands = [e for e in everything if isinstance(e, RobotCommandExecuted)]
+    assert sum(f.commands for f in finished) == len(commands)
+    assert all(c.status == "succeeded" for c in commands)
+    proposals = [e for e in everything if isinstance(e, RecipesProposed)]
+    assert [p.iteration for p in proposals] == list(range(len(proposals)))
+    return done, everything
+
+
+def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, processes):
+    for args in (("process", "experiment"), ("agent", "ot2", "--simulate"), ("agent", "reader")):
+        processes.start(*args)
+    good = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
+                       experiment_id="it-good")
+    bad = exp.request("#7a3cc0", budget=48, batch=8, dyes=["red", "green"],
+                      experiment_id="it-bad")
+    started = time.monotonic()
+    run(exp.publish(cfg, good, bad))
+
+    final = wait_for(lambda: verdict(cfg, "it-good"), 240, "a verdict on it-good", interval=1)
+    elapsed = time.monotonic() - started
+    assert isinstance(final, ExperimentCompleted), final
+    done, _ = check_campaign(cfg, "it-good")
+    assert done.best_de < 2.0
+    print(f"\ncampaign: {done.wells_used} wells, best ΔE00 {done.best_de:.2f}, {elapsed:.1f} s")
+
+    rejected = wait_for(lambda: verdict(cfg, "it-bad"), 30, "a verdict on it-bad")
+    assert isinstance(rejected, ExperimentRejected)
+    assert "unknown dye(s) green" in rejected.reason and "red, yellow, blue" in rejected.reason
+    assert not events_of(cfg, ROBOT_RUNS, "it-bad")
+
+
+def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
+    processor = processes.start("process", "experiment")
+    processes.start("agent", "ot2", "--simulate")
+    processes.start("agent", "reader", "--delay", "0.3")  # so the kill lands mid-campaign
+    req = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
+                      experiment_id="it-crash")
+    run(exp.publish(cfg, req))
+    wait_for(lambda: any(isinstance(e, WellScored) for e in events_of(cfg, EXPERIMENTS, "it-crash")),
+             120, "the first scores")
+    processor.send_signal(signal.SIGKILL)
+    processor.wait(10)
+    assert verdict(cfg, "it-crash") is None, "the campaign ended before the kill"
+    processes.start("process", "experiment")
+    final = wait_for(lambda: verdict(cfg, "it-crash"), 240, "a verdict after the restart",
+                     interval=1)
+    assert isinstance(final, ExperimentCompleted), final
+    check_campaign(cfg, "it-crash")
