@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import faust
+from aiokafka import TopicPartition
 import mode
 
 from events import kafka, metrics
@@ -118,6 +119,39 @@ class PartitionBatches:
         await asyncio.gather(*self.futures)
 
 
+async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartition], group: str,
+                        lookback: int = 50_000) -> int:
+    """Fill the duplicate windows with the ids of the last `lookback` readings before each
+    partition's committed offset, so a duplicate of a reading seen before a restart is still
+    caught, and decisions after a restart equal those before it."""
+    consumer = kafka.consumer(cfg, group=group)
+    await consumer.start()
+    primed = 0
+    try:
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            if not committed:
+                continue
+            start = max(committed - lookback, (await consumer.beginning_offsets([tp]))[tp])
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            window = validator.windows[tp.partition]
+            while await consumer.position(tp) < committed:
+                records = (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).get(tp, [])
+                for rec in records:
+                    if rec.offset >= committed:
+                        break
+                    try:
+                        _, reading = validator.codec.decode_record(rec.value, plain=True)
+                        window.first_offset(reading["event_id"], rec.offset)
+                        primed += 1
+                    except (DecodeError, KeyError):
+                        pass  # dead-lettered the first time round
+    finally:
+        await consumer.stop()
+    return primed
+
+
 def build_app(cfg: Config) -> faust.App:
     app = faust.App(
         group_id(cfg, PROCESS),
@@ -134,6 +168,8 @@ def build_app(cfg: Config) -> faust.App:
     )
     raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED), key_type=bytes, value_type=bytes)
     validator = Validator(cfg)
+    windows_ready = asyncio.Event()
+
     @app.service
     class OutputProducer(mode.Service):
         """labbus's idempotent producer, created inside faust's event loop."""
@@ -149,7 +185,16 @@ def build_app(cfg: Config) -> faust.App:
 
     @app.on_partitions_revoked.connect
     async def forget_windows(app, revoked, **kwargs) -> None:  # noqa: ARG001
+        windows_ready.clear()
         validator.windows.clear()
+
+    @app.on_partitions_assigned.connect
+    async def remember_recent_ids(app, assigned, **kwargs) -> None:  # noqa: ARG001
+        mine = [TopicPartition(tp.topic, tp.partition) for tp in assigned
+                if tp.topic == raw.get_topic_name()]
+        primed = await prime_windows(cfg, validator, mine, group_id(cfg, PROCESS))
+        windows_ready.set()
+        log.info("dedup windows primed from the log", extra={"ids": primed})
 
     @app.agent(raw)
     async def validate(stream):
@@ -159,6 +204,7 @@ def build_app(cfg: Config) -> faust.App:
         async for batch in stream.take_events(2000, within=0.05):
             started = time.perf_counter()
             now_us = time.time_ns() // 1000
+            await windows_ready.wait()  # faust may deliver before the assignment signal is done
             out = PartitionBatches(producer, validator.validated_topic)
             out_counts: Counter = Counter()
             for event in batch:
