@@ -168,13 +168,17 @@ def _json_loads(text: str):
 
 
 async def _check_kafka(cfg: Config) -> str:
-    host, _, port = cfg.kafka_bootstrap.split(",")[0].rpartition(":")
+    """A metadata round trip, not just a TCP connect: the broker must answer as Kafka."""
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=cfg.kafka_bootstrap, request_timeout_ms=2000)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
-        writer.close()
-        return "ok"
-    except (TimeoutError, OSError) as exc:
+        await asyncio.wait_for(client.bootstrap(), 3)
+        return "ok" if client.cluster.brokers() else "no brokers in metadata"
+    except Exception as exc:  # any failure means not ready
         return f"unreachable: {exc!r}"
+    finally:
+        await client.close()
 
 
 async def _check_pg(pool: asyncpg.Pool) -> str:
