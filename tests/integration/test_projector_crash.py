@@ -16,7 +16,7 @@ from tests.conftest import read_topic, run, wait_for
 N = 40_000
 
 
-async def publish_validated(cfg, n: int) -> set[uuid.UUID]:
+async def publish_validated(cfg, n: int, prefix: str = "crash") -> set[uuid.UUID]:
     await kafka.ensure_topics(cfg)
     codec = default_codec()
     producer = kafka.producer(cfg)
@@ -27,7 +27,7 @@ async def publish_validated(cfg, n: int) -> set[uuid.UUID]:
         for i in range(n):
             mid = uuid.uuid4()
             ids.add(mid)
-            device = f"crash-{i % 17}"
+            device = f"{prefix}-{i % 17}"
             event = MeasurementValidated.create(
                 source="test", subject=device, sequence=i, measurement_id=mid, device_id=device,
                 metric="temperature", value=float(i), unit="degC", measured_at=utcnow())

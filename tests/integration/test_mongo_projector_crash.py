@@ -1,0 +1,31 @@
+"""kill -9 the Mongo projector mid-stream: per-device counts still equal the log."""
+
+import os
+import signal
+from collections import Counter
+
+from pymongo import MongoClient
+
+from tests.conftest import run, wait_for
+from tests.integration.test_projector_crash import publish_validated
+
+N = 20_000
+
+
+def test_kill_9_mongo_projector_neither_loses_nor_double_counts(cfg, processes):
+    run(publish_validated(cfg, N, prefix="mcrash"))
+    devices = MongoClient(cfg.mongo_url)[cfg.mongo_db].devices
+    mine = {"_id": {"$regex": "^mcrash-"}}
+
+    def counted() -> int:
+        return sum(d.get("total_measurements", 0) for d in devices.find(mine))
+
+    for threshold in (N // 6, N // 2):
+        proc = processes.start("project", "mongo", "--batch", "400")
+        wait_for(lambda t=threshold: counted() >= t, 90, f"{threshold} readings counted")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    processes.start("project", "mongo", "--batch", "400")
+    wait_for(lambda: counted() >= N, 120, "every reading counted after restart")
+    by_device = Counter({d["_id"]: d["total_measurements"] for d in devices.find(mine)})
+    assert by_device == Counter({f"mcrash-{i}": len(range(i, N, 17)) for i in range(17)})
