@@ -49,7 +49,8 @@ def create_app(cfg: Config) -> FastAPI:
 
     app = FastAPI(title="labbus query API", version="0.1.0", lifespan=lifespan,
                   description="Read-only access to labbus read models: devices and their "
-                              "validated measurements. Cursor-paginated; times are UTC.")
+                              "validated measurements, colour-mixing experiments and their "
+                              "plates. Cursor-paginated; times are UTC.")
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -136,6 +137,54 @@ def create_app(cfg: Config) -> FastAPI:
                if len(rows) > limit else None)
         return {"items": [dict(r) for r in page], "next_cursor": nxt}
 
+    @app.get("/experiments", summary="List colour-mixing experiments")
+    async def list_experiments(
+        request: Request,
+        status: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor_: Annotated[str | None, Query(alias="cursor")] = None,
+    ) -> dict:
+        after = cursor.decode(cursor_, 1)[0] if cursor_ else ""
+        rows = await request.app.state.pg.fetch(
+            f"""SELECT {_EXPERIMENT_COLUMNS} FROM experiments e
+                WHERE experiment_id > $1 AND ($2::text IS NULL OR status = $2)
+                ORDER BY experiment_id LIMIT $3""", str(after), status, limit + 1)
+        page = rows[:limit]
+        nxt = cursor.encode(page[-1]["experiment_id"]) if len(rows) > limit else None
+        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+
+    async def _experiment(pg, experiment_id: str) -> dict:
+        row = await pg.fetchrow(f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments e "
+                                "WHERE experiment_id = $1", experiment_id)
+        if row is None:
+            raise HTTPException(404, f"no experiment {experiment_id!r}")
+        return dict(row)
+
+    @app.get("/experiments/{experiment_id}", summary="One experiment with its robot runs")
+    async def get_experiment(request: Request, experiment_id: str) -> dict:
+        pg = request.app.state.pg
+        body = await _experiment(pg, experiment_id)
+        runs = await pg.fetch(
+            """SELECT run_id, iteration, status, protocol_hash, mode, commands, wells, error,
+                      requested_at, started_at, finished_at
+               FROM robot_runs WHERE experiment_id = $1 ORDER BY iteration""", experiment_id)
+        body["runs"] = [dict(r) for r in runs]
+        return body
+
+    @app.get("/experiments/{experiment_id}/wells", summary="Every well of an experiment's plate")
+    async def experiment_wells(request: Request, experiment_id: str) -> dict:
+        pg = request.app.state.pg
+        await _experiment(pg, experiment_id)
+        return {"items": await _wells(pg, experiment_id)}
+
+    @app.get("/experiments/{experiment_id}/plate.svg", summary="The plate as measured, as SVG",
+             response_class=Response)
+    async def experiment_plate(request: Request, experiment_id: str) -> Response:
+        pg = request.app.state.pg
+        experiment = await _experiment(pg, experiment_id)
+        svg = plate_svg(experiment, await _wells(pg, experiment_id))
+        return Response(svg, media_type="image/svg+xml")
+
     @app.get("/health/live", summary="The process is up")
     async def live() -> dict:
         return {"status": "ok"}
@@ -154,6 +203,78 @@ def create_app(cfg: Config) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_EXPERIMENT_COLUMNS = """experiment_id, status, target_hex, target_lab, dyes, budget_wells,
+    batch_size, tolerance_de, requested_by, requested_at, iterations,
+    COALESCE(wells_used, (SELECT count(*) FROM wells w WHERE w.experiment_id = e.experiment_id
+                          AND w.delta_e IS NOT NULL))::int AS wells_used,
+    best_well, best_volumes, best_de, reason, finished_at"""
+_ROWS, _COLUMNS = "ABCDEFGH", range(1, 13)
+
+
+def _well_order(well: str) -> tuple[int, int]:
+    return int(well[1:]), _ROWS.index(well[0])  # column-major, the order wells are allocated
+
+
+async def _wells(pg: asyncpg.Pool, experiment_id: str) -> list[dict]:
+    rows = await pg.fetch(
+        """SELECT well, iteration, volumes, water_ul, run_id, dispensed, rgb, lab, instrument_id,
+                  delta_e, proposed_at, dispensed_at, measured_at, scored_at
+           FROM wells WHERE experiment_id = $1""", experiment_id)
+    items = [dict(r) for r in rows]
+    for item in items:
+        item["rgb"] = list(item["rgb"]) if item["rgb"] is not None else None
+        item["lab"] = list(item["lab"]) if item["lab"] is not None else None
+    return sorted(items, key=lambda i: _well_order(i["well"]))
+
+
+def plate_svg(experiment: dict, wells: list[dict]) -> str:
+    """A 96-well plate: each well filled with its measured colour, the best well ringed."""
+    from html import escape
+
+    pitch, r, left, top = 36, 15, 30, 50
+    width, height = left + 12 * pitch + 10, top + 8 * pitch + 40
+    by_well = {w["well"]: w for w in wells}
+    target = experiment.get("target_hex")
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="#f4f4f4"/>',
+             f'<text x="{left}" y="18" font-size="13">{escape(experiment["experiment_id"])} '
+             f'({escape(experiment["status"])})</text>']
+    if target:
+        parts.append(f'<text x="{left}" y="36">target</text>'
+                     f'<rect x="{left + 42}" y="26" width="28" height="14" fill="{escape(target)}"'
+                     ' stroke="#333"/>')
+    if experiment.get("best_de") is not None:
+        parts.append(f'<text x="{left + 90}" y="36">best ΔE00 {experiment["best_de"]:.2f}'
+                     f'{" in " + escape(experiment["best_well"]) if experiment.get("best_well") else ""}'
+                     f', {experiment.get("wells_used") or 0} wells</text>')
+    for c in _COLUMNS:
+        parts.append(f'<text x="{left + (c - 1) * pitch + pitch / 2}" y="{top - 4}" '
+                     f'text-anchor="middle">{c}</text>')
+    for ri, row in enumerate(_ROWS):
+        y = top + ri * pitch + pitch / 2
+        parts.append(f'<text x="{left - 14}" y="{y + 4}">{row}</text>')
+        for c in _COLUMNS:
+            name = f"{row}{c}"
+            x = left + (c - 1) * pitch + pitch / 2
+            w = by_well.get(name)
+            if w and w.get("rgb"):
+                fill = "#%02x%02x%02x" % tuple(w["rgb"])
+            elif w:
+                fill = "#ffffff"
+            else:
+                fill = "none"
+            ring = 'stroke="#000" stroke-width="3"' if name == experiment.get("best_well") else \
+                'stroke="#999" stroke-width="1"'
+            title = name
+            if w and w.get("delta_e") is not None:
+                title += f" ΔE00 {w['delta_e']:.2f} {escape(str(w.get('volumes')))}"
+            parts.append(f'<circle cx="{x}" cy="{y}" r="{r}" fill="{fill}" {ring}>'
+                         f'<title>{title}</title></circle>')
+    parts.append("</svg>")
+    return "\n".join(parts)
 
 
 def _route(request: Request) -> str:

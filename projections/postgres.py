@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import asyncpg
 from aiokafka import TopicPartition
 
 from events.config import Config
+from events import model as m
 from events.model import DeviceRegistered, MeasurementValidated
-from events.topics import DEVICES, MEASUREMENTS_VALIDATED, topic_name
+from events.topics import (COLOUR_READINGS, DEVICES, EXPERIMENTS, MEASUREMENTS_VALIDATED,
+                           ROBOT_RUNS, topic_name)
 from projections.migrate import migrate
 from projections.runner import Positioned
 
@@ -58,7 +61,8 @@ class PostgresProjection:
         self.pool: asyncpg.Pool | None = None
 
     def topics(self) -> list[str]:
-        return [topic_name(self.cfg, DEVICES), topic_name(self.cfg, MEASUREMENTS_VALIDATED)]
+        return [topic_name(self.cfg, spec) for spec in
+                (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS)]
 
     async def start(self) -> None:
         self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN")
@@ -78,7 +82,11 @@ class PostgresProjection:
     async def apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
         m_rows = []
         devices: dict[str, dict] = {}
+        campaign: list[tuple[str, tuple]] = []  # (sql, args) in log order
         for p in events:
+            if p.event_type in CAMPAIGN_SQL:
+                campaign.extend(CAMPAIGN_SQL[p.event_type](p.record))
+                continue
             r = p.record
             if p.event_type == MeasurementValidated.TYPE:
                 m_rows.append((r["measurement_id"], r["device_id"], r["metric"], r["value"],
@@ -97,6 +105,8 @@ class PostgresProjection:
                     [json.dumps(d["metrics"]) for d in ds],
                     [json.dumps(d["attributes"]) for d in ds],
                     [d["occurred_at"] for d in ds], [d["event_id"] for d in ds])
+            for sql, rows in _runs(campaign):
+                await con.executemany(sql, rows)
             tps = list(next_offsets)
             await con.execute(UPSERT_POSITIONS, self.name, [tp.topic for tp in tps],
                               [tp.partition for tp in tps], [next_offsets[tp] for tp in tps])
@@ -108,3 +118,143 @@ async def connect_pool(dsn: str, variable: str, **kwargs) -> asyncpg.Pool:
     except (OSError, asyncpg.PostgresError) as exc:
         safe = dsn.split("@")[-1]
         raise ConnectionError(f"PostgreSQL at {variable}=...@{safe} refused: {exc}") from exc
+
+
+# -- colour-mixing campaigns ------------------------------------------------------------------------
+
+def _ts(micros: int) -> datetime:
+    return datetime.fromtimestamp(micros / 1e6, timezone.utc)
+
+
+def _runs(statements: list[tuple[str, tuple]]):
+    """Consecutive statements with the same SQL, as (sql, [args, ...]): order kept, fewer trips."""
+    out: list[tuple[str, list]] = []
+    for sql, args in statements:
+        if out and out[-1][0] == sql:
+            out[-1][1].append(args)
+        else:
+            out.append((sql, [args]))
+    return out
+
+
+_EXPERIMENT_REQUESTED = """
+INSERT INTO experiments (experiment_id, status, target_hex, target_lab, dyes, budget_wells,
+                         batch_size, tolerance_de, requested_by, requested_at, last_event_id)
+VALUES ($1, 'running', $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (experiment_id) DO NOTHING
+"""
+_EXPERIMENT_ENDED = """
+INSERT INTO experiments (experiment_id, status, reason, wells_used, best_well, best_volumes,
+                         best_de, finished_at, last_event_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (experiment_id) DO UPDATE SET
+    status = EXCLUDED.status, reason = EXCLUDED.reason, wells_used = EXCLUDED.wells_used,
+    best_well = EXCLUDED.best_well, best_volumes = EXCLUDED.best_volumes,
+    best_de = EXCLUDED.best_de, finished_at = EXCLUDED.finished_at,
+    last_event_id = EXCLUDED.last_event_id
+"""
+_RECIPES_PROPOSED = """
+UPDATE experiments SET iterations = GREATEST(iterations, $2 + 1) WHERE experiment_id = $1
+"""
+_WELL_PROPOSED = """
+INSERT INTO wells (experiment_id, well, iteration, volumes, water_ul, proposed_at)
+SELECT $1, r.well, $2, r.volumes, r.water_ul, $4
+FROM jsonb_to_recordset($3::jsonb) AS r(well text, volumes jsonb, water_ul float8)
+ON CONFLICT (experiment_id, well) DO UPDATE SET
+    iteration = EXCLUDED.iteration, volumes = EXCLUDED.volumes, water_ul = EXCLUDED.water_ul,
+    proposed_at = EXCLUDED.proposed_at
+"""
+_WELL_DISPENSED = """
+INSERT INTO wells (experiment_id, well, run_id, dispensed, dispensed_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (experiment_id, well) DO UPDATE SET
+    run_id = EXCLUDED.run_id, dispensed = EXCLUDED.dispensed, dispensed_at = EXCLUDED.dispensed_at
+"""
+_WELL_MEASURED = """
+INSERT INTO wells (experiment_id, well, rgb, lab, instrument_id, measured_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (experiment_id, well) DO UPDATE SET
+    rgb = EXCLUDED.rgb, lab = EXCLUDED.lab, instrument_id = EXCLUDED.instrument_id,
+    measured_at = EXCLUDED.measured_at
+"""
+_WELL_SCORED = """
+INSERT INTO wells (experiment_id, well, delta_e, scored_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (experiment_id, well) DO UPDATE SET
+    delta_e = EXCLUDED.delta_e, scored_at = EXCLUDED.scored_at
+"""
+_RUN_REQUESTED = """
+INSERT INTO robot_runs (run_id, experiment_id, iteration, status, protocol_hash, requested_at)
+VALUES ($1, $2, $3, 'requested', $4, $5)
+ON CONFLICT (run_id) DO UPDATE SET protocol_hash = EXCLUDED.protocol_hash,
+    requested_at = EXCLUDED.requested_at
+"""
+_RUN_STARTED = """
+INSERT INTO robot_runs (run_id, experiment_id, iteration, status, mode, started_at)
+VALUES ($1, $2, $3, 'running', $4, $5)
+ON CONFLICT (run_id) DO UPDATE SET mode = EXCLUDED.mode, started_at = EXCLUDED.started_at,
+    status = CASE WHEN robot_runs.status = 'requested' THEN 'running' ELSE robot_runs.status END
+"""
+_RUN_ENDED = """
+INSERT INTO robot_runs (run_id, experiment_id, iteration, status, commands, wells, error,
+                        finished_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, commands = EXCLUDED.commands,
+    wells = EXCLUDED.wells, error = EXCLUDED.error, finished_at = EXCLUDED.finished_at
+"""
+_COMMAND = """
+INSERT INTO robot_commands (run_id, index, command_id, command_key, command_type, status, params,
+                            result, error, created_at, started_at, completed_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (run_id, index) DO UPDATE SET command_id = EXCLUDED.command_id,
+    command_key = EXCLUDED.command_key, status = EXCLUDED.status, params = EXCLUDED.params,
+    result = EXCLUDED.result, error = EXCLUDED.error, created_at = EXCLUDED.created_at,
+    started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at
+"""
+
+
+def _ended(status: str):
+    def row(r: dict) -> list[tuple[str, tuple]]:
+        volumes = r.get("best_volumes")
+        return [(_EXPERIMENT_ENDED, (
+            r["experiment_id"], status, r["reason"], r.get("wells_used"), r.get("best_well"),
+            None if volumes is None else json.dumps(volumes), r.get("best_de"),
+            _ts(r["occurred_at"]), r["event_id"]))]
+    return row
+
+
+CAMPAIGN_SQL = {
+    m.ExperimentRequested.TYPE: lambda r: [(_EXPERIMENT_REQUESTED, (
+        r["experiment_id"], r["target_hex"], r["target_lab"], r["dyes"], r["budget_wells"],
+        r["batch_size"], r["tolerance_de"], r["requested_by"], _ts(r["occurred_at"]),
+        r["event_id"]))],
+    m.ExperimentRejected.TYPE: _ended("rejected"),
+    m.ExperimentCompleted.TYPE: _ended("completed"),
+    m.ExperimentFailed.TYPE: _ended("failed"),
+    m.RecipesProposed.TYPE: lambda r: [
+        (_RECIPES_PROPOSED, (r["experiment_id"], r["iteration"])),
+        (_WELL_PROPOSED, (r["experiment_id"], r["iteration"], json.dumps(r["recipes"]),
+                          _ts(r["occurred_at"])))],
+    m.WellDispensed.TYPE: lambda r: [(_WELL_DISPENSED, (
+        r["experiment_id"], r["well"], r["run_id"], json.dumps(r["volumes"]),
+        _ts(r["occurred_at"])))],
+    m.WellColourMeasured.TYPE: lambda r: [(_WELL_MEASURED, (
+        r["experiment_id"], r["well"], r["rgb"], r["lab"], r["instrument_id"],
+        _ts(r["occurred_at"])))],
+    m.WellScored.TYPE: lambda r: [(_WELL_SCORED, (
+        r["experiment_id"], r["well"], r["delta_e"], _ts(r["occurred_at"])))],
+    m.RobotRunRequested.TYPE: lambda r: [(_RUN_REQUESTED, (
+        r["run_id"], r["experiment_id"], r["iteration"], r["protocol_hash"],
+        _ts(r["occurred_at"])))],
+    m.RobotRunStarted.TYPE: lambda r: [(_RUN_STARTED, (
+        r["run_id"], r["experiment_id"], r["iteration"], r["mode"], _ts(r["occurred_at"])))],
+    m.RobotRunFinished.TYPE: lambda r: [(_RUN_ENDED, (
+        r["run_id"], r["experiment_id"], r["iteration"], "succeeded", r["commands"], r["wells"],
+        None, _ts(r["occurred_at"])))],
+    m.RobotRunFailed.TYPE: lambda r: [(_RUN_ENDED, (
+        r["run_id"], r["experiment_id"], r["iteration"], "failed", None, None, r["error"],
+        _ts(r["occurred_at"])))],
+    m.RobotCommandExecuted.TYPE: lambda r: [(_COMMAND, (
+        r["run_id"], r["index"], r["command_id"], r["command_key"], r["command_type"],
+        r["status"], r["params_json"], r["result_json"], r["error_json"], r["created_at"],
+        r["started_at"], r["completed_at"]))],
+}

@@ -7,8 +7,11 @@ import signal
 import time
 from collections import Counter
 
+import asyncpg
 import numpy as np
+from fastapi.testclient import TestClient
 
+from api.app import create_app
 from deploy import experiment as exp
 from events.codec import default_codec
 from events.model import (ExperimentCompleted, ExperimentRejected, RecipesProposed,
@@ -64,7 +67,8 @@ def check_campaign(cfg, xid: str) -> tuple[ExperimentCompleted, list]:
 
 
 def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, processes):
-    for args in (("process", "experiment"), ("agent", "ot2", "--simulate"), ("agent", "reader")):
+    for args in (("process", "experiment"), ("agent", "ot2", "--simulate"), ("agent", "reader"),
+                 ("project", "postgres")):
         processes.start(*args)
     good = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
                        experiment_id="it-good")
@@ -84,6 +88,42 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
     assert isinstance(rejected, ExperimentRejected)
     assert "unknown dye(s) green" in rejected.reason and "red, yellow, blue" in rejected.reason
     assert not events_of(cfg, ROBOT_RUNS, "it-bad")
+
+    # the PostgreSQL read model and the API
+    wait_for(lambda: run(pg_status(cfg.postgres_dsn, "it-good")) == ("completed", done.wells_used),
+             60, "the projected experiment")
+    wait_for(lambda: run(pg_status(cfg.postgres_dsn, "it-bad"))[0] == "rejected", 60,
+             "the projected rejection")
+    with TestClient(create_app(cfg)) as api:
+        listed = api.get("/experiments", params={"limit": 1})
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["next_cursor"]
+        body = api.get("/experiments/it-good").json()
+        assert body["status"] == "completed" and body["best_well"] == done.best_well
+        assert body["wells_used"] == done.wells_used
+        assert len(body["runs"]) == body["iterations"] and all(
+            r["status"] == "succeeded" and r["commands"] > 0 for r in body["runs"])
+        wells = api.get("/experiments/it-good/wells").json()["items"]
+        assert len(wells) == done.wells_used
+        assert all(w["rgb"] and w["delta_e"] is not None and w["dispensed"] for w in wells)
+        svg = api.get("/experiments/it-good/plate.svg")
+        assert svg.headers["content-type"].startswith("image/svg+xml")
+        assert svg.text.count("<circle") == 96
+        assert api.get("/experiments/nope").status_code == 404
+
+
+async def pg_status(dsn: str, experiment_id: str):
+    con = await asyncpg.connect(dsn)
+    try:
+        row = await con.fetchrow(
+            """SELECT status, (SELECT count(*) FROM wells w WHERE w.experiment_id = $1
+                                 AND w.delta_e IS NOT NULL AND w.rgb IS NOT NULL) AS n
+               FROM experiments WHERE experiment_id = $1""", experiment_id)
+        return (row["status"], row["n"]) if row else (None, 0)
+    except asyncpg.UndefinedTableError:
+        return (None, 0)
+    finally:
+        await con.close()
 
 
 def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
