@@ -248,7 +248,7 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
                      ' stroke="#333"/>')
     if experiment.get("best_de") is not None:
         parts.append(f'<text x="{left + 90}" y="36">best ΔE00 {experiment["best_de"]:.2f}'
-                     f'{" in " + escape(experiment["best_well"]) if experiment.get("best_well") else ""}'
+                     f'{" in " + escape(best) if (best := experiment.get("best_well")) else ""}'
                      f', {experiment.get("wells_used") or 0} wells</text>')
     for c in _COLUMNS:
         parts.append(f'<text x="{left + (c - 1) * pitch + pitch / 2}" y="{top - 4}" '
@@ -261,7 +261,7 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
             x = left + (c - 1) * pitch + pitch / 2
             w = by_well.get(name)
             if w and w.get("rgb"):
-                fill = "#%02x%02x%02x" % tuple(w["rgb"])
+                fill = "#" + "".join(f"{v:02x}" for v in w["rgb"])
             elif w:
                 fill = "#ffffff"
             else:

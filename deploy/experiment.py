@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import getpass
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from events import kafka
 from events.codec import DecodeError, default_codec
 from events.config import Config
-from events.model import (Event, ExperimentCompleted, ExperimentFailed, ExperimentRejected,
-                          ExperimentRequested, RecipesProposed, WellScored)
+from events.model import (
+    Event,
+    ExperimentCompleted,
+    ExperimentFailed,
+    ExperimentRejected,
+    ExperimentRequested,
+    RecipesProposed,
+    WellScored,
+)
 from events.topics import EXPERIMENTS, topic_name
 from processors.colour import scoring
 

@@ -88,7 +88,8 @@ async def read_to_end(cfg: Config, *topics: str):
     await reader.start()
     try:
         await reader._client.force_metadata_update()  # noqa: SLF001 - topics may be brand new
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t) or ())]
+        tps = [TopicPartition(t, p) for t in topics
+               for p in sorted(reader.partitions_for_topic(t) or ())]
         if not tps:
             return
         reader.assign(tps)
@@ -97,7 +98,7 @@ async def read_to_end(cfg: Config, *topics: str):
         left = {tp for tp in tps if end[tp] > 0}
         while left:
             batch = await reader.getmany(*left, timeout_ms=500)
-            for tp, records in batch.items():
+            for records in batch.values():
                 for record in records:
                     yield record
             for tp in list(left):

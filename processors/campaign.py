@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
-from events.model import (Event, ExperimentCompleted, ExperimentFailed, ExperimentRejected,
-                          ExperimentRequested, RecipeRejected, RecipesProposed, RobotRunFailed,
-                          RobotRunRequested, WellColourMeasured, WellScored, derived_id)
+from events.model import (
+    Event,
+    ExperimentCompleted,
+    ExperimentFailed,
+    ExperimentRejected,
+    ExperimentRequested,
+    RecipeRejected,
+    RecipesProposed,
+    RobotRunFailed,
+    RobotRunRequested,
+    WellColourMeasured,
+    WellScored,
+    derived_id,
+)
 from processors.colour import optimiser, recipes, scoring
 from producers.ot2.protocol import PLATE_WELLS, WellRecipe, generate_protocol, protocol_hash
 from producers.plate_reader_model import FOOD_DYES
@@ -128,7 +139,7 @@ def _next(c: Campaign, cause: uuid.UUID) -> list[Event]:
         return _fail(c, f"no free wells left on the plate after {c.wells_allocated}", cause,
                      proposal.best_measured_de)
     batch = {well: {d: int(recipe.get(d, 0)) for d in c.dyes}
-             for well, recipe in zip(free[:n], proposal.recipes[:n])}
+             for well, recipe in zip(free[:n], proposal.recipes[:n], strict=True)}
     c.wells_allocated += n
     c.batch = batch
     c.recipes_by_well.update(batch)

@@ -61,7 +61,8 @@ async def run(cfg: Config, stop: asyncio.Event, seed: int = 0, delay_s: float = 
                             continue
                         dispensed = codec.decode(record.value)
                     except DecodeError as exc:
-                        log.warning("skipping undecodable record at offset %d: %s", record.offset, exc)
+                        log.warning("skipping undecodable record at offset %d: %s",
+                                    record.offset, exc)
                         continue
                     if delay_s:
                         await asyncio.sleep(delay_s)
@@ -72,7 +73,8 @@ async def run(cfg: Config, stop: asyncio.Event, seed: int = 0, delay_s: float = 
                         log.warning("cannot read well %s of %s: %s", dispensed.well,
                                     dispensed.experiment_id, exc)
                         continue
-                    futures.append(await producer.send(sink, codec.encode(reading), key=reading.key))
+                    futures.append(
+                        await producer.send(sink, codec.encode(reading), key=reading.key))
                     metrics.EVENTS_OUT.labels(PROCESS, sink).inc()
             if futures:
                 await asyncio.gather(*futures)

@@ -20,8 +20,15 @@ import uuid
 from events import kafka, metrics
 from events.codec import DecodeError, default_codec
 from events.config import Config
-from events.model import (RobotCommandExecuted, RobotRunFailed, RobotRunFinished,
-                          RobotRunRequested, RobotRunStarted, WellDispensed, derived_id)
+from events.model import (
+    RobotCommandExecuted,
+    RobotRunFailed,
+    RobotRunFinished,
+    RobotRunRequested,
+    RobotRunStarted,
+    WellDispensed,
+    derived_id,
+)
 from events.topics import ROBOT_RUNS, group_id, topic_name
 
 PROCESS = "agent-ot2"
@@ -37,8 +44,12 @@ def _json(value) -> str | None:
 async def execute(cfg: Config, producer, req: RobotRunRequested) -> str:
     """Simulate one run, publishing as it goes; returns the run status once all is delivered."""
     from producers.ot2.protocol import PLATE
-    from producers.ot2.simulate import (dispensed_wells, find_labware_id, liquid_sources,
-                                        simulate_run)
+    from producers.ot2.simulate import (
+        dispensed_wells,
+        find_labware_id,
+        liquid_sources,
+        simulate_run,
+    )
 
     codec = default_codec()
     topic = topic_name(cfg, ROBOT_RUNS)
@@ -118,7 +129,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                     try:
                         name, plain = codec.decode_record(record.value, plain=True)
                     except DecodeError as exc:
-                        log.warning("skipping undecodable record at offset %d: %s", record.offset, exc)
+                        log.warning("skipping undecodable record at offset %d: %s",
+                                    record.offset, exc)
                         continue
                     if name in OUTCOMES:
                         done.add(plain["run_id"])

@@ -120,7 +120,7 @@ async def connect_pool(dsn: str, variable: str, **kwargs) -> asyncpg.Pool:
         raise ConnectionError(f"PostgreSQL at {variable}=...@{safe} refused: {exc}") from exc
 
 
-# -- colour-mixing campaigns ------------------------------------------------------------------------
+# -- colour-mixing campaigns --------------------------------------------------------------------
 
 def _ts(micros: int) -> datetime:
     return datetime.fromtimestamp(micros / 1e6, timezone.utc)

@@ -14,9 +14,17 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from deploy import experiment as exp
 from events.codec import default_codec
-from events.model import (ExperimentCompleted, ExperimentRejected, RecipesProposed,
-                          RobotCommandExecuted, RobotRunFinished, RobotRunRequested,
-                          WellColourMeasured, WellDispensed, WellScored)
+from events.model import (
+    ExperimentCompleted,
+    ExperimentRejected,
+    RecipesProposed,
+    RobotCommandExecuted,
+    RobotRunFinished,
+    RobotRunRequested,
+    WellColourMeasured,
+    WellDispensed,
+    WellScored,
+)
 from events.topics import COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
 from producers.plate_reader_model import PlateReaderModel
 from tests.conftest import read_topic, run, wait_for
@@ -133,8 +141,8 @@ def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
     req = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
                       experiment_id="it-crash")
     run(exp.publish(cfg, req))
-    wait_for(lambda: any(isinstance(e, WellScored) for e in events_of(cfg, EXPERIMENTS, "it-crash")),
-             120, "the first scores")
+    wait_for(lambda: any(isinstance(e, WellScored)
+                         for e in events_of(cfg, EXPERIMENTS, "it-crash")), 120, "the first scores")
     processor.send_signal(signal.SIGKILL)
     processor.wait(10)
     assert verdict(cfg, "it-crash") is None, "the campaign ended before the kill"

@@ -8,9 +8,16 @@ import uuid
 import numpy as np
 import pytest
 
-from events.model import (ExperimentCompleted, ExperimentFailed, ExperimentRejected,
-                          ExperimentRequested, RecipesProposed, RobotRunRequested,
-                          WellColourMeasured, WellScored)
+from events.model import (
+    ExperimentCompleted,
+    ExperimentFailed,
+    ExperimentRejected,
+    ExperimentRequested,
+    RecipesProposed,
+    RobotRunRequested,
+    WellColourMeasured,
+    WellScored,
+)
 from processors import campaign
 from producers.plate_reader_model import PlateReaderModel, rgb_to_lab
 
