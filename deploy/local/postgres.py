@@ -8,12 +8,15 @@ TCP on 127.0.0.1 requires scram-sha-256 passwords.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import pwd
 import secrets
 import shlex
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -65,7 +68,26 @@ def _literal(text: str) -> str:
 # --- paths ---------------------------------------------------------------------
 
 def _dir(cfg: Config) -> Path:
-    return cfg.home / "postgres"
+    return server_dir(cfg.home)
+
+
+@functools.lru_cache
+def server_dir(home: Path) -> Path:
+    """``<home>/postgres``, unless the ``postgres`` OS user could not reach it (a checkout under
+    /root, say) or its socket path would be too long; then a directory of its own in /var/tmp."""
+    preferred = home / "postgres"
+    socket_ok = len(str(preferred / "run" / ".s.PGSQL.65535")) <= 100
+    if os.geteuid() != 0 or (socket_ok and _searchable_by_others(home)):
+        return preferred
+    digest = hashlib.sha1(str(home).encode()).hexdigest()[:10]
+    return Path("/var/tmp") / f"labbus-postgres-{digest}"
+
+
+def _searchable_by_others(path: Path) -> bool:
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
 
 
 def _data(cfg: Config) -> Path:

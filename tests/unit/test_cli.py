@@ -31,3 +31,4 @@ def test_bad_fraction_out_of_range_is_a_usage_error():
     result = CliRunner().invoke(main, ["agent", "sim", "--bad-fraction", "2", "--metrics-port",
                                        "-1"])
     assert result.exit_code == 2 and "--bad-fraction" in result.output
+
