@@ -4,6 +4,7 @@ Engine) -> plate reader agent -> experiment processor, until a recipe matches th
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections import Counter
 
@@ -27,7 +28,7 @@ from events.model import (
 )
 from events.topics import COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
 from producers.plate_reader_model import PlateReaderModel
-from tests.conftest import read_topic, run, wait_for
+from tests.conftest import LABBUS, REPO, read_topic, run, wait_for
 
 RECIPE = {"red": 40, "yellow": 30, "blue": 60}  # a feasible recipe: its colour is reachable
 
@@ -80,10 +81,12 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
         processes.start(*args)
     good = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
                        experiment_id="it-good")
-    bad = exp.request("#7a3cc0", budget=48, batch=8, dyes=["red", "green"],
-                      experiment_id="it-bad")
     started = time.monotonic()
-    run(exp.publish(cfg, good, bad))
+    run(exp.publish(cfg, good))
+    cli = subprocess.run([LABBUS, "experiment", "start", "--target", "#7a3cc0", "--dyes",
+                          "red,green", "--budget", "48", "--batch", "8", "--id", "it-bad"],
+                         env=processes.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout.strip() == "it-bad", cli.stderr
 
     final = wait_for(lambda: verdict(cfg, "it-good"), 240, "a verdict on it-good", interval=1)
     elapsed = time.monotonic() - started
@@ -96,6 +99,20 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
     assert isinstance(rejected, ExperimentRejected)
     assert "unknown dye(s) green" in rejected.reason and "red, yellow, blue" in rejected.reason
     assert not events_of(cfg, ROBOT_RUNS, "it-bad")
+
+    def watch(xid):
+        return subprocess.run([LABBUS, "experiment", "watch", xid, "--timeout", "30"],
+                              env=processes.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+    watched = watch("it-good")
+    assert watched.returncode == 0, watched.stderr
+    assert f"ΔE00 {done.best_de:.2f} using {done.wells_used} wells" in watched.stdout
+    watched = watch("it-bad")
+    assert watched.returncode == 1 and "rejected: unknown dye(s) green" in watched.stdout
+    bad_target = subprocess.run([LABBUS, "experiment", "start", "--target", "#12345"],
+                                env=processes.env, cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+    assert bad_target.returncode == 2 and "--target" in bad_target.stderr
 
     # the PostgreSQL read model and the API
     wait_for(lambda: run(pg_status(cfg.postgres_dsn, "it-good")) == ("completed", done.wells_used),

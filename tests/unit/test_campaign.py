@@ -104,3 +104,34 @@ def test_budget_spent_fails_the_experiment():
     assert isinstance(log[-1], ExperimentFailed)
     assert log[-1].wells_used == 8 and "budget" in log[-1].reason
     assert sum(isinstance(e, RecipesProposed) for e in log) == 1
+
+
+def test_a_batch_breaking_the_recipe_rules_never_reaches_the_robot(monkeypatch):
+    from processors.colour.optimiser import Proposal
+
+    bad = Proposal([{"red": 5, "yellow": 0, "blue": 0}], False, None, None, "test")
+    monkeypatch.setattr(campaign.optimiser, "propose", lambda *a, **k: bad)
+    out = campaign.Campaigns().handle(request())
+    kinds = [type(e).__name__ for e in out]
+    assert kinds == ["RecipesProposed", "RecipeRejected", "ExperimentFailed"]
+    assert "below the pipette minimum" in out[1].reasons[0] and out[1].reasons[0].startswith("A1")
+    assert "recipe rules" in out[2].reason
+
+
+def test_a_failed_robot_run_fails_the_experiment_once():
+    from events.model import RobotRunFailed
+
+    campaigns = campaign.Campaigns()
+    run = next(e for e in campaigns.handle(request()) if isinstance(e, RobotRunRequested))
+    failed = RobotRunFailed.create(source="ot2", subject="x1", sequence=1, run_id=run.run_id,
+                                   experiment_id="x1", iteration=0, error="tip collision")
+    out = campaigns.handle(failed)
+    assert len(out) == 1 and isinstance(out[0], ExperimentFailed)
+    assert "tip collision" in out[0].reason and out[0].wells_used == 0
+    assert campaigns.handle(failed) == []
+
+
+def test_a_repeated_request_is_ignored():
+    campaigns = campaign.Campaigns()
+    assert campaigns.handle(request())
+    assert campaigns.handle(request()) == []
