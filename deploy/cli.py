@@ -183,16 +183,20 @@ def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: 
 
 
 @agent.command("ot2")
-@click.option("--simulate", is_flag=True, required=True,
-              help="Run protocols on opentrons' Protocol Engine in-process (the only mode so far).")
+@click.option("--simulate", is_flag=True,
+              help="Run protocols on opentrons' Protocol Engine, in-process.")
+@click.option("--robot", "robot_url", default=None, metavar="HOST[:PORT]",
+              help="Run protocols on a real OT-2 through its HTTP API (port 31950 by default).")
 @metrics_option
-def agent_ot2(simulate: bool, metrics_port: int | None) -> None:
+def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -> None:
     """An OT-2 agent: runs each RobotRunRequested, publishes its commands and dispensed wells."""
     from producers import ot2_agent
 
+    if simulate == bool(robot_url):
+        raise click.UsageError("give exactly one of --simulate or --robot HOST")
     cfg = _cfg()
     _start_process("agent-ot2", cfg, metrics_port)
-    _run_until_signal(lambda stop: ot2_agent.run(cfg, stop))
+    _run_until_signal(lambda stop: ot2_agent.run(cfg, stop, robot_url))
 
 
 @agent.command("reader")

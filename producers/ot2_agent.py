@@ -5,9 +5,11 @@ completes, one WellDispensed per plate well that received liquid (from the comma
 not from the plan), then RobotRunFinished or RobotRunFailed. Ids derive from the run id and the
 position in the run, so a run redone after a crash re-emits the same ids. Offsets are committed
 only after a run's outputs are on the broker; runs whose outcome is already in the log are
-skipped (the agent reads the log's outcomes on start).
+skipped (the agent reads the log on start).
 
-Only simulation mode (opentrons Protocol Engine, in-process) is wired so far.
+Two modes: simulation (opentrons' Protocol Engine, in-process) and robot (a real OT-2 through its
+HTTP API, producers/ot2/robot_http.py). A simulated run interrupted by a crash is simply run again;
+a real one is not, because liquid already went into the plate: it is reported as RobotRunFailed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from events import kafka, metrics
 from events.codec import DecodeError, default_codec
@@ -32,42 +36,67 @@ from events.model import (
 from events.topics import ROBOT_RUNS, group_id, topic_name
 
 PROCESS = "agent-ot2"
-SOURCE = "ot2-sim"
 OUTCOMES = {RobotRunFinished.TYPE, RobotRunFailed.TYPE}
+INTERRUPTED = ("the OT-2 agent restarted during this run, so the plate's state is unknown; "
+               "a robot run is never repeated")
 log = logging.getLogger(__name__)
+
+# (protocol text, on_command) -> producers.ot2.commands.RunOutcome
+Runner = Callable[[str, Callable[[dict], Awaitable[None]]], Awaitable[Any]]
+
+
+async def simulate(protocol_text: str, on_command) -> Any:
+    from producers.ot2.simulate import simulate_run  # imports opentrons: slow, so only here
+
+    return await simulate_run(protocol_text, on_command)
+
+
+def on_robot(client) -> Runner:
+    """A runner for a real OT-2 behind an OT2Client."""
+
+    async def go(protocol_text: str, on_command) -> Any:
+        return (await client.run_protocol(protocol_text, on_command)).outcome
+    return go
 
 
 def _json(value) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True)
 
 
-async def execute(cfg: Config, producer, req: RobotRunRequested) -> str:
-    """Simulate one run, publishing as it goes; returns the run status once all is delivered."""
-    from producers.ot2.protocol import PLATE
-    from producers.ot2.simulate import (
-        dispensed_wells,
-        find_labware_id,
-        liquid_sources,
-        simulate_run,
-    )
-
+def _sender(cfg: Config, producer, req: RobotRunRequested, mode: str, futures: list):
     codec = default_codec()
     topic = topic_name(cfg, ROBOT_RUNS)
-    futures = []
     seq = 0
     ids = dict(run_id=req.run_id, experiment_id=req.experiment_id, iteration=req.iteration)
 
-    async def send(cls, purpose, **payload):
+    async def send(cls, purpose: str, **payload) -> None:
         nonlocal seq
         seq += 1
-        event = cls.create(source=SOURCE, subject=req.experiment_id, sequence=seq,
+        event = cls.create(source=f"ot2-{mode}", subject=req.experiment_id, sequence=seq,
                            event_id=uuid.UUID(derived_id(req.run_id, purpose)),
                            correlation_id=req.envelope.correlation_id, causation_id=req.event_id,
                            **ids, **payload)
         futures.append(await producer.send(topic, codec.encode(event), key=event.key))
         metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
+    return send
 
-    await send(RobotRunStarted, "started", mode="simulate")
+
+async def fail(cfg: Config, producer, req: RobotRunRequested, error: str,
+               mode: str = "robot") -> None:
+    futures: list = []
+    await _sender(cfg, producer, req, mode, futures)(RobotRunFailed, "failed", error=error)
+    await asyncio.gather(*futures)
+
+
+async def execute(cfg: Config, producer, req: RobotRunRequested, runner: Runner = simulate,
+                  mode: str = "simulate") -> str:
+    """Run one protocol, publishing as it goes; returns the run status once all is delivered."""
+    from producers.ot2.commands import dispensed_wells, find_labware_id, liquid_sources
+    from producers.ot2.protocol import PLATE
+
+    futures: list = []
+    send = _sender(cfg, producer, req, mode, futures)
+    await send(RobotRunStarted, "started", mode=mode)
     commands: list[dict] = []
 
     async def on_command(cmd: dict) -> None:
@@ -81,7 +110,7 @@ async def execute(cfg: Config, producer, req: RobotRunRequested) -> str:
                    error_json=_json(cmd.get("error")), index=index)
 
     try:
-        outcome = await simulate_run(req.protocol_text, on_command)
+        outcome = await runner(req.protocol_text, on_command)
         status, error = outcome.status, outcome.error_detail
         try:
             plate = find_labware_id(commands, PLATE)
@@ -104,11 +133,13 @@ async def execute(cfg: Config, producer, req: RobotRunRequested) -> str:
     return status
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
+async def run(cfg: Config, stop: asyncio.Event, robot_url: str | None = None) -> None:
+    """Simulation mode, or robot mode when `robot_url` is given."""
     await kafka.ensure_topics(cfg)
     codec = default_codec()
     topic = topic_name(cfg, ROBOT_RUNS)
     done: set[str] = set()
+    started: set[str] = set()
     async for record in kafka.read_to_end(cfg, topic):
         try:
             name, plain = codec.decode_record(record.value, plain=True)
@@ -116,6 +147,15 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             continue
         if name in OUTCOMES:
             done.add(plain["run_id"])
+        elif name == RobotRunStarted.TYPE:
+            started.add(plain["run_id"])
+    client = None
+    runner, mode = simulate, "simulate"
+    if robot_url:
+        from producers.ot2.robot_http import OT2Client
+
+        client = OT2Client(robot_url)
+        runner, mode = on_robot(client), "robot"
     consumer = kafka.consumer(cfg, topic, group=group_id(cfg, PROCESS), fetch_max_wait_ms=100)
     producer = kafka.producer(cfg)
     await producer.start()
@@ -137,7 +177,11 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                     if name != RobotRunRequested.TYPE or plain["run_id"] in done:
                         continue
                     req = codec.decode(record.value)
-                    status = await execute(cfg, producer, req)
+                    if mode == "robot" and req.run_id in started:
+                        await fail(cfg, producer, req, INTERRUPTED)
+                        status = "failed (interrupted)"
+                    else:
+                        status = await execute(cfg, producer, req, runner, mode)
                     done.add(req.run_id)
                     log.info("run %s of %s: %s", req.run_id, req.experiment_id, status)
             if batch:
@@ -145,3 +189,5 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     finally:
         await consumer.stop()
         await producer.stop()
+        if client is not None:
+            await client.aclose()

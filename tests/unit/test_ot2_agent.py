@@ -1,0 +1,76 @@
+"""The OT-2 agent's run -> events mapping, in robot mode against recorded robot responses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from events import config
+from events.codec import default_codec
+from events.model import (
+    RobotCommandExecuted,
+    RobotRunFailed,
+    RobotRunFinished,
+    RobotRunRequested,
+    RobotRunStarted,
+    WellDispensed,
+)
+from producers import ot2_agent
+from producers.ot2.robot_http import OT2Client
+from tests.unit.fixtures.ot2.record_fixtures import RECIPES
+from tests.unit.test_ot2_robot_http import Replay, no_sleep
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    async def send(self, topic, value, key=None):
+        self.sent.append((topic, value, key))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def agent_run(name: str) -> list:
+    robot = Replay(name)
+    req = RobotRunRequested.create(
+        source="t", subject="x1", sequence=1, run_id="run-1", experiment_id="x1", iteration=0,
+        protocol_hash="h", protocol_text=robot.protocol_text,
+        recipes=[{"well": r.well, "volumes": dict(r.dyes), "water_ul": r.water} for r in RECIPES])
+    producer = FakeProducer()
+
+    async def main():
+        async with OT2Client(robot.cassette["robot_url"], transport=httpx.MockTransport(robot),
+                             page_length=robot.cassette["page_length"], sleep=no_sleep) as client:
+            return await ot2_agent.execute(config.load({}), producer, req,
+                                           ot2_agent.on_robot(client), "robot")
+
+    status = asyncio.run(main())
+    events = [default_codec().decode(value) for _, value, _ in producer.sent]
+    assert all(key == b"x1" for _, _, key in producer.sent)
+    assert {topic for topic, _, _ in producer.sent} == {"lab.robot.runs"}
+    return status, events
+
+
+def test_a_robot_run_becomes_started_commands_wells_finished():
+    status, events = agent_run("succeeded")
+    assert status == "succeeded"
+    assert isinstance(events[0], RobotRunStarted) and events[0].mode == "robot"
+    commands = [e for e in events if isinstance(e, RobotCommandExecuted)]
+    assert [c.index for c in commands] == list(range(len(commands)))
+    wells = [e for e in events if isinstance(e, WellDispensed)]
+    assert [w.well for w in wells] == [r.well for r in RECIPES]
+    for w, r in zip(wells, RECIPES, strict=True):
+        assert w.volumes == {s: v for s, v in {**r.dyes, "water": r.water}.items() if v > 0}
+    assert isinstance(events[-1], RobotRunFinished)
+    assert events[-1].commands == len(commands) and events[-1].wells == len(RECIPES)
+    assert len({e.event_id for e in events}) == len(events)
+
+
+def test_a_failed_robot_run_reports_the_engine_error():
+    status, events = agent_run("failed")
+    assert status == "failed"
+    assert isinstance(events[-1], RobotRunFailed) and events[-1].error
+    assert any(c.status == "failed" for c in events if isinstance(c, RobotCommandExecuted))
