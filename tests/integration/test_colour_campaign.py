@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from xml.etree import ElementTree
 
 import asyncpg
 import numpy as np
@@ -134,6 +135,7 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
         svg = api.get("/experiments/it-good/plate.svg")
         assert svg.headers["content-type"].startswith("image/svg+xml")
         assert svg.text.count("<circle") == 96
+        assert ElementTree.fromstring(svg.text).tag == "{http://www.w3.org/2000/svg}svg"
         assert api.get("/experiments/nope").status_code == 404
 
 
