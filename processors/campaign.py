@@ -1,9 +1,11 @@
 """Closed-loop colour-mixing campaigns as plain functions: events in, events out, no I/O.
 
 One `Campaign` per experiment holds everything decided so far. Its state depends only on the
-input events (ExperimentRequested, WellColourMeasured, RobotRunFailed), never on the order in
-which events of different topics arrive: a reading for a batch not proposed yet is parked until
-its batch exists, and a finished batch is fed to the optimiser in plate-well order. Every output
+input events (ExperimentRequested, WellColourMeasured, RobotRunFinished, RobotRunFailed), never on
+the order in which events of different topics arrive: a reading for a batch not proposed yet is
+parked until its batch exists; a batch is complete when every well is scored *and* its robot run
+finished (so a run that fails after dispensing every well fails the experiment whichever event
+comes first); a complete batch is fed to the optimiser in plate-well order. Every output
 carries an id derived from the experiment and its position in the campaign, so replaying the
 inputs from the beginning re-derives byte-for-byte the same decisions with the same event ids.
 """
@@ -26,6 +28,7 @@ from events.model import (
     RecipeRejected,
     RecipesProposed,
     RobotRunFailed,
+    RobotRunFinished,
     RobotRunRequested,
     WellColourMeasured,
     WellScored,
@@ -52,6 +55,7 @@ class Campaign:
     iteration: int = -1
     batch: dict[str, dict[str, int]] = field(default_factory=dict)  # well -> recipe of this batch
     run_id: str | None = None
+    runs_finished: set[str] = field(default_factory=set)
     scored: dict[str, tuple[list[int], float]] = field(default_factory=dict)  # well -> (rgb, ΔE)
     recipes_by_well: dict[str, dict[str, int]] = field(default_factory=dict)
     history: list[optimiser.Observation] = field(default_factory=list)
@@ -174,9 +178,9 @@ def _next(c: Campaign, cause: uuid.UUID) -> list[Event]:
 
 
 def on_reading(c: Campaign, reading: WellColourMeasured) -> list[Event]:
-    """Score a reading; when it completes the batch, decide what comes next."""
-    if c.finished:
-        return []
+    """Score a reading; when it completes the batch, decide what comes next. Readings of the
+    current batch are scored even after a verdict, so the scores do not depend on whether a
+    failed run's outcome or its readings were read first."""
     slot = (reading.iteration, reading.well)
     if reading.iteration > c.iteration:  # its batch is not proposed yet (replay order)
         c.parked.setdefault(slot, reading)
@@ -194,11 +198,25 @@ def _score(c: Campaign, reading: WellColourMeasured) -> list[Event]:
     out: list[Event] = [c.emit(WellScored, f"scored/{reading.well}", reading.event_id,
                                iteration=c.iteration, well=reading.well, delta_e=de,
                                volumes={d: float(v) for d, v in recipe.items()}, rgb=rgb)]
-    if any(w not in c.scored for w in c.batch):
-        return out
+    return out + _advance(c, reading.event_id)
+
+
+def on_run_finished(c: Campaign, finished: RobotRunFinished) -> list[Event]:
+    c.runs_finished.add(finished.run_id)
+    if c.finished or finished.run_id != c.run_id:
+        return []
+    return _advance(c, finished.event_id)
+
+
+def _advance(c: Campaign, cause: uuid.UUID) -> list[Event]:
+    """The next step once the batch is complete: every well scored and its run finished."""
+    if (c.finished or c.run_id not in c.runs_finished
+            or any(w not in c.scored for w in c.batch)):
+        return []
+    out: list[Event] = []
     for well in c.batch:  # plate order, whatever order the readings came in
         c.history.append(optimiser.Observation(c.batch[well], tuple(c.scored[well][0])))
-    out += _next(c, reading.event_id)
+    out += _next(c, cause)
     for slot in sorted(k for k in c.parked if k[0] == c.iteration):
         out += on_reading(c, c.parked.pop(slot))
     return out
@@ -207,8 +225,9 @@ def _score(c: Campaign, reading: WellColourMeasured) -> list[Event]:
 def on_run_failed(c: Campaign, failed: RobotRunFailed) -> list[Event]:
     if c.finished or failed.run_id != c.run_id:
         return []
+    done = [de for well, (_, de) in c.scored.items() if well not in c.batch]  # earlier batches
     return _fail(c, f"robot run {failed.run_id} (batch {failed.iteration}) failed: {failed.error}",
-                 failed.event_id, _best(c)[1] if c.history else None)
+                 failed.event_id, min(done, default=None))
 
 
 def _best(c: Campaign, volumes: dict[str, int] | None = None) -> tuple[str, float]:
@@ -255,7 +274,7 @@ class Campaigns:
             for waiting in self.waiting.pop(xid, []):
                 out += self.handle(waiting)
             return out
-        if isinstance(event, (WellColourMeasured, RobotRunFailed)):
+        if isinstance(event, (WellColourMeasured, RobotRunFinished, RobotRunFailed)):
             campaign = self.by_id.get(event.experiment_id)
             if campaign is None:
                 if event.experiment_id not in self.rejected:
@@ -263,6 +282,8 @@ class Campaigns:
                 return []
             if isinstance(event, WellColourMeasured):
                 return on_reading(campaign, event)
+            if isinstance(event, RobotRunFinished):
+                return on_run_finished(campaign, event)
             return on_run_failed(campaign, event)
         return []
 
@@ -278,6 +299,10 @@ def simulate(req: ExperimentRequested, read: callable, max_steps: int = 200) -> 
             break
         pending = []
         for run in runs:
+            pending += campaigns.handle(RobotRunFinished.create(
+                source="sim", subject=run.experiment_id, sequence=0, run_id=run.run_id,
+                experiment_id=run.experiment_id, iteration=run.iteration,
+                commands=0, wells=len(run.recipes)))
             for r in run.recipes:
                 rgb, lab = read({**r["volumes"], "water": r["water_ul"]})
                 reading = WellColourMeasured.create(

@@ -1,12 +1,12 @@
 """The experiment processor: runs closed-loop colour-mixing campaigns (processors/campaign.py).
 
 Inputs: ExperimentRequested (lab.experiments), WellColourMeasured (lab.colour.readings) and
-RobotRunFailed (lab.robot.runs). State is not stored anywhere: on every start the process reads
-its input topics from the beginning (no consumer group, so nothing is committed) and folds them
-through the campaign functions again, which re-derive the same outputs with the same ids. Before
-that it collects the ids of every event already on its output topics and sends only outputs whose
-id is not there, so a restart neither loses a decision nor writes one twice. Outputs go through
-labbus's idempotent acks=all producer and are awaited before the next poll.
+RobotRunFinished / RobotRunFailed (lab.robot.runs). State is not stored anywhere: on every start
+the process reads its input topics from the beginning (no consumer group, so nothing is committed)
+and folds them through the campaign functions again, which re-derive the same outputs with the same
+ids. Before that it collects the ids of every event already on its output topics and sends only
+outputs whose id is not there, so a restart neither loses a decision nor writes one twice. Outputs
+go through labbus's idempotent acks=all producer and are awaited before the next poll.
 
 Run one instance: two instances would each send every new decision (with identical ids; readers
 that key on event_id drop the repeat, but the log would hold it twice).
@@ -21,12 +21,19 @@ import time
 from events import kafka, metrics
 from events.codec import DecodeError, default_codec
 from events.config import Config
-from events.model import Event, ExperimentRequested, RobotRunFailed, WellColourMeasured
+from events.model import (
+    Event,
+    ExperimentRequested,
+    RobotRunFailed,
+    RobotRunFinished,
+    WellColourMeasured,
+)
 from events.topics import CATALOG, COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
 from processors.campaign import Campaigns
 
 PROCESS = "experiment"
-INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFailed.TYPE}
+INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
+          RobotRunFailed.TYPE}
 log = logging.getLogger(__name__)
 
 

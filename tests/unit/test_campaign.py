@@ -78,6 +78,7 @@ def test_replay_in_any_cross_topic_order_gives_the_same_ids():
     log = campaign.simulate(request(), reader())
     readings = []
     for run in (e for e in log if isinstance(e, RobotRunRequested)):
+        readings.append(finished(run))
         read = reader(seed=hash(run.run_id) % 1000)
         for r in run.recipes:
             rgb, lab = read({**r["volumes"], "water": r["water_ul"]})
@@ -97,6 +98,37 @@ def test_replay_in_any_cross_topic_order_gives_the_same_ids():
         out_b += second.handle(r)
     out_b += second.handle(request())
     assert sorted(str(e.event_id) for e in out_a) == sorted(str(e.event_id) for e in out_b)
+
+
+def finished(run):
+    from events.model import RobotRunFinished
+
+    return RobotRunFinished.create(source="r", subject=run.experiment_id, sequence=0,
+                                   run_id=run.run_id, experiment_id=run.experiment_id,
+                                   iteration=run.iteration, commands=1, wells=len(run.recipes))
+
+
+def test_a_run_failing_after_every_well_was_read_fails_the_experiment_in_any_order():
+    from events.model import RobotRunFailed
+
+    for failure_first in (True, False):
+        campaigns = campaign.Campaigns()
+        run = next(e for e in campaigns.handle(request()) if isinstance(e, RobotRunRequested))
+        read = reader()
+        readings = []
+        for r in run.recipes:
+            rgb, lab = read({**r["volumes"], "water": r["water_ul"]})
+            readings.append(WellColourMeasured.create(
+                source="r", subject="x1", sequence=0, experiment_id="x1", run_id=run.run_id,
+                iteration=0, well=r["well"], rgb=list(rgb), lab=lab, instrument_id="r"))
+        failed = RobotRunFailed.create(source="ot2", subject="x1", sequence=1, run_id=run.run_id,
+                                       experiment_id="x1", iteration=0, error="dropTip failed")
+        events = [failed, *readings] if failure_first else [*readings, failed]
+        out = [o for e in events for o in campaigns.handle(e)]
+        assert not any(isinstance(o, RecipesProposed) for o in out)
+        assert isinstance(out[-1] if not failure_first else out[0], ExperimentFailed)
+        assert sum(isinstance(o, ExperimentFailed) for o in out) == 1
+        assert sum(isinstance(o, WellScored) for o in out) == len(run.recipes)
 
 
 def test_budget_spent_fails_the_experiment():
