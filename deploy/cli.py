@@ -123,7 +123,7 @@ def topics_list() -> None:
     for spec in CATALOG:
         keep = ("compacted" if spec.compacted else "forever" if spec.retention_ms == -1
                 else f"{(spec.retention_ms or 0) // 86_400_000} d")
-        click.echo(f"{topic_name(cfg, spec):32} p={spec.partitions} key={spec.key:12} "
+        click.echo(f"{topic_name(cfg, spec):32} p={spec.partitions} key={spec.key:13} "
                    f"{keep:10} {', '.join(spec.event_types)}")
 
 

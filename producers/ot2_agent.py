@@ -3,9 +3,9 @@
 For every run: RobotRunStarted, one RobotCommandExecuted per Protocol Engine command as it
 completes, one WellDispensed per plate well that received liquid (from the commands themselves,
 not from the plan), then RobotRunFinished or RobotRunFailed. Ids derive from the run id and the
-position in the run, so a run redone after a crash re-emits the same ids. Offsets are committed
-only after a run's outputs are on the broker; runs whose outcome is already in the log are
-skipped (the agent reads the log on start).
+position in the run, so a run redone after a crash re-derives the same ids; the agent reads the log
+on start and sends only events whose id is not there yet, and skips runs whose outcome is there.
+Offsets are committed only after a run's outputs are on the broker.
 
 Two modes: simulation (opentrons' Protocol Engine, in-process) and robot (a real OT-2 through its
 HTTP API, producers/ot2/robot_http.py). A simulated run interrupted by a crash is simply run again;
@@ -63,7 +63,8 @@ def _json(value) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True)
 
 
-def _sender(cfg: Config, producer, req: RobotRunRequested, mode: str, futures: list):
+def _sender(cfg: Config, producer, req: RobotRunRequested, mode: str, futures: list,
+            present: set[str] | None = None):
     codec = default_codec()
     topic = topic_name(cfg, ROBOT_RUNS)
     seq = 0
@@ -76,6 +77,10 @@ def _sender(cfg: Config, producer, req: RobotRunRequested, mode: str, futures: l
                            event_id=uuid.UUID(derived_id(req.run_id, purpose)),
                            correlation_id=req.envelope.correlation_id, causation_id=req.event_id,
                            **ids, **payload)
+        if present is not None:
+            if str(event.event_id) in present:
+                return  # sent before a crash
+            present.add(str(event.event_id))
         futures.append(await producer.send(topic, codec.encode(event), key=event.key))
         metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
     return send
@@ -89,13 +94,13 @@ async def fail(cfg: Config, producer, req: RobotRunRequested, error: str,
 
 
 async def execute(cfg: Config, producer, req: RobotRunRequested, runner: Runner = simulate,
-                  mode: str = "simulate") -> str:
+                  mode: str = "simulate", present: set[str] | None = None) -> str:
     """Run one protocol, publishing as it goes; returns the run status once all is delivered."""
     from producers.ot2.commands import dispensed_wells, find_labware_id, liquid_sources
     from producers.ot2.protocol import PLATE
 
     futures: list = []
-    send = _sender(cfg, producer, req, mode, futures)
+    send = _sender(cfg, producer, req, mode, futures, present)
     await send(RobotRunStarted, "started", mode=mode)
     commands: list[dict] = []
 
@@ -140,15 +145,19 @@ async def run(cfg: Config, stop: asyncio.Event, robot_url: str | None = None) ->
     topic = topic_name(cfg, ROBOT_RUNS)
     done: set[str] = set()
     started: set[str] = set()
+    present: dict[str, set[str]] = {}  # run id -> ids of its events already in the log
     async for record in kafka.read_to_end(cfg, topic):
         try:
             name, plain = codec.decode_record(record.value, plain=True)
         except DecodeError:
             continue
+        if name != RobotRunRequested.TYPE:
+            present.setdefault(plain["run_id"], set()).add(plain["event_id"])
         if name in OUTCOMES:
             done.add(plain["run_id"])
         elif name == RobotRunStarted.TYPE:
             started.add(plain["run_id"])
+    present = {run_id: ids for run_id, ids in present.items() if run_id not in done}
     client = None
     runner, mode = simulate, "simulate"
     if robot_url:
@@ -181,7 +190,8 @@ async def run(cfg: Config, stop: asyncio.Event, robot_url: str | None = None) ->
                         await fail(cfg, producer, req, INTERRUPTED)
                         status = "failed (interrupted)"
                     else:
-                        status = await execute(cfg, producer, req, runner, mode)
+                        status = await execute(cfg, producer, req, runner, mode,
+                                               present.pop(req.run_id, set()))
                     done.add(req.run_id)
                     log.info("run %s of %s: %s", req.run_id, req.experiment_id, status)
             if batch:

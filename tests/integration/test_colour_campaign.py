@@ -170,3 +170,53 @@ def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
                      interval=1)
     assert isinstance(final, ExperimentCompleted), final
     check_campaign(cfg, "it-crash")
+
+
+def test_ot2_agent_finishes_a_run_interrupted_by_a_crash_without_resending(cfg, processes):
+    """The log holds the start of a run and its first commands, as if the agent had died there."""
+    import uuid
+
+    from events.model import RobotRunStarted, derived_id
+    from producers.ot2.protocol import WellRecipe, generate_protocol, protocol_hash
+
+    recipes = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
+               {"well": "B1", "volumes": {"yellow": 120.0}, "water_ul": 80.0}]
+    text = generate_protocol([WellRecipe(r["well"], r["volumes"], r["water_ul"]) for r in recipes],
+                             ["red", "yellow", "blue"])
+    ids = dict(run_id="run-crashed", experiment_id="it-ot2", iteration=0)
+    before = [RobotRunRequested.create(source="t", subject="it-ot2", sequence=1,
+                                       protocol_hash=protocol_hash(text), protocol_text=text,
+                                       recipes=recipes, **ids),
+              RobotRunStarted.create(source="t", subject="it-ot2", sequence=1, mode="simulate",
+                                     event_id=uuid.UUID(derived_id("run-crashed", "started")),
+                                     **ids)]
+    before += [RobotCommandExecuted.create(
+        source="t", subject="it-ot2", sequence=2 + i, command_id=f"c{i}", command_key=None,
+        command_type="comment", params_json="{}", result_json=None, status="succeeded",
+        created_at=None, started_at=None, completed_at=None, error_json=None, index=i,
+        event_id=uuid.UUID(derived_id("run-crashed", f"command/{i}")), **ids) for i in range(5)]
+
+    async def seed():
+        from events import kafka
+
+        await kafka.ensure_topics(cfg)
+        producer = kafka.producer(cfg)
+        await producer.start()
+        try:
+            for event in before:
+                await (await producer.send(topic_name(cfg, ROBOT_RUNS),
+                                           default_codec().encode(event), key=event.key))
+        finally:
+            await producer.stop()
+
+    run(seed())
+    processes.start("agent", "ot2", "--simulate")
+    wait_for(lambda: any(isinstance(e, RobotRunFinished)
+                         for e in events_of(cfg, ROBOT_RUNS, "it-ot2")), 120, "the run to finish")
+    events = events_of(cfg, ROBOT_RUNS, "it-ot2")
+    assert len({e.event_id for e in events}) == len(events), "an event was sent twice"
+    commands = sorted(e.index for e in events if isinstance(e, RobotCommandExecuted))
+    finished = next(e for e in events if isinstance(e, RobotRunFinished))
+    assert commands == list(range(finished.commands))
+    assert sum(isinstance(e, RobotRunStarted) for e in events) == 1
+    assert sorted(e.well for e in events if isinstance(e, WellDispensed)) == ["A1", "B1"]
