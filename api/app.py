@@ -169,6 +169,8 @@ def create_app(cfg: Config) -> FastAPI:
                       requested_at, started_at, finished_at
                FROM robot_runs WHERE experiment_id = $1 ORDER BY iteration""", experiment_id)
         body["runs"] = [dict(r) for r in runs]
+        body["summary"] = await _mongo_summary(request.app.state.mongo[cfg.mongo_db],
+                                               experiment_id)
         return body
 
     @app.get("/experiments/{experiment_id}/wells", summary="Every well of an experiment's plate")
@@ -184,6 +186,46 @@ def create_app(cfg: Config) -> FastAPI:
         experiment = await _experiment(pg, experiment_id)
         svg = plate_svg(experiment, await _wells(pg, experiment_id))
         return Response(svg, media_type="image/svg+xml")
+
+    @app.get("/experiments/{experiment_id}/convergence.svg",
+             summary="Best ΔE00 of each iteration, with the tolerance, as an SVG line chart",
+             response_class=Response)
+    async def experiment_convergence(request: Request, experiment_id: str) -> Response:
+        pg = request.app.state.pg
+        experiment = await _experiment(pg, experiment_id)
+        rows = await pg.fetch(
+            """SELECT iteration, min(delta_e) AS best_de, count(*)::int AS wells FROM wells
+               WHERE experiment_id = $1 AND iteration IS NOT NULL AND delta_e IS NOT NULL
+               GROUP BY iteration ORDER BY iteration""", experiment_id)
+        return Response(convergence_svg(experiment, [dict(r) for r in rows]),
+                        media_type="image/svg+xml")
+
+    @app.get("/robot-runs/{run_id}/commands",
+             summary="The engine commands of a robot run, in execution order")
+    async def run_commands(
+        request: Request,
+        run_id: str,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor_: Annotated[str | None, Query(alias="cursor")] = None,
+    ) -> dict:
+        after = -1
+        if cursor_:
+            after = cursor.decode(cursor_, 1)[0]
+            if type(after) is not int:
+                raise HTTPException(422, f"invalid cursor {cursor_!r}: pass the next_cursor of "
+                                         "a previous page unchanged")
+        pg = request.app.state.pg
+        if not await pg.fetchval("SELECT 1 FROM robot_runs WHERE run_id = $1 UNION ALL "
+                                 "SELECT 1 FROM robot_commands WHERE run_id = $1 LIMIT 1", run_id):
+            raise HTTPException(404, f"no robot run {run_id!r}")
+        rows = await pg.fetch(
+            """SELECT index, command_id, command_key, command_type, status, params, result, error,
+                      created_at, started_at, completed_at
+               FROM robot_commands WHERE run_id = $1 AND index > $2
+               ORDER BY index LIMIT $3""", run_id, min(max(after, -1), 2**31 - 1), limit + 1)
+        page = rows[:limit]
+        nxt = cursor.encode(page[-1]["index"]) if len(rows) > limit else None
+        return {"items": [dict(r) for r in page], "next_cursor": nxt}
 
     @app.get("/health/live", summary="The process is up")
     async def live() -> dict:
@@ -275,6 +317,100 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
                          f'<title>{title}</title></circle>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def convergence_svg(experiment: dict, points: list[dict]) -> str:
+    """Best ΔE00 per iteration as a line chart with the tolerance as a dashed line."""
+    from html import escape
+
+    width, height, left, right, top, bottom = 560, 320, 56, 16, 40, 44
+    plot_w, plot_h = width - left - right, height - top - bottom
+    tolerance = experiment.get("tolerance_de")
+    values = [p["best_de"] for p in points] + ([tolerance] if tolerance is not None else [])
+    y_max = _nice_ceiling(max(values, default=1.0) * 1.1 or 1.0)
+    last_iteration = max((p["iteration"] for p in points), default=0)
+    span = max(last_iteration, 1)
+
+    def x(iteration: int) -> float:
+        return left + (plot_w * iteration / span if last_iteration else plot_w / 2)
+
+    def y(value: float) -> float:
+        return top + plot_h * (1 - value / y_max)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+             f'<text x="{left}" y="18" font-size="13">{escape(experiment["experiment_id"])} '
+             f'({escape(experiment["status"])}): best ΔE00 per iteration</text>',
+             f'<g class="axes" stroke="#333"><line x1="{left}" y1="{top + plot_h}" '
+             f'x2="{left + plot_w}" y2="{top + plot_h}"/><line x1="{left}" y1="{top}" x2="{left}" '
+             f'y2="{top + plot_h}"/></g>',
+             f'<text x="{left + plot_w / 2}" y="{height - 8}" '
+             'text-anchor="middle">iteration</text>',
+             f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
+             f'transform="rotate(-90 14 {top + plot_h / 2})">ΔE00</text>']
+    for i in range(5):
+        value = y_max * i / 4
+        parts.append(f'<line x1="{left - 4}" y1="{y(value):.1f}" x2="{left}" y2="{y(value):.1f}" '
+                     f'stroke="#333"/><text class="y-tick" x="{left - 7}" y="{y(value) + 4:.1f}" '
+                     f'text-anchor="end">{value:g}</text>')
+    step = max(1, -(-(last_iteration + 1) // 20))  # at most ~20 labels
+    for iteration in range(0, last_iteration + 1, step):
+        parts.append(f'<line x1="{x(iteration):.1f}" y1="{top + plot_h}" x2="{x(iteration):.1f}" '
+                     f'y2="{top + plot_h + 4}" stroke="#333"/><text class="x-tick" '
+                     f'x="{x(iteration):.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
+                     f'{iteration}</text>')
+    if tolerance is not None:
+        parts.append(f'<line class="tolerance" x1="{left}" y1="{y(tolerance):.1f}" '
+                     f'x2="{left + plot_w}" y2="{y(tolerance):.1f}" stroke="#c0392b" '
+                     f'stroke-dasharray="6 4"/><text x="{left + plot_w - 2}" '
+                     f'y="{y(tolerance) - 4:.1f}" text-anchor="end" fill="#c0392b">'
+                     f'tolerance {tolerance:g}</text>')
+    if points:
+        line = " ".join(f"{x(p['iteration']):.1f},{y(p['best_de']):.1f}" for p in points)
+        parts.append(f'<polyline class="best" points="{line}" fill="none" stroke="#2c6fbb" '
+                     'stroke-width="2"/>')
+        for p in points:
+            parts.append(f'<circle class="point" cx="{x(p["iteration"]):.1f}" '
+                         f'cy="{y(p["best_de"]):.1f}" r="4" fill="#2c6fbb"><title>iteration '
+                         f'{p["iteration"]}: best ΔE00 {p["best_de"]:.2f} of {p["wells"]} '
+                         f'wells</title></circle>')
+    else:
+        parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" '
+                     f'text-anchor="middle" fill="#666">no scored wells yet</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _nice_ceiling(value: float) -> float:
+    """The smallest 1, 2, 2.5 or 5 times a power of ten that is at least value."""
+    import math
+
+    power = 10 ** math.floor(math.log10(value))
+    return next(f * power for f in (1, 2, 2.5, 5, 10) if f * power >= value)
+
+
+async def _mongo_summary(db, experiment_id: str) -> dict | None:
+    """Counts from the Mongo experiment document; None when Mongo has none or does not answer."""
+    from pymongo.errors import PyMongoError
+
+    try:
+        doc = await asyncio.to_thread(db.experiments.find_one, {"_id": experiment_id},
+                                      {"wells": 1, "runs": 1, "best_de": 1})
+    except PyMongoError:
+        return None
+    if doc is None:
+        return None
+    wells = (doc.get("wells") or {}).values()
+    return {"wells": {"proposed": sum("volumes" in w for w in wells),
+                      "dispensed": sum("dispensed" in w for w in wells),
+                      "measured": sum("rgb" in w for w in wells),
+                      "scored": sum("delta_e" in w for w in wells)},
+            "best_de": doc.get("best_de"),
+            "runs": {run_id: {"status": r.get("status"),
+                              "command_types": r.get("command_types", {}),
+                              "command_statuses": r.get("command_statuses", {})}
+                     for run_id, r in (doc.get("runs") or {}).items()}}
 
 
 def _route(request: Request) -> str:

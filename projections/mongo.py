@@ -1,4 +1,6 @@
-"""MongoDB read model: one document per device (metadata, latest value per metric, counts).
+"""MongoDB read models: one document per device (metadata, latest value per metric, counts) and
+one per colour-mixing experiment (target, status, iterations with their proposals, wells with
+recipe, reading and ΔE, and per robot run its status and command counts by type and status).
 
 Each document records, per partition, the next offset it has absorbed; an update only applies
 events past that offset, so replays after a crash are no-ops. The projection's resume position is
@@ -14,9 +16,17 @@ from datetime import datetime, timezone
 from aiokafka import TopicPartition
 from pymongo import MongoClient, UpdateOne
 
+from events import model as m
 from events.config import Config
 from events.model import DeviceRegistered, MeasurementValidated
-from events.topics import DEVICES, MEASUREMENTS_VALIDATED, topic_name
+from events.topics import (
+    COLOUR_READINGS,
+    DEVICES,
+    EXPERIMENTS,
+    MEASUREMENTS_VALIDATED,
+    ROBOT_RUNS,
+    topic_name,
+)
 from projections.runner import Positioned
 
 
@@ -31,7 +41,10 @@ class MongoProjection:
         self.cfg = cfg
         self.client: MongoClient | None = None
         self.aliases = {topic_name(cfg, DEVICES): "devices",
-                        topic_name(cfg, MEASUREMENTS_VALIDATED): "validated"}
+                        topic_name(cfg, MEASUREMENTS_VALIDATED): "validated",
+                        topic_name(cfg, EXPERIMENTS): "experiments",
+                        topic_name(cfg, ROBOT_RUNS): "runs",
+                        topic_name(cfg, COLOUR_READINGS): "readings"}
 
     def topics(self) -> list[str]:
         return list(self.aliases)
@@ -48,6 +61,7 @@ class MongoProjection:
             raise ConnectionError(
                 f"MongoDB at LABBUS_MONGO_URL={self.cfg.mongo_url} does not answer: {exc}") from exc
         await asyncio.to_thread(self.db.devices.create_index, "device_type")
+        await asyncio.to_thread(self.db.experiments.create_index, "status")
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -63,17 +77,23 @@ class MongoProjection:
 
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
         by_device: dict[str, list[Positioned]] = defaultdict(list)
+        by_experiment: dict[str, list[Positioned]] = defaultdict(list)
         for p in events:
             if p.event_type in (DeviceRegistered.TYPE, MeasurementValidated.TYPE):
                 by_device[p.record["device_id"]].append(p)
-        if by_device:
-            absorbed = {d["_id"]: d.get("pos", {}) for d in self.db.devices.find(
-                {"_id": {"$in": list(by_device)}}, {"pos": 1})}
-            ops = [self._update(device, items, absorbed.get(device, {}))
-                   for device, items in by_device.items()]
+            elif p.event_type in _EXPERIMENT_UPDATES:
+                by_experiment[p.record["experiment_id"]].append(p)
+        for collection, grouped, update in ((self.db.devices, by_device, self._update),
+                                            (self.db.experiments, by_experiment,
+                                             self._experiment_update)):
+            if not grouped:
+                continue
+            absorbed = {d["_id"]: d.get("pos", {}) for d in collection.find(
+                {"_id": {"$in": list(grouped)}}, {"pos": 1})}
+            ops = [update(key, items, absorbed.get(key, {})) for key, items in grouped.items()]
             ops = [op for op in ops if op is not None]
             if ops:
-                self.db.devices.bulk_write(ops, ordered=False)
+                collection.bulk_write(ops, ordered=False)
         self.db.projection_positions.bulk_write([
             UpdateOne({"_id": f"{self.name}:{tp.topic}:{tp.partition}"},
                       {"$set": {"projection": self.name, "topic": tp.topic,
@@ -108,3 +128,125 @@ class MongoProjection:
         if incs:
             update["$inc"] = dict(incs)
         return UpdateOne({"_id": device}, update, upsert=True)
+
+    def _experiment_update(self, experiment: str, items: list[Positioned],
+                           absorbed: dict) -> UpdateOne | None:
+        """One experiment's events of a batch, in log order, folded into one update. The fields an
+        event sets are its own (events of three topics arrive in any relative order); counters
+        are guarded, like the device counts, by the document's per-partition positions."""
+        u = _Update()
+        last: dict[str, int] = {}
+        for p in items:
+            slot = f"{self.aliases[p.tp.topic]}_{p.tp.partition}"
+            if p.offset < absorbed.get(slot, 0):
+                continue  # already absorbed before a restart
+            last[slot] = p.offset + 1
+            _EXPERIMENT_UPDATES[p.event_type](u, p.record)
+        if not last:
+            return None
+        u.sets.update({f"pos.{slot}": nxt for slot, nxt in last.items()})
+        for field in u.sets:  # a verdict's best ΔE in the same batch wins over the running min
+            u.mins.pop(field, None)
+        update: dict = {"$set": u.sets}
+        if u.incs:
+            update["$inc"] = dict(u.incs)
+        if u.mins:
+            update["$min"] = u.mins
+        return UpdateOne({"_id": experiment}, update, upsert=True)
+
+
+class _Update:
+    def __init__(self) -> None:
+        self.sets: dict = {}
+        self.incs: dict = defaultdict(int)
+        self.mins: dict = {}
+
+    def min(self, field: str, value: float) -> None:
+        self.mins[field] = min(value, self.mins.get(field, value))
+
+
+def _field(name: str) -> str:
+    """A value usable as a key in a dotted path."""
+    return str(name).replace(".", "_").replace("$", "_") or "_"
+
+
+def _requested(u: _Update, r: dict) -> None:
+    u.sets.update({"target": {"hex": r["target_hex"], "lab": r["target_lab"]},
+                   "dyes": r["dyes"], "budget_wells": r["budget_wells"],
+                   "batch_size": r["batch_size"], "tolerance_de": r["tolerance_de"],
+                   "requested_by": r["requested_by"], "requested_at": _datetime(r["occurred_at"])})
+    u.sets["status"] = "running"  # a verdict comes later in the same partition
+
+
+def _ended(status: str):
+    def apply(u: _Update, r: dict) -> None:
+        u.sets.update({"status": status, "reason": r["reason"],
+                       "finished_at": _datetime(r["occurred_at"])})
+        for key in ("wells_used", "best_well", "best_volumes", "best_de"):
+            if r.get(key) is not None:
+                u.sets[key] = r[key]
+    return apply
+
+
+def _proposed(u: _Update, r: dict) -> None:
+    u.sets[f"iterations.{r['iteration']}"] = {
+        "iteration": r["iteration"], "recipes": r["recipes"], "predicted_de": r["predicted_de"],
+        "note": r["note"], "proposed_at": _datetime(r["occurred_at"])}
+    for recipe in r["recipes"]:
+        well = f"wells.{_field(recipe['well'])}"
+        u.sets.update({f"{well}.iteration": r["iteration"], f"{well}.volumes": recipe["volumes"],
+                       f"{well}.water_ul": recipe["water_ul"]})
+
+
+def _recipe_rejected(u: _Update, r: dict) -> None:
+    u.sets[f"rejected_batches.{r['iteration']}"] = r["reasons"]
+
+
+def _scored(u: _Update, r: dict) -> None:
+    u.sets[f"wells.{_field(r['well'])}.delta_e"] = r["delta_e"]
+    u.min("best_de", r["delta_e"])
+
+
+def _measured(u: _Update, r: dict) -> None:
+    well = f"wells.{_field(r['well'])}"
+    u.sets.update({f"{well}.rgb": r["rgb"], f"{well}.lab": r["lab"],
+                   f"{well}.instrument_id": r["instrument_id"]})
+
+
+def _dispensed(u: _Update, r: dict) -> None:
+    well = f"wells.{_field(r['well'])}"
+    u.sets.update({f"{well}.run_id": r["run_id"], f"{well}.dispensed": r["volumes"]})
+
+
+def _run(status: str, **fields):
+    def apply(u: _Update, r: dict) -> None:
+        run = f"runs.{_field(r['run_id'])}"
+        u.sets[f"{run}.iteration"] = r["iteration"]
+        u.sets[f"{run}.status"] = status  # a run's events are ordered in one partition
+        for name, source in fields.items():
+            u.sets[f"{run}.{name}"] = r[source]
+    return apply
+
+
+def _command(u: _Update, r: dict) -> None:
+    run = f"runs.{_field(r['run_id'])}"
+    u.incs[f"{run}.command_types.{_field(r['command_type'])}"] += 1
+    u.incs[f"{run}.command_statuses.{_field(r['status'])}"] += 1
+
+
+_EXPERIMENT_UPDATES = {
+    m.ExperimentRequested.TYPE: _requested,
+    m.ExperimentRejected.TYPE: _ended("rejected"),
+    m.ExperimentCompleted.TYPE: _ended("completed"),
+    m.ExperimentFailed.TYPE: _ended("failed"),
+    m.RecipesProposed.TYPE: _proposed,
+    m.RecipeRejected.TYPE: _recipe_rejected,
+    m.WellScored.TYPE: _scored,
+    m.WellColourMeasured.TYPE: _measured,
+    m.WellDispensed.TYPE: _dispensed,
+    m.RobotRunRequested.TYPE: _run("requested", protocol_hash="protocol_hash"),
+    m.RobotRunStarted.TYPE: _run("running", mode="mode"),
+    m.RobotRunFinished.TYPE: _run("succeeded", commands="commands", wells="wells"),
+    m.RobotRunFailed.TYPE: _run("failed", error="error"),
+    m.RobotCommandExecuted.TYPE: _command,
+}
