@@ -8,6 +8,13 @@ finished (so a run that fails after dispensing every well fails the experiment w
 comes first); a complete batch is fed to the optimiser in plate-well order. Every output
 carries an id derived from the experiment and its position in the campaign, so replaying the
 inputs from the beginning re-derives byte-for-byte the same decisions with the same event ids.
+
+Learning across campaigns: a campaign's model is warm-started with the scored wells (recipe ->
+measured RGB) of every *other* experiment on the same set of dye stocks whose reading is older than
+the request (by log time, `at`). That set is fixed when the campaign starts, so it depends only on
+the log, not on the order the topics are read in, provided every input older than the request has
+been handled before the request is (the processor holds requests back until it has; see
+processors/experiment.py). Warm-start wells shape the model but never count as evidence of a match.
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ class Campaign:
     scored: dict[str, tuple[list[int], float]] = field(default_factory=dict)  # well -> (rgb, ΔE)
     recipes_by_well: dict[str, dict[str, int]] = field(default_factory=dict)
     history: list[optimiser.Observation] = field(default_factory=list)
+    warm_start: list[optimiser.Observation] = field(default_factory=list)  # other campaigns' wells
     parked: dict[tuple[int, str], WellColourMeasured] = field(default_factory=dict)
+    read_at: dict[tuple[int, str], int] = field(default_factory=dict)  # log time of each reading
     wells_allocated: int = 0
     outputs: int = 0
     finished: bool = False
@@ -109,8 +118,10 @@ def request_problems(req: ExperimentRequested) -> list[str]:
     return problems
 
 
-def start(req: ExperimentRequested) -> tuple[Campaign | None, list[Event]]:
-    """A new campaign and its first batch, or None and an ExperimentRejected."""
+def start(req: ExperimentRequested, warm_start: Sequence[optimiser.Observation] = ()
+          ) -> tuple[Campaign | None, list[Event]]:
+    """A new campaign and its first batch, or None and an ExperimentRejected. `warm_start`: wells
+    of earlier campaigns with the same dye stocks (see `warm_start_for`)."""
     problems = request_problems(req)
     if problems:
         rejected = ExperimentRejected.create(
@@ -120,13 +131,34 @@ def start(req: ExperimentRequested) -> tuple[Campaign | None, list[Event]]:
             experiment_id=req.experiment_id, reason="; ".join(problems))
         return None, [rejected]
     c = Campaign(req.experiment_id, req.event_id, np.asarray(req.target_lab, dtype=float),
-                 list(req.dyes), req.budget_wells, req.batch_size, req.tolerance_de)
+                 list(req.dyes), req.budget_wells, req.batch_size, req.tolerance_de,
+                 warm_start=list(warm_start))
     return c, _next(c, req.event_id)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One scored well of some campaign, as a warm start for later ones."""
+    at: int  # log time of its reading, ms
+    experiment_id: str
+    well: str
+    dyes: frozenset[str]
+    observation: optimiser.Observation
+
+
+def warm_start_for(req: ExperimentRequested, at: int, scored: Sequence[Scored]
+                   ) -> list[optimiser.Observation]:
+    """The wells of other experiments on the same set of dyes read before `at` (the request's log
+    time), oldest first: a pure function of the log."""
+    dyes = frozenset(req.dyes)
+    mine = [s for s in scored if s.dyes == dyes and s.at < at
+            and s.experiment_id != req.experiment_id]
+    return [s.observation for s in sorted(mine, key=lambda s: (s.at, s.experiment_id, s.well))]
 
 
 def _propose(c: Campaign) -> optimiser.Proposal:
     return optimiser.propose(c.history, c.target_lab, c.dyes, batch_size=c.batch_size,
-                             budget=c.budget, tolerance=c.tolerance)
+                             budget=c.budget, tolerance=c.tolerance, warm_start=c.warm_start)
 
 
 def _next(c: Campaign, cause: uuid.UUID) -> list[Event]:
@@ -177,11 +209,12 @@ def _next(c: Campaign, cause: uuid.UUID) -> list[Event]:
     return out
 
 
-def on_reading(c: Campaign, reading: WellColourMeasured) -> list[Event]:
+def on_reading(c: Campaign, reading: WellColourMeasured, at: int = 0) -> list[Event]:
     """Score a reading; when it completes the batch, decide what comes next. Readings of the
     current batch are scored even after a verdict, so the scores do not depend on whether a
     failed run's outcome or its readings were read first."""
     slot = (reading.iteration, reading.well)
+    c.read_at.setdefault(slot, at)
     if reading.iteration > c.iteration:  # its batch is not proposed yet (replay order)
         c.parked.setdefault(slot, reading)
         return []
@@ -256,41 +289,60 @@ def _fail(c: Campaign, reason: str, cause: uuid.UUID, best_de: float | None) -> 
 class Campaigns:
     """Every campaign, fed events of any of the input types in any cross-topic order."""
 
-    def __init__(self) -> None:
+    def __init__(self, learn: bool = True) -> None:
         self.by_id: dict[str, Campaign] = {}
         self.rejected: set[str] = set()
-        self.waiting: dict[str, list[Event]] = {}  # inputs that came before their request
+        self.waiting: dict[str, list[tuple[Event, int]]] = {}  # inputs before their request
+        self.learn = learn  # warm-start new campaigns with earlier campaigns' wells
+        self.scored: list[Scored] = []  # every scored well of every campaign
 
-    def handle(self, event: Event) -> list[Event]:
+    def handle(self, event: Event, at: int | None = None) -> list[Event]:
+        """`at`: the event's log time in ms (the Kafka record timestamp); defaults to when it
+        was recorded. It decides which earlier wells a new campaign learns from."""
+        if at is None:
+            at = int(event.envelope.recorded_at.timestamp() * 1000)
         if isinstance(event, ExperimentRequested):
             xid = event.experiment_id
             if xid in self.by_id or xid in self.rejected:
                 return []  # a repeated request: the first one counts
-            campaign, out = start(event)
+            warm = warm_start_for(event, at, self.scored) if self.learn else []
+            campaign, out = start(event, warm)
             if campaign is None:
                 self.rejected.add(xid)
                 return out
             self.by_id[xid] = campaign
-            for waiting in self.waiting.pop(xid, []):
-                out += self.handle(waiting)
+            for waiting, when in self.waiting.pop(xid, []):
+                out += self.handle(waiting, when)
             return out
         if isinstance(event, (WellColourMeasured, RobotRunFinished, RobotRunFailed)):
             campaign = self.by_id.get(event.experiment_id)
             if campaign is None:
                 if event.experiment_id not in self.rejected:
-                    self.waiting.setdefault(event.experiment_id, []).append(event)
+                    self.waiting.setdefault(event.experiment_id, []).append((event, at))
                 return []
             if isinstance(event, WellColourMeasured):
-                return on_reading(campaign, event)
+                return self._remember(campaign, on_reading(campaign, event, at))
             if isinstance(event, RobotRunFinished):
-                return on_run_finished(campaign, event)
+                return self._remember(campaign, on_run_finished(campaign, event))
             return on_run_failed(campaign, event)
         return []
 
+    def _remember(self, c: Campaign, out: list[Event]) -> list[Event]:
+        dyes = frozenset(c.dyes)
+        for e in out:
+            if isinstance(e, WellScored):
+                self.scored.append(Scored(c.read_at.get((e.iteration, e.well), 0), c.experiment_id,
+                                          e.well, dyes, optimiser.Observation(
+                                              {d: int(v) for d, v in e.volumes.items()},
+                                              tuple(int(v) for v in e.rgb))))
+        return out
 
-def simulate(req: ExperimentRequested, read: callable, max_steps: int = 200) -> list[Event]:
-    """Drive a campaign with a reader function `read(volumes) -> rgb8, lab` (tests, demos)."""
-    campaigns = Campaigns()
+
+def simulate(req: ExperimentRequested, read: callable, max_steps: int = 200,
+             campaigns: Campaigns | None = None) -> list[Event]:
+    """Drive a campaign with a reader function `read(volumes) -> rgb8, lab` (tests, demos).
+    Pass the `campaigns` of earlier simulations to let this one learn from their wells."""
+    campaigns = Campaigns() if campaigns is None else campaigns
     pending: list[Event] = campaigns.handle(req)
     log: list[Event] = list(pending)
     for _ in range(max_steps):

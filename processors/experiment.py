@@ -8,6 +8,13 @@ ids. Before that it collects the ids of every event already on its output topics
 outputs whose id is not there, so a restart neither loses a decision nor writes one twice. Outputs
 go through labbus's idempotent acks=all producer and are awaited before the next poll.
 
+Learning across campaigns: a new campaign is warm-started with the scored wells of other
+campaigns on the same dyes whose readings are older (Kafka record time) than its request. So that
+this set is the same on every replay, whatever the order the nine input partitions are read in, a
+request is held back until every input partition has been read past its time (by HOLD_MS) or to its
+end, and requests start in record-time order. Live, that delays a campaign's start by about HOLD_MS.
+(Record times come from the producers' clocks; on one host they agree.)
+
 Run one instance: two instances would each send every new decision (with identical ids; readers
 that key on event_id drop the repeat, but the log would hold it twice).
 """
@@ -34,6 +41,7 @@ from processors.campaign import Campaigns
 PROCESS = "experiment"
 INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
           RobotRunFailed.TYPE}
+HOLD_MS = 1000  # how far past a request every input must be read before it starts
 log = logging.getLogger(__name__)
 
 
@@ -64,14 +72,46 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     await producer.start()
     await consumer.start()
     campaigns = Campaigns()
+    held: list[tuple[int, int, ExperimentRequested]] = []  # (record time, arrival, request)
+    last_seen: dict = {}  # partition -> record time of the last record read from it
+
+    async def handle(event: Event, at: int, futures: list) -> None:
+        try:
+            produced = campaigns.handle(event, at)
+        except Exception:  # noqa: BLE001 - one broken campaign must not stop the rest
+            log.exception("campaign step failed for %s", event.event_id)
+            return
+        for out in produced:
+            if str(out.event_id) in present:
+                continue
+            present.add(str(out.event_id))
+            topic = topic_of(cfg, out)
+            futures.append(await producer.send(topic, codec.encode(out), key=out.key))
+            metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
+            log.info("%s %s", out.TYPE, getattr(out, "experiment_id", ""))
+
+    async def read_up_to() -> float:
+        """Every input older than this (record time, ms) has been read."""
+        parts = list(consumer.assignment())
+        if not parts:
+            return float("-inf")
+        ends = await consumer.end_offsets(parts)
+        now = time.time() * 1000
+        mark = now - HOLD_MS
+        for tp in parts:
+            if await consumer.position(tp) < ends[tp]:
+                mark = min(mark, last_seen.get(tp, float("-inf")) - HOLD_MS)
+        return mark
+
     try:
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200)
             started = time.perf_counter()
-            futures = []
+            futures: list = []
             for tp, records in batch.items():
                 metrics.EVENTS_IN.labels(PROCESS, tp.topic).inc(len(records))
                 for record in records:
+                    last_seen[tp] = max(last_seen.get(tp, record.timestamp), record.timestamp)
                     try:
                         name, _ = codec.decode_record(record.value, plain=True)
                         if name not in INPUTS:
@@ -81,19 +121,16 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                         log.warning("skipping undecodable record %s:%d@%d: %s", tp.topic,
                                     tp.partition, record.offset, exc)
                         continue
-                    try:
-                        produced = campaigns.handle(event)
-                    except Exception:  # noqa: BLE001 - one broken campaign must not stop the rest
-                        log.exception("campaign step failed for %s", event.event_id)
+                    if isinstance(event, ExperimentRequested):
+                        held.append((record.timestamp, len(held), event))
                         continue
-                    for out in produced:
-                        if str(out.event_id) in present:
-                            continue
-                        present.add(str(out.event_id))
-                        topic = topic_of(cfg, out)
-                        futures.append(await producer.send(topic, codec.encode(out), key=out.key))
-                        metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
-                        log.info("%s %s", out.TYPE, getattr(out, "experiment_id", ""))
+                    await handle(event, record.timestamp, futures)
+            if held:
+                mark = await read_up_to()
+                held.sort(key=lambda h: (h[0], h[2].experiment_id))
+                while held and held[0][0] < mark:
+                    at, _, request = held.pop(0)
+                    await handle(request, at, futures)
             if futures:
                 await asyncio.gather(*futures)
             if batch:

@@ -167,3 +167,47 @@ def test_a_repeated_request_is_ignored():
     campaigns = campaign.Campaigns()
     assert campaigns.handle(request())
     assert campaigns.handle(request()) == []
+
+
+def test_a_second_campaign_on_the_same_dyes_learns_from_the_first():
+    shared = campaign.Campaigns()
+    first = campaign.simulate(request(), reader(seed=3), campaigns=shared)
+    assert isinstance(first[-1], ExperimentCompleted)
+    learned = len(shared.scored)
+    assert learned == first[-1].wells_used
+
+    other = {"red": 30, "yellow": 20, "blue": 80}  # another reachable colour
+    rgb = np.asarray(PlateReaderModel(seed=None).true_rgb(other)) * 255.0
+    fields = dict(experiment_id="x2", target_hex=None, dyes=DYES, budget_wells=48, batch_size=8,
+                  tolerance_de=2.0, requested_by="test",
+                  target_lab=[float(v) for v in rgb_to_lab(rgb)])
+    second = ExperimentRequested.create(source="t", subject="x2", sequence=1,
+                                        event_id=uuid.UUID(int=2), **fields)
+    cold = campaign.simulate(second, reader(seed=5))
+    warm = campaign.simulate(second, reader(seed=5), campaigns=shared)
+    assert len(shared.by_id["x2"].warm_start) == learned
+
+    def first_batch(log):
+        return next(e for e in log if isinstance(e, RecipesProposed)).recipes
+    assert first_batch(warm) != first_batch(cold)
+    assert isinstance(warm[-1], ExperimentCompleted), warm[-1]
+    assert isinstance(cold[-1], ExperimentCompleted), cold[-1]
+    assert warm[-1].best_de < 2.0
+    assert warm[-1].wells_used < cold[-1].wells_used, (warm[-1].wells_used, cold[-1].wells_used)
+    # the first campaign's wells never count as the second one's evidence
+    assert warm[-1].wells_used == len([e for e in warm if isinstance(e, WellScored)])
+
+
+def test_warm_start_is_only_other_experiments_on_the_same_dyes_read_before_the_request():
+    obs = campaign.optimiser.Observation({"red": 10}, (1, 2, 3))
+    scored = [campaign.Scored(100, "a", "A1", frozenset(DYES), obs),
+              campaign.Scored(300, "b", "A1", frozenset(DYES), obs),      # read after the request
+              campaign.Scored(50, "c", "A1", frozenset(["red", "blue"]), obs),  # other dye set
+              campaign.Scored(60, "x1", "A1", frozenset(DYES), obs),      # the same experiment
+              campaign.Scored(90, "d", "B1", frozenset(reversed(DYES)), obs)]
+    assert campaign.warm_start_for(request(), 200, scored) == [obs, obs]
+    assert campaign.warm_start_for(request(), 50, scored) == []
+    no_learning = campaign.Campaigns(learn=False)
+    no_learning.scored = scored
+    no_learning.handle(request(), at=1000)
+    assert no_learning.by_id["x1"].warm_start == []
