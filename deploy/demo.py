@@ -1,11 +1,14 @@
-"""`labbus demo`: every labbus process against the local services, with a simulated fleet."""
+"""`labbus demo`: every labbus process against the local services, with a simulated fleet and one
+closed-loop colour campaign (experiment processor, OT-2 agent in simulation, plate reader)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -14,6 +17,8 @@ from events.config import Config
 from events.metrics import DEFAULT_PORTS
 
 LABBUS = str(Path(sys.executable).parent / "labbus")
+# The simulated camera's colour of 40 µL red + 30 µL yellow + 60 µL blue: a reachable target.
+DEMO_TARGET = "#759e8f"
 
 
 def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration: int,
@@ -32,6 +37,9 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
         "api": ["api"],
         "agent": ["agent", "sim", "--devices", str(devices), "--rate", str(rate),
                   "--bad-fraction", str(bad_fraction)],
+        "experiment": ["process", "experiment"],
+        "agent-ot2": ["agent", "ot2", "--simulate"],
+        "agent-reader": ["agent", "reader"],
     }
     children: dict[str, subprocess.Popen] = {}
     stopping = False
@@ -49,13 +57,19 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
                                               start_new_session=True)
         base = f"http://{cfg.api_host}:{cfg.api_port}"
         _wait_ready(base, children, logdir)
+        xid = _start_campaign(cfg)
         echo("\nlabbus is running. Open:")
         echo(f"  API docs (OpenAPI)    {base}/docs")
         echo(f"  devices               {base}/devices")
         echo(f"  one device's readings {base}/devices/sim-0000/measurements")
         echo(f"  readiness             {base}/health/ready")
         echo(f"  API metrics           {base}/metrics")
-        for name in ("agent", "validator", "projector-postgres", "projector-mongo"):
+        echo(f"  colour campaign       {base}/experiments/{xid}  (target {DEMO_TARGET}, "
+             "budget 96, batch 8)")
+        echo(f"  its plate             {base}/experiments/{xid}/plate.svg")
+        echo(f"  follow it             labbus experiment watch {xid}")
+        for name in ("agent", "validator", "projector-postgres", "projector-mongo", "experiment",
+                     "agent-ot2", "agent-reader"):
             echo(f"  {name + ' metrics':21} http://127.0.0.1:{DEFAULT_PORTS[name]}/metrics")
         echo(f"  logs (JSON lines)     {logdir}/")
         echo("Ctrl-C stops the processes (services keep running: `labbus services down`).")
@@ -67,6 +81,7 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
                                      f"{logdir / (name + '.log')}")
             time.sleep(0.5)
         _summary(base, echo)
+        _campaign_summary(base, xid, echo)
     finally:
         for child in children.values():
             if child.poll() is None:
@@ -104,3 +119,27 @@ def _summary(base: str, echo) -> None:
         echo(f"\n{len(devices)} devices, {total} validated readings projected so far")
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         echo(f"(could not read the summary from the API: {exc})")
+
+
+def _start_campaign(cfg: Config) -> str:
+    """Publish one ExperimentRequested; returns its experiment id."""
+    from deploy import experiment
+
+    req = experiment.request(DEMO_TARGET, budget=96, batch=8, dyes=["red", "yellow", "blue"],
+                             experiment_id=f"demo-{uuid.uuid4().hex[:8]}", requested_by="demo")
+    asyncio.run(experiment.publish(cfg, req))
+    return req.experiment_id
+
+
+def _campaign_summary(base: str, xid: str, echo) -> None:
+    try:
+        body = httpx.get(f"{base}/experiments/{xid}", timeout=5)
+        if body.status_code == 404:
+            echo(f"colour campaign {xid}: not projected yet")
+            return
+        body = body.json()
+        best = body.get("best_de")
+        echo(f"colour campaign {xid}: {body.get('status')}, {body.get('wells_used')} wells"
+             + ("" if best is None else f", best ΔE00 {best:.2f}"))
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        echo(f"(could not read the campaign from the API: {exc})")
