@@ -78,7 +78,7 @@ def check_campaign(cfg, xid: str) -> tuple[ExperimentCompleted, list]:
 
 def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, processes):
     for args in (("process", "experiment"), ("agent", "ot2", "--simulate"), ("agent", "reader"),
-                 ("project", "postgres")):
+                 ("project", "postgres"), ("project", "mongo")):
         processes.start(*args)
     good = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
                        experiment_id="it-good")
@@ -138,6 +138,33 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
         assert ElementTree.fromstring(svg.text).tag == "{http://www.w3.org/2000/svg}svg"
         assert api.get("/experiments/nope").status_code == 404
 
+        chart = ElementTree.fromstring(api.get("/experiments/it-good/convergence.svg").text)
+        points = [c for c in chart.iter("{http://www.w3.org/2000/svg}circle")
+                  if c.get("class") == "point"]
+        assert len(points) == body["iterations"]
+        for r in body["runs"]:
+            indexes, params = [], {"limit": 17}
+            while True:
+                page = api.get(f"/robot-runs/{r['run_id']}/commands", params=params)
+                assert page.status_code == 200, page.text
+                indexes += [c["index"] for c in page.json()["items"]]
+                params["cursor"] = page.json()["next_cursor"]
+                if not params["cursor"]:
+                    break
+            assert indexes == list(range(r["commands"]))
+
+        # the MongoDB experiment document
+        def mongo_doc():
+            doc = api.app.state.mongo[cfg.mongo_db].experiments.find_one({"_id": "it-good"})
+            return doc if doc and doc.get("status") == "completed" else None
+        doc = wait_for(mongo_doc, 60, "the Mongo experiment document")
+        assert len(doc["wells"]) == done.wells_used and doc["best_de"] == done.best_de
+        assert all(w.get("delta_e") is not None and w.get("rgb") for w in doc["wells"].values())
+        assert {run_id: sum(r["command_types"].values()) for run_id, r in doc["runs"].items()} == {
+            r["run_id"]: r["commands"] for r in body["runs"]}
+        summary = api.get("/experiments/it-good").json()["summary"]
+        assert summary["wells"]["scored"] == done.wells_used
+
 
 async def pg_status(dsn: str, experiment_id: str):
     con = await asyncpg.connect(dsn)
@@ -157,6 +184,7 @@ def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
     processor = processes.start("process", "experiment")
     processes.start("agent", "ot2", "--simulate")
     processes.start("agent", "reader", "--delay", "0.3")  # so the kill lands mid-campaign
+    learned_from = verdict(cfg, "it-good")  # set when the first test ran in this session
     req = exp.request(reachable_hex(), budget=48, batch=8, dyes=["red", "yellow", "blue"],
                       experiment_id="it-crash")
     run(exp.publish(cfg, req))
@@ -170,6 +198,10 @@ def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
                      interval=1)
     assert isinstance(final, ExperimentCompleted), final
     check_campaign(cfg, "it-crash")
+    if learned_from is not None:  # warm-started with it-good's wells, also after the replay
+        first = next(e for e in events_of(cfg, EXPERIMENTS, "it-crash")
+                     if isinstance(e, RecipesProposed))
+        assert not first.note.startswith("exploring"), first.note
 
 
 def test_ot2_agent_finishes_a_run_interrupted_by_a_crash_without_resending(cfg, processes):
