@@ -29,14 +29,16 @@ from events import kafka, metrics
 from events.codec import DecodeError, default_codec
 from events.config import Config
 from events.model import (
+    DeadLetter,
     Event,
     ExperimentRequested,
     RobotRunFailed,
     RobotRunFinished,
     WellColourMeasured,
 )
-from events.topics import CATALOG, COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
+from events.topics import CATALOG, COLOUR_READINGS, DEAD_LETTER, EXPERIMENTS, ROBOT_RUNS, topic_name
 from processors.campaign import Campaigns
+from processors.dead_letter import dead_letter
 
 PROCESS = "experiment"
 INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
@@ -55,7 +57,8 @@ def topic_of(cfg: Config, event: Event) -> str:
 async def run(cfg: Config, stop: asyncio.Event) -> None:
     await kafka.ensure_topics(cfg)
     codec = default_codec()
-    outputs = (topic_name(cfg, EXPERIMENTS), topic_name(cfg, ROBOT_RUNS))
+    outputs = (topic_name(cfg, EXPERIMENTS), topic_name(cfg, ROBOT_RUNS),
+               topic_name(cfg, DEAD_LETTER))
     present: set[str] = set()
     async for record in kafka.read_to_end(cfg, *outputs):
         try:
@@ -72,15 +75,10 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     await producer.start()
     await consumer.start()
     campaigns = Campaigns()
-    held: list[tuple[int, int, ExperimentRequested]] = []  # (record time, arrival, request)
+    held: list[tuple] = []  # (record time, arrival, request, partition, record)
     last_seen: dict = {}  # partition -> record time of the last record read from it
 
-    async def handle(event: Event, at: int, futures: list) -> None:
-        try:
-            produced = campaigns.handle(event, at)
-        except Exception:  # noqa: BLE001 - one broken campaign must not stop the rest
-            log.exception("campaign step failed for %s", event.event_id)
-            return
+    async def send_once(produced, futures: list) -> None:
         for out in produced:
             if str(out.event_id) in present:
                 continue
@@ -89,6 +87,18 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             futures.append(await producer.send(topic, codec.encode(out), key=out.key))
             metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
             log.info("%s %s", out.TYPE, getattr(out, "experiment_id", ""))
+
+    def dead(tp, record, exc: Exception) -> DeadLetter:
+        return dead_letter(topic=tp.topic, partition=tp.partition, offset=record.offset,
+                           key=record.key, value=record.value, error=exc, failed_by=PROCESS)
+
+    async def handle(event: Event, at: int, futures: list, tp, record) -> None:
+        try:
+            produced = campaigns.handle(event, at)
+        except Exception as exc:  # noqa: BLE001 - one broken campaign must not stop the rest
+            log.exception("campaign step failed for %s", event.event_id)
+            produced = [dead(tp, record, exc)]
+        await send_once(produced, futures)
 
     async def read_up_to() -> float:
         """Every input older than this (record time, ms) has been read."""
@@ -118,19 +128,18 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                             continue
                         event = codec.decode(record.value)
                     except DecodeError as exc:
-                        log.warning("skipping undecodable record %s:%d@%d: %s", tp.topic,
-                                    tp.partition, record.offset, exc)
+                        await send_once([dead(tp, record, exc)], futures)
                         continue
                     if isinstance(event, ExperimentRequested):
-                        held.append((record.timestamp, len(held), event))
+                        held.append((record.timestamp, len(held), event, tp, record))
                         continue
-                    await handle(event, record.timestamp, futures)
+                    await handle(event, record.timestamp, futures, tp, record)
             if held:
                 mark = await read_up_to()
                 held.sort(key=lambda h: (h[0], h[2].experiment_id))
                 while held and held[0][0] < mark:
-                    at, _, request = held.pop(0)
-                    await handle(request, at, futures)
+                    at, _, request, tp, record = held.pop(0)
+                    await handle(request, at, futures, tp, record)
             if futures:
                 await asyncio.gather(*futures)
             if batch:
