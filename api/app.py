@@ -315,6 +315,10 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
                 title += f" ΔE00 {w['delta_e']:.2f} {escape(str(w.get('volumes')))}"
             parts.append(f'<circle cx="{x}" cy="{y}" r="{r}" fill="{fill}" {ring}>'
                          f'<title>{title}</title></circle>')
+            if w and w.get("delta_e") is not None:
+                dark = w.get("rgb") and sum(w["rgb"]) < 3 * 110
+                parts.append(f'<text x="{x}" y="{y + 3}" text-anchor="middle" font-size="9" '
+                             f'fill="{"#fff" if dark else "#000"}">{w["delta_e"]:.1f}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
