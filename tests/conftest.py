@@ -99,6 +99,20 @@ def cfg(env) -> config.Config:
     return config.load(env)
 
 
+def walk_pages(api, path: str, **params) -> tuple[list[dict], int]:
+    """Follow next_cursor through a paged API endpoint: (every item, number of pages)."""
+    seen, pages = [], 0
+    while True:
+        r = api.get(path, params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        seen += body["items"]
+        pages += 1
+        if not body["next_cursor"]:
+            return seen, pages
+        params["cursor"] = body["next_cursor"]
+
+
 class Processes:
     """labbus worker processes started as a user would start them, killed at teardown."""
 

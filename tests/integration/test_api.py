@@ -12,7 +12,7 @@ from events.codec import default_codec
 from events.model import DeviceRegistered, MeasurementValidated
 from projections.postgres import PostgresProjection
 from projections.runner import Positioned
-from tests.conftest import run
+from tests.conftest import run, walk_pages
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 DEVICE = "api-dev-1"
@@ -51,16 +51,7 @@ def api(cfg):
 
 
 def walk(api, **params):
-    seen, pages = [], 0
-    while True:
-        r = api.get(f"/devices/{DEVICE}/measurements", params=params)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        seen += body["items"]
-        pages += 1
-        if not body["next_cursor"]:
-            return seen, pages
-        params["cursor"] = body["next_cursor"]
+    return walk_pages(api, f"/devices/{DEVICE}/measurements", **params)
 
 
 def test_pagination_walks_every_row_once_in_stable_order(api):

@@ -29,7 +29,7 @@ from events.model import (
 from projections.mongo import MongoProjection
 from projections.postgres import PostgresProjection
 from projections.runner import Positioned
-from tests.conftest import run
+from tests.conftest import run, walk_pages
 
 XID = "rm-campaign"
 ITERATIONS, BATCH = 3, 4
@@ -178,16 +178,7 @@ def test_convergence_svg_of_an_unscored_or_unknown_experiment(cfg, api):
 
 
 def walk_commands(api, run_id: str, **params) -> tuple[list[dict], int]:
-    seen, pages = [], 0
-    while True:
-        r = api.get(f"/robot-runs/{run_id}/commands", params=params)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        seen += body["items"]
-        pages += 1
-        if not body["next_cursor"]:
-            return seen, pages
-        params["cursor"] = body["next_cursor"]
+    return walk_pages(api, f"/robot-runs/{run_id}/commands", **params)
 
 
 @pytest.mark.parametrize("limit", [1, 10, 41, 1000])
