@@ -100,15 +100,24 @@ class MongoProjection:
                                 "partition": tp.partition, "next_offset": nxt}}, upsert=True)
             for tp, nxt in next_offsets.items()])
 
-    def _update(self, device: str, items: list[Positioned], absorbed: dict) -> UpdateOne | None:
-        sets: dict = {}
-        incs: dict = defaultdict(int)
-        last: dict[str, int] = {}
+    def _fresh(self, items: list[Positioned],
+               absorbed: dict) -> tuple[list[Positioned], dict[str, int]]:
+        """The events a document has not absorbed yet (by its per-partition positions), and the
+        positions it will have absorbed after them."""
+        fresh, last = [], {}
         for p in items:
             slot = f"{self.aliases[p.tp.topic]}_{p.tp.partition}"
             if p.offset < absorbed.get(slot, 0):
                 continue  # already absorbed before a restart
             last[slot] = p.offset + 1
+            fresh.append(p)
+        return fresh, last
+
+    def _update(self, device: str, items: list[Positioned], absorbed: dict) -> UpdateOne | None:
+        sets: dict = {}
+        incs: dict = defaultdict(int)
+        fresh, last = self._fresh(items, absorbed)
+        for p in fresh:
             r = p.record
             if p.event_type == DeviceRegistered.TYPE:
                 sets.update({"device_type": r["device_type"], "model": r["model"],
@@ -135,12 +144,8 @@ class MongoProjection:
         event sets are its own (events of three topics arrive in any relative order); counters
         are guarded, like the device counts, by the document's per-partition positions."""
         u = _Update()
-        last: dict[str, int] = {}
-        for p in items:
-            slot = f"{self.aliases[p.tp.topic]}_{p.tp.partition}"
-            if p.offset < absorbed.get(slot, 0):
-                continue  # already absorbed before a restart
-            last[slot] = p.offset + 1
+        fresh, last = self._fresh(items, absorbed)
+        for p in fresh:
             _EXPERIMENT_UPDATES[p.event_type](u, p.record)
         if not last:
             return None

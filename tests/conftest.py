@@ -155,28 +155,6 @@ def run(coro):
 
 async def read_topic(cfg: config.Config, topic: str) -> list:
     """Every record of a topic, from the beginning to the current end, across partitions."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from events.kafka import read_to_end
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed")
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh topic metadata
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        records = []
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < end[tp] for tp in tps])
-
-        while await behind():
-            batch = await consumer.getmany(timeout_ms=500)
-            for recs in batch.values():
-                records.extend(recs)
-        return records
-    finally:
-        await consumer.stop()
+    return [record async for record in read_to_end(cfg, topic)]
