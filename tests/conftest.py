@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from deploy.demo import LABBUS  # the installed `labbus` next to this Python
 from events import config
 
 REPO = Path(__file__).resolve().parent.parent
-LABBUS = str(Path(sys.executable).parent / "labbus")
 
 
 def free_port() -> int:

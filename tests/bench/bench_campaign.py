@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from deploy import experiment as exp  # noqa: E402
+from deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` next to this Python
 from deploy.local import services  # noqa: E402
 from events import config, kafka  # noqa: E402
 from events.codec import DecodeError, default_codec  # noqa: E402
@@ -53,7 +54,6 @@ from events.topics import EXPERIMENTS, ROBOT_RUNS, topic_name  # noqa: E402
 from processors.colour.scoring import delta_e2000  # noqa: E402
 from producers.plate_reader_model import PlateReaderModel, rgb_to_lab  # noqa: E402
 
-LABBUS = str(Path(sys.executable).parent / "labbus")
 DYES = ["red", "yellow", "blue"]
 REACHABLE = "#759e8f"  # the camera's colour of 40 µL red + 30 µL yellow + 60 µL blue
 SCENARIOS = [  # name, target, tolerance ΔE00

@@ -25,13 +25,12 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` next to this Python
 from deploy.local import kafka as local_kafka  # noqa: E402
 from deploy.local import postgres, services  # noqa: E402
 from events import config, kafka  # noqa: E402
 from events.topics import DEVICES, MEASUREMENTS_RECORDED, TopicSpec, topic_name  # noqa: E402
 from producers import sim  # noqa: E402
-
-LABBUS = str(Path(sys.executable).parent / "labbus")
 
 
 class PeakRss(threading.Thread):
