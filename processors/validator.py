@@ -155,7 +155,7 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
 def build_app(cfg: Config) -> faust.App:
     app = faust.App(
         group_id(cfg, PROCESS),
-        broker=f"kafka://{cfg.kafka_bootstrap}",
+        broker=f"labbus://{cfg.kafka_bootstrap}",  # processors/faust_transport.py
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",

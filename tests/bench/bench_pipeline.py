@@ -50,6 +50,37 @@ class PeakRss(threading.Thread):
             time.sleep(0.2)
 
 
+class CpuMeter:
+    """User+system CPU seconds of each process between start() and stop(), with the children of
+    those named in `with_children` (PostgreSQL's backends): where the end-to-end budget goes."""
+
+    def __init__(self, pids: dict[str, int | None], with_children: tuple[str, ...] = ()) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items() if pid}
+        self.with_children = with_children
+        self.used: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, p in self.procs.items():
+            try:
+                t = p.cpu_times()
+                total = t.user + t.system
+                for child in p.children(recursive=True) if name in self.with_children else ():
+                    ct = child.cpu_times()
+                    total += ct.user + ct.system
+                out[name] = total
+            except psutil.Error:
+                out[name] = 0.0
+        return out
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def stop(self) -> None:
+        ended = self._now()
+        self.used = {name: ended[name] - self.started[name] for name in ended}
+
+
 async def produce(cfg: config.Config, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
     """Publish pre-encoded readings the way every labbus producer does (acks=all, idempotent)."""
     producer = kafka.producer(cfg)
@@ -163,6 +194,9 @@ async def main_async(args) -> None:
         local_kafka.running_pid(base)
     rss = PeakRss(pids)
     rss.start()
+    cpu = CpuMeter({**pids, "postgres (server)": None if base.explicitly_set("postgres_dsn")
+                    else postgres.running_pid(base), "bench publisher": os.getpid()},
+                   with_children=("postgres (server)",))
     try:
         # warm-up: processes join their groups and the projector migrates its schema
         await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(10, 2, "warm"), 2), 500)
@@ -170,15 +204,22 @@ async def main_async(args) -> None:
 
         await produce(cfg, topic_name(cfg, DEVICES), registrations)
         before = await projected_offsets(cfg.postgres_dsn)
+        cpu.start()
         started = time.perf_counter()
         await produce(cfg, topic_name(cfg, MEASUREMENTS_RECORDED), payloads)  # the same events
         published = time.perf_counter()
         done = await wait_rows(cfg.postgres_dsn, "tp", args.readings, 600, before)
+        cpu.stop()
         e2e = args.readings / (done - started)
         print(f"end to end (publish -> validator -> projector -> queryable in PostgreSQL): "
               f"{e2e:,.0f} readings/s  ({args.readings:,} readings in {done - started:.1f} s; "
               f"publishing took {published - started:.1f} s)")
         print(f"ratio end-to-end / raw broker: {e2e / raw:.2f}")
+        print("CPU per reading during that run (µs; 2 cores give "
+              f"{2e6 / e2e:.0f} µs of CPU per reading at this rate):")
+        for name, seconds in sorted(cpu.used.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<20} {seconds / args.readings * 1e6:6.1f}")
+        print(f"  {'all':<20} {sum(cpu.used.values()) / args.readings * 1e6:6.1f}")
 
         n_lat = int(args.latency_rate * args.latency_seconds)
         before = await projected_offsets(cfg.postgres_dsn)

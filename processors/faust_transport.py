@@ -1,0 +1,140 @@
+"""faust-streaming's aiokafka transport with two fixes for throughput on small machines.
+
+Registered as the `labbus://` broker scheme (entry point `faust.transports` in pyproject.toml), so
+a faust app opts in with `broker="labbus://host:port"`; everything else is faust's own aiokafka
+driver. Each fix was found with py-spy and measured with tests/bench/bench_stages.py (README).
+
+1. faust races the delivery of *every* message against `suspend_flow` (Service.wait_first: new
+   tasks and an asyncio.wait per message, the largest single cost in a profile of the validator).
+   Here a delivery runs inline up to its first suspension, and only one that really waits is
+   raced; the rest of faust's loop is unchanged. (Racing a whole fetched batch instead was
+   cheaper but lost messages in tests/integration/test_validator_rebalance.py.)
+2. When back-pressure from full stream buffers has paused every partition, faust sleeps a whole
+   second before it fetches again, which stalled the validator for ~1 s after every large fetch.
+   Here the fetcher wakes as soon as a buffer drains (or after that second, as before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+YIELD_EVERY = 100  # messages between giving the event loop a turn, as faust does
+
+
+class Consumer(faust_aiokafka.Consumer):
+    _buffer_drained: asyncio.Event | None = None
+
+    def on_buffer_drop(self, tp) -> None:
+        super().on_buffer_drop(tp)
+        if self._buffer_drained is not None:
+            self._buffer_drained.set()
+
+    async def _wait_next_records(self, timeout: float):
+        if self.flow_active and not self.app.client_only and not self._get_active_partitions():
+            if self._buffer_drained is None:
+                self._buffer_drained = asyncio.Event()
+            self._buffer_drained.clear()
+            try:
+                await asyncio.wait_for(self._buffer_drained.wait(), timeout)
+            except TimeoutError:
+                pass
+            if not self._get_active_partitions():
+                return {}, set()
+        return await super()._wait_next_records(timeout)
+
+    async def _drain_messages(self, fetcher) -> None:
+        """faust's own loop (transport/consumer.py), but each delivery runs to its first
+        suspension inline and only a delivery that really waits is raced against a rebalance."""
+        callback = self.callback
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set  # noqa: SLF001 - as faust's own loop
+        since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                messages = self.getmany(timeout=1.0)
+                await self.sleep(0)
+                if not self.should_stop:
+                    async for tp, message in messages:
+                        since_yield += 1
+                        if since_yield > YIELD_EVERY:
+                            await asyncio.sleep(0)
+                            since_yield = 0
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # already delivered before a seek
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        await self._deliver(callback(message))
+                        set_read_offset(tp, offset)
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _deliver(self, delivery: Coroutine) -> None:
+        """What faust's `wait_first(delivery, suspend_flow.wait())` does, without two new tasks
+        for the common delivery that never waits: its first step runs here (faust's task would
+        run that same step first too), and only if it then waits (flow control, a full buffer)
+        is the rest raced against a rebalance."""
+        try:
+            waiting_on = delivery.send(None)
+        except StopIteration:
+            return
+        except BaseException:
+            delivery.close()
+            raise
+        await self.wait_first(_Resumed(delivery, waiting_on), self.suspend_flow.wait())
+
+
+class _Resumed:
+    """Awaitable continuing a coroutine that has already run up to `waiting_on` (what it yielded
+    to the event loop): the same hand-off `await` does, done by hand."""
+
+    def __init__(self, coro: Coroutine, waiting_on) -> None:
+        self.coro = coro
+        self.waiting_on = waiting_on
+
+    def __await__(self):
+        coro, yielded = self.coro, self.waiting_on
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # noqa: BLE001 - cancellation goes into the coroutine
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = Consumer
