@@ -15,17 +15,24 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import faust
-from aiokafka import TopicPartition
 import mode
+from aiokafka import TopicPartition
 
 from events import kafka, metrics
 from events.codec import Codec, DecodeError, default_codec
 from events.config import Config
 from events.model import MeasurementRecorded
-from events.topics import (DEAD_LETTER, MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED,
-                           MEASUREMENTS_VALIDATED, group_id, topic_name)
+from events.topics import (
+    DEAD_LETTER,
+    MEASUREMENTS_RECORDED,
+    MEASUREMENTS_REJECTED,
+    MEASUREMENTS_VALIDATED,
+    group_id,
+    topic_name,
+)
 from processors import validation
 from processors.dead_letter import dead_letter
+from processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
 log = logging.getLogger(__name__)
@@ -155,7 +162,7 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
 def build_app(cfg: Config) -> faust.App:
     app = faust.App(
         group_id(cfg, PROCESS),
-        broker=f"labbus://{cfg.kafka_bootstrap}",  # processors/faust_transport.py
+        broker=f"labbus://{cfg.kafka_bootstrap}",  # processors/faust_speedups.py
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -164,9 +171,11 @@ def build_app(cfg: Config) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
+        Monitor=LeanMonitor,
         producer_acks=-1,
     )
-    raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED), key_type=bytes, value_type=bytes)
+    raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED),
+                    schema=RawSchema(key_type=bytes, value_type=bytes))
     validator = Validator(cfg)
     windows_ready = asyncio.Event()
 

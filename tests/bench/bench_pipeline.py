@@ -187,7 +187,8 @@ async def main_async(args) -> None:
 
     procs = {name: subprocess.Popen([LABBUS, *cmd, "--metrics-port", "-1"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for name, cmd in (("validator", ("process", "validate")),
+             for name, cmd in (*((f"validator {i + 1}" if args.validators > 1 else "validator",
+                                  ("process", "validate")) for i in range(args.validators)),
                                ("projector-postgres", ("project", "postgres")))}
     pids = {n: p.pid for n, p in procs.items()}
     pids["kafka (JVM)"] = None if base.explicitly_set("kafka_bootstrap") else \
@@ -247,6 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=200_000)
     parser.add_argument("--latency-rate", type=float, default=1000.0)
+    parser.add_argument("--validators", type=int, default=1,
+                        help="validator processes sharing the partitions (scale-out)")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     asyncio.run(main_async(parser.parse_args()))
 

@@ -5,14 +5,14 @@ import asyncio
 import pytest
 from faust.transport import by_url
 
-from processors import faust_transport
-from processors.faust_transport import _Resumed
+from processors import faust_speedups
+from processors.faust_speedups import _Resumed
 
 
 def test_labbus_scheme_is_our_transport():
     transport = by_url("labbus://127.0.0.1:19092")
-    assert transport is faust_transport.Transport
-    assert transport.Consumer is faust_transport.Consumer
+    assert transport is faust_speedups.Transport
+    assert transport.Consumer is faust_speedups.Consumer
 
 
 def _first_step(coro):
@@ -61,3 +61,17 @@ async def test_cancelling_the_race_cancels_the_delivery_inside():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned == [True]
+
+
+async def test_raw_schema_hands_over_the_broker_bytes():
+    import faust
+    from faust.types import TP, Message
+
+    from processors.faust_speedups import RawSchema
+
+    app = faust.App("schema-test", broker="memory://")
+    decode = RawSchema(key_type=bytes, value_type=bytes).compile(app)
+    message = Message("t", 0, 7, 0.0, 0, [], b"dev-1", b"\xc3\x01abc", None, None,
+                      tp=TP("t", 0))
+    event = await decode(message)
+    assert (event.key, event.value, event.message) == (b"dev-1", b"\xc3\x01abc", message)
