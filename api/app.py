@@ -235,7 +235,7 @@ def create_app(cfg: Config) -> FastAPI:
     async def ready(request: Request) -> JSONResponse:
         checks = await asyncio.gather(_check_kafka(cfg), _check_pg(request.app.state.pg),
                                       _check_mongo(request.app.state.mongo))
-        body = dict(zip(("kafka", "postgres", "mongo"), checks))
+        body = dict(zip(("kafka", "postgres", "mongo"), checks, strict=False))
         ok = all(v == "ok" for v in body.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": body},
                             status_code=200 if ok else 503)

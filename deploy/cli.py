@@ -95,7 +95,8 @@ def services_status() -> None:
 
     for s in svc.status(_cfg()):
         state = "running" if s.running else "stopped"
-        click.echo(f"{s.name:9} {state:8} {s.address or '-':40} pid={s.pid or '-'} {s.detail or ''}")
+        click.echo(f"{s.name:9} {state:8} {s.address or '-':40} "
+                   f"pid={s.pid or '-'} {s.detail or ''}")
 
 
 # -- configuration and catalog -------------------------------------------------------------------
@@ -106,7 +107,8 @@ def show_config(markdown: bool) -> None:
     cfg = _cfg()
     for name, s in config_mod.SETTINGS.items():
         if markdown:
-            click.echo(f"| `{s.env}` | `{s.default.replace(str(config_mod.REPO_ROOT), '.')}` | {s.help} |")
+            default = s.default.replace(str(config_mod.REPO_ROOT), '.')
+            click.echo(f"| `{s.env}` | `{default}` | {s.help} |")
         else:
             click.echo(f"{s.env:26} = {getattr(cfg, name)}")
 

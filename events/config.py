@@ -44,10 +44,12 @@ SETTINGS: dict[str, Setting] = {
     "api_host": Setting("LABBUS_API_HOST", "127.0.0.1", "Query API bind address."),
     "api_port": Setting("LABBUS_API_PORT", "8000", "Query API port."),
     "metrics_port": Setting("LABBUS_METRICS_PORT", "0",
-                            "Prometheus /metrics port of a worker process (0 = the process default)."),
+                            "Prometheus /metrics port of a worker process "
+                            "(0 = the process default)."),
     "log_level": Setting("LABBUS_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR."),
     "max_clock_skew_s": Setting("LABBUS_MAX_CLOCK_SKEW_S", "5",
-                                "Readings timestamped further than this into the future are rejected."),
+                                "Readings timestamped further than this into the future "
+                                "are rejected."),
 }
 
 
@@ -68,7 +70,8 @@ class Config:
     explicit: frozenset[str] = frozenset()
 
     def explicitly_set(self, name: str) -> bool:
-        """True when the user pointed this setting at their own service (so nothing local starts)."""
+        """True when the user pointed this setting at their own service
+        (so nothing local starts)."""
         return name in self.explicit
 
 
@@ -112,7 +115,8 @@ def load(environ: dict[str, str] | None = None) -> Config:
     raw = {name: env.get(s.env, s.default) for name, s in SETTINGS.items()}
     level = raw["log_level"].upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(f"LABBUS_LOG_LEVEL={raw['log_level']!r}: use DEBUG, INFO, WARNING or ERROR")
+        raise ConfigError(f"LABBUS_LOG_LEVEL={raw['log_level']!r}: "
+                          "use DEBUG, INFO, WARNING or ERROR")
     namespace = raw["namespace"]
     if namespace and not all(c.isalnum() or c in "-_." for c in namespace):
         raise ConfigError(f"LABBUS_NAMESPACE={namespace!r}: letters, digits, '-', '_' and '.' only")
@@ -120,7 +124,8 @@ def load(environ: dict[str, str] | None = None) -> Config:
         home=Path(raw["home"]).expanduser().resolve(),
         kafka_bootstrap=_hostports("kafka_bootstrap", raw["kafka_bootstrap"]),
         postgres_dsn=_url("postgres_dsn", raw["postgres_dsn"], ("postgresql", "postgres")),
-        postgres_api_dsn=_url("postgres_api_dsn", raw["postgres_api_dsn"], ("postgresql", "postgres")),
+        postgres_api_dsn=_url("postgres_api_dsn", raw["postgres_api_dsn"],
+                              ("postgresql", "postgres")),
         mongo_url=_url("mongo_url", raw["mongo_url"], ("mongodb", "mongodb+srv")),
         mongo_db=raw["mongo_db"] or "labbus",
         namespace=namespace,
@@ -133,4 +138,5 @@ def load(environ: dict[str, str] | None = None) -> Config:
     )
 
 
-assert {f.name for f in fields(Config)} - {"explicit"} == set(SETTINGS), "SETTINGS and Config disagree"
+assert {f.name for f in fields(Config)} - {"explicit"} == set(SETTINGS), (
+    "SETTINGS and Config disagree")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS_IN = Counter("labbus_events_in_total", "Events consumed", ["process", "topic"])
-EVENTS_OUT = Counter("labbus_events_out_total", "Events produced or projected", ["process", "topic"])
+EVENTS_OUT = Counter("labbus_events_out_total", "Events produced or projected",
+                     ["process", "topic"])
 EVENTS_REJECTED = Counter("labbus_events_rejected_total", "Events rejected or dead-lettered",
                           ["process", "reason"])
 PROCESSING_SECONDS = Histogram(

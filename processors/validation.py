@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from events.model import MeasurementRejected, MeasurementValidated, derived_id
 
@@ -42,7 +42,7 @@ class Rejection:
 
 
 def _iso(micros: int) -> str:
-    return datetime.fromtimestamp(micros / 1e6, timezone.utc).isoformat()
+    return datetime.fromtimestamp(micros / 1e6, UTC).isoformat()
 
 
 def check(reading: dict, now_us: int, max_skew_s: float) -> Rejection | None:

@@ -12,8 +12,8 @@ The dye spectra are the simulator's secret: optimisers only ever see `read()`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +42,8 @@ class Dye:
     def absorbance(self, wavelengths_nm: np.ndarray) -> np.ndarray:
         total = np.zeros_like(wavelengths_nm, dtype=float)
         for band in self.bands:
-            total += band.peak * np.exp(-0.5 * ((wavelengths_nm - band.centre_nm) / band.width_nm) ** 2)
+            total += band.peak * np.exp(
+                -0.5 * ((wavelengths_nm - band.centre_nm) / band.width_nm) ** 2)
         return total
 
 
@@ -60,11 +61,13 @@ def rgb_to_lab(rgb8: Sequence[float]) -> np.ndarray:
     """8-bit sRGB (one triple or an (n, 3) array) → CIELAB under D65, via colour-science."""
     srgb = np.asarray(rgb8, dtype=float) / 255.0
     xyz = colour.sRGB_to_XYZ(srgb)
-    return colour.XYZ_to_Lab(xyz, colour.CCS_ILLUMINANTS["CIE 1931 2 Degree Standard Observer"]["D65"])
+    return colour.XYZ_to_Lab(
+        xyz, colour.CCS_ILLUMINANTS["CIE 1931 2 Degree Standard Observer"]["D65"])
 
 
 class PlateReaderModel:
-    """`read(volumes)` returns a noisy 8-bit RGB reading; `true_rgb(volumes)` the noise-free sRGB."""
+    """`read(volumes)` returns a noisy 8-bit RGB reading; `true_rgb(volumes)` the noise-free
+    sRGB."""
 
     def __init__(self, dyes: Sequence[Dye] = FOOD_DYES, noise_sigma: float = 1 / 255,
                  seed: int | None = 0, total_volume_ul: float = 200.0, path_length: float = 1.0):
@@ -75,7 +78,8 @@ class PlateReaderModel:
         self._path_length = path_length
         wavelengths = WAVELENGTHS.wavelengths
         self._epsilon = np.stack([dye.absorbance(wavelengths) for dye in dyes])  # (dyes, λ)
-        self._cmfs = colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"].copy().align(WAVELENGTHS)
+        self._cmfs = (colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"].copy()
+                      .align(WAVELENGTHS))
         self._illuminant = colour.SDS_ILLUMINANTS["D65"].copy().align(WAVELENGTHS)
 
     @property
@@ -90,7 +94,8 @@ class PlateReaderModel:
         concentrations = np.array([self._concentrations(r) for r in recipes])  # (n, dyes)
         absorbance = self._path_length * concentrations @ self._epsilon  # (n, λ)
         transmittance = 10.0 ** (-absorbance)
-        xyz = sd_to_XYZ_integration(transmittance, self._cmfs, self._illuminant, shape=WAVELENGTHS) / 100.0
+        xyz = sd_to_XYZ_integration(transmittance, self._cmfs, self._illuminant,
+                                    shape=WAVELENGTHS) / 100.0
         return np.clip(colour.XYZ_to_sRGB(xyz), 0.0, 1.0)
 
     def read(self, volumes: Mapping[str, float]) -> RGB8:
@@ -105,5 +110,6 @@ class PlateReaderModel:
     def _concentrations(self, volumes: Mapping[str, float]) -> np.ndarray:
         unknown = set(volumes) - set(self._dyes) - {"water"}
         if unknown:
-            raise KeyError(f"unknown dye(s) {sorted(unknown)}; this reader has {sorted(self._dyes)}")
+            raise KeyError(f"unknown dye(s) {sorted(unknown)}; "
+                           f"this reader has {sorted(self._dyes)}")
         return np.array([volumes.get(name, 0.0) for name in self._dyes]) / self._total_volume_ul

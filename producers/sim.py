@@ -6,9 +6,9 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable
 
 from events import kafka, metrics
 from events.codec import Codec, default_codec

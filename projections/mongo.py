@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiokafka import TopicPartition
 from pymongo import MongoClient, UpdateOne
@@ -31,7 +31,7 @@ from projections.runner import Positioned
 
 
 def _datetime(micros: int) -> datetime:
-    return datetime.fromtimestamp(micros / 1e6, timezone.utc)
+    return datetime.fromtimestamp(micros / 1e6, UTC)
 
 
 class MongoProjection:
@@ -72,7 +72,8 @@ class MongoProjection:
             lambda: list(self.db.projection_positions.find({"projection": self.name})))
         return {TopicPartition(d["topic"], d["partition"]): d["next_offset"] for d in docs}
 
-    async def apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
+    async def apply(self, events: list[Positioned],
+                    next_offsets: dict[TopicPartition, int]) -> None:
         await asyncio.to_thread(self._apply, events, next_offsets)
 
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:

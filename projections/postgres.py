@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import TopicPartition
 
-from events.config import Config
 from events import model as m
+from events.config import Config
 from events.model import DeviceRegistered, MeasurementValidated
-from events.topics import (COLOUR_READINGS, DEVICES, EXPERIMENTS, MEASUREMENTS_VALIDATED,
-                           ROBOT_RUNS, topic_name)
+from events.topics import (
+    COLOUR_READINGS,
+    DEVICES,
+    EXPERIMENTS,
+    MEASUREMENTS_VALIDATED,
+    ROBOT_RUNS,
+    topic_name,
+)
 from projections.migrate import migrate
 from projections.runner import Positioned
 
@@ -79,7 +85,8 @@ class PostgresProjection:
             self.name)
         return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
-    async def apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
+    async def apply(self, events: list[Positioned],
+                    next_offsets: dict[TopicPartition, int]) -> None:
         m_rows = []
         devices: dict[str, dict] = {}
         campaign: list[tuple[str, tuple]] = []  # (sql, args) in log order
@@ -96,7 +103,7 @@ class PostgresProjection:
                 devices[r["device_id"]] = r  # the last registration in the batch wins
         async with self.pool.acquire() as con, con.transaction():
             if m_rows:
-                await con.execute(INSERT_MEASUREMENTS, *map(list, zip(*m_rows)))
+                await con.execute(INSERT_MEASUREMENTS, *map(list, zip(*m_rows, strict=False)))
             if devices:
                 ds = list(devices.values())
                 await con.execute(
@@ -123,7 +130,7 @@ async def connect_pool(dsn: str, variable: str, **kwargs) -> asyncpg.Pool:
 # -- colour-mixing campaigns --------------------------------------------------------------------
 
 def _ts(micros: int) -> datetime:
-    return datetime.fromtimestamp(micros / 1e6, timezone.utc)
+    return datetime.fromtimestamp(micros / 1e6, UTC)
 
 
 def _runs(statements: list[tuple[str, tuple]]):

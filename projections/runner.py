@@ -48,7 +48,8 @@ class Projection(Protocol):
     async def positions(self) -> dict[TopicPartition, int]:
         """Next offset to read for each partition this projection has seen."""
 
-    async def apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
+    async def apply(self, events: list[Positioned],
+                    next_offsets: dict[TopicPartition, int]) -> None:
         """Write the events and the next offsets durably, atomically, idempotently."""
 
 

@@ -106,8 +106,8 @@ def _java() -> str:
     if major == 1 and found and found.group(2):  # "1.8.0" style
         major = int(found.group(2))
     if major < 17:
-        raise ServiceError(NAME, f"{java} is Java {major or 'of unknown version'}; Kafka {version()} needs "
-                                 f"Java 17 or newer: {hint}")
+        raise ServiceError(NAME, f"{java} is Java {major or 'of unknown version'}; "
+                                 f"Kafka {version()} needs Java 17 or newer: {hint}")
     return java
 
 
@@ -131,7 +131,8 @@ def _install(cfg: Config, echo: Echo) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     proc.run(NAME, [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
                     f"-DoutputDirectory={tmp}", "-DincludeScope=runtime"],
-             hint="check network access to Maven Central (or your ~/.m2/settings.xml mirror) and retry",
+             hint="check network access to Maven Central "
+                  "(or your ~/.m2/settings.xml mirror) and retry",
              timeout=1800)
     if not any(tmp.glob("kafka_*.jar")):
         raise ServiceError(NAME, f"Maven finished but {tmp} holds no kafka_*.jar; check {POM}")
@@ -180,7 +181,8 @@ def _cluster_id() -> str:
 
 
 def _java_cmd(cfg: Config, java: str, *jvm_options: str) -> list[str]:
-    return [java, *jvm_options, f"-Dlog4j2.configurationFile={_log4j(cfg)}", "-cp", f"{_lib(cfg)}/*"]
+    return [java, *jvm_options, f"-Dlog4j2.configurationFile={_log4j(cfg)}",
+            "-cp", f"{_lib(cfg)}/*"]
 
 
 def prepare(cfg: Config, echo: Echo) -> None:

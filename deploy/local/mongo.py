@@ -61,7 +61,8 @@ def running_pid(cfg: Config) -> int | None:
 def _server_command() -> list[str]:
     if importlib.util.find_spec("secantus") is None:
         raise ServiceError(NAME, f"SecantusDB is not installed for {sys.executable}: "
-                                 "pip install secantusdb (or set LABBUS_MONGO_URL to a MongoDB you run)")
+                                 "pip install secantusdb "
+                                 "(or set LABBUS_MONGO_URL to a MongoDB you run)")
     script = Path(sys.executable).parent / "secantusd-py"
     return [str(script)] if script.exists() else [sys.executable, "-m", "secantus"]
 
@@ -88,7 +89,8 @@ def problem(cfg: Config, timeout: float = 5.0) -> str | None:
     from pymongo.errors import PyMongoError
 
     if not cfg.mongo_url.startswith("mongodb+srv://"):
-        hosts = [proc.host_port(h, 27017) for h in urlsplit(cfg.mongo_url).netloc.rpartition("@")[2].split(",")]
+        netloc = urlsplit(cfg.mongo_url).netloc
+        hosts = [proc.host_port(h, 27017) for h in netloc.rpartition("@")[2].split(",")]
         if not any(proc.port_open(h, p) for h, p in hosts):
             return "connection refused"
     ms = int(timeout * 1000)

@@ -138,9 +138,11 @@ def _bin_dir(cfg: Config) -> Path | None:
     if want is not None:
         if want in candidates:
             return candidates[want]
-        raise ServiceError(NAME, f"{_data(cfg)} was created by PostgreSQL {want}, which is not installed "
+        raise ServiceError(NAME, f"{_data(cfg)} was created by PostgreSQL {want}, "
+                                 f"which is not installed "
                                  f"(found: {', '.join(sorted(candidates)) or 'none'}): "
-                                 f"apt-get install postgresql-{want}, or remove {_data(cfg)} to start empty")
+                                 f"apt-get install postgresql-{want}, "
+                                 f"or remove {_data(cfg)} to start empty")
     if candidates:
         return candidates[max(candidates, key=lambda v: int(v) if v.isdigit() else -1)]
     found = shutil.which("pg_ctl")
@@ -149,8 +151,10 @@ def _bin_dir(cfg: Config) -> Path | None:
 
 def _install(echo: Echo) -> None:
     if os.geteuid() != 0:
-        raise ServiceError(NAME, f"PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin): "
-                                 f"sudo {INSTALL_HINT}, or set LABBUS_POSTGRES_DSN to a server you run")
+        raise ServiceError(NAME, f"PostgreSQL server binaries not found "
+                                 f"(/usr/lib/postgresql/*/bin): "
+                                 f"sudo {INSTALL_HINT}, "
+                                 f"or set LABBUS_POSTGRES_DSN to a server you run")
     echo("postgres: installing the postgresql package with apt-get (first run only)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     hint = f"run `{INSTALL_HINT}` yourself, or set LABBUS_POSTGRES_DSN to a server you run"
@@ -170,8 +174,9 @@ def _chown(*paths: Path) -> None:
     try:
         owner = pwd.getpwnam(SUPERUSER)
     except KeyError:
-        raise ServiceError(NAME, f"no `{SUPERUSER}` system user to run the server as (PostgreSQL refuses "
-                                 f"to run as root): {INSTALL_HINT} creates it") from None
+        raise ServiceError(NAME, f"no `{SUPERUSER}` system user to run the server as "
+                                 f"(PostgreSQL refuses to run as root): "
+                                 f"{INSTALL_HINT} creates it") from None
     for path in paths:
         os.chown(path, owner.pw_uid, owner.pw_gid)
 
@@ -183,7 +188,8 @@ def prepare(cfg: Config, echo: Echo) -> None:
         _install(echo)
     bindir = _bin_dir(cfg)
     if bindir is None:
-        raise ServiceError(NAME, f"PostgreSQL binaries still not found after installing: {INSTALL_HINT}")
+        raise ServiceError(NAME, f"PostgreSQL binaries still not found after installing: "
+                                 f"{INSTALL_HINT}")
     base, run = _dir(cfg), _socket_dir(cfg)
     socket_path = run / f".s.PGSQL.{endpoint(cfg)[1]}"
     if len(str(socket_path)) > 100:
@@ -205,8 +211,9 @@ def prepare(cfg: Config, echo: Echo) -> None:
                 f.write(secrets.token_urlsafe(24) + "\n")
         _chown(pwfile)
         echo(f"postgres: initdb {_data(cfg)}")
-        proc.run(NAME, [*_as_owner(), str(bindir / "initdb"), "-D", str(_data(cfg)), "-U", SUPERUSER,
-                        f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
+        proc.run(NAME, [*_as_owner(), str(bindir / "initdb"), "-D", str(_data(cfg)),
+                        "-U", SUPERUSER, f"--pwfile={pwfile}",
+                        "--auth-local=trust", "--auth-host=scram-sha-256",
                         "-E", "UTF8", "--locale=C"],
                  hint=f"fix the problem above, or remove {_data(cfg)} and retry")
     log = log_path(cfg)
@@ -216,10 +223,12 @@ def prepare(cfg: Config, echo: Echo) -> None:
 
 def start(cfg: Config, echo: Echo) -> int | None:
     host, port = endpoint(cfg)
-    options = ["-p", str(port), "-k", str(_socket_dir(cfg)), "-c", f"listen_addresses={host}", *SERVER_OPTIONS]
+    options = ["-p", str(port), "-k", str(_socket_dir(cfg)), "-c", f"listen_addresses={host}",
+               *SERVER_OPTIONS]
     echo(f"postgres: starting on {host}:{port} (log: {log_path(cfg)})")
-    proc.run(NAME, [*_as_owner(), str(_bin_dir(cfg) / "pg_ctl"), "-D", str(_data(cfg)), "-l", str(log_path(cfg)),
-                    "-o", shlex.join(options), "-w", "-t", str(int(START_TIMEOUT)), "start"],
+    proc.run(NAME, [*_as_owner(), str(_bin_dir(cfg) / "pg_ctl"), "-D", str(_data(cfg)),
+                    "-l", str(log_path(cfg)), "-o", shlex.join(options),
+                    "-w", "-t", str(int(START_TIMEOUT)), "start"],
              hint=f"see {log_path(cfg)}", timeout=START_TIMEOUT + 10)
     return running_pid(cfg)
 
@@ -273,7 +282,8 @@ async def _grant(conn, database: str, writer: str, reader: str | None) -> None:
         statements += [f"GRANT CONNECT ON DATABASE {db} TO {r}",
                        f"GRANT USAGE ON SCHEMA public TO {r}",
                        f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}",
-                       f"ALTER DEFAULT PRIVILEGES FOR ROLE {w} IN SCHEMA public GRANT SELECT ON TABLES TO {r}"]
+                       f"ALTER DEFAULT PRIVILEGES FOR ROLE {w} IN SCHEMA public "
+                       f"GRANT SELECT ON TABLES TO {r}"]
     await conn.execute(";\n".join(statements))
 
 
@@ -306,7 +316,8 @@ def _sql(what: str, make) -> None:
     try:
         proc.run_async(make)
     except (asyncpg.PostgresError, OSError) as e:
-        raise ServiceError(NAME, f"{what} failed: {e}. With your own server (LABBUS_POSTGRES_DSN) the "
+        raise ServiceError(NAME, f"{what} failed: {e}. "
+                                 "With your own server (LABBUS_POSTGRES_DSN) the "
                                  "writer role needs CREATEDB and must own its database") from None
 
 
@@ -318,7 +329,10 @@ def provision(cfg: Config, echo: Echo) -> None:
 
 
 def create_database(cfg: Config, name: str) -> str:
-    """Create (if missing) database ``name`` owned by the writer with the reader grants; its writer DSN."""
+    """Create (if missing) database ``name`` owned by the writer with the reader grants.
+
+    Returns its writer DSN.
+    """
     _sql(f"creating database {name}", lambda: _provision(cfg, name))
     return with_database(cfg.postgres_dsn, name)
 
@@ -326,7 +340,8 @@ def create_database(cfg: Config, name: str) -> str:
 def drop_database(cfg: Config, name: str) -> None:
     """Drop database ``name`` (disconnecting its sessions)."""
     async def drop() -> None:
-        admin_db = SUPERUSER if not cfg.explicitly_set(SETTING) else parse(cfg.postgres_dsn).database
+        admin_db = (SUPERUSER if not cfg.explicitly_set(SETTING)
+                    else parse(cfg.postgres_dsn).database)
         conn = await _connect_admin(cfg, admin_db)
         try:
             await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")

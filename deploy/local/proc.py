@@ -15,9 +15,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 Echo = Callable[[str], None]
 
@@ -114,10 +115,12 @@ def spawn(argv: list[str], *, log: Path, pid_file: Path | None = None,
     """Start ``argv`` detached (own session, stdin closed, output appended to ``log``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shlex.join(argv)}\n".encode())
+        stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+        out.write(f"\n--- {stamp} starting: {shlex.join(argv)}\n".encode())
         out.flush()
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 cwd=cwd, env=env, start_new_session=True, close_fds=True)
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                 start_new_session=True, close_fds=True)
     _children[child.pid] = child
     if pid_file is not None:
         pid_file.write_text(f"{child.pid}\n")
@@ -153,13 +156,17 @@ def stop(pid: int, *, sig: int = signal.SIGTERM, timeout: float = 30.0,
 
 def wait_until(piece: str, what: str, problem: Callable[[], str | None], timeout: float, *,
                pid: int | None = None, marker: str | None = None, log: Path | None = None) -> float:
-    """Poll ``problem`` until it returns None; fail early if ``pid`` dies. Returns the seconds waited."""
+    """Poll ``problem`` until it returns None; fail early if ``pid`` dies.
+
+    Returns the seconds waited.
+    """
     start = time.monotonic()
     while (why := problem()) is not None:
         if pid is not None and not pid_alive(pid, marker):
             raise ServiceError(piece, f"the process exited while starting{_log_hint(log)}")
         if time.monotonic() - start > timeout:
-            raise ServiceError(piece, f"{what} did not answer within {timeout:.0f} s ({why}){_log_hint(log)}")
+            raise ServiceError(piece, f"{what} did not answer within {timeout:.0f} s "
+                                      f"({why}){_log_hint(log)}")
         time.sleep(0.25)
     return time.monotonic() - start
 
@@ -191,10 +198,12 @@ def run(piece: str, argv: list[str], *, hint: str, timeout: float = 120.0,
     except FileNotFoundError:
         raise ServiceError(piece, f"{argv[0]} not found: {hint}") from None
     except subprocess.TimeoutExpired:
-        raise ServiceError(piece, f"`{shlex.join(argv)}` took longer than {timeout:.0f} s: {hint}") from None
+        raise ServiceError(piece, f"`{shlex.join(argv)}` took longer than {timeout:.0f} s: "
+                                  f"{hint}") from None
     except subprocess.CalledProcessError as e:
         out = "\n".join(((e.stdout or "") + (e.stderr or "")).strip().splitlines()[-15:])
-        raise ServiceError(piece, f"`{shlex.join(argv)}` failed (exit {e.returncode}):\n{out}\n{hint}") from None
+        raise ServiceError(piece, f"`{shlex.join(argv)}` failed (exit {e.returncode}):\n"
+                                  f"{out}\n{hint}") from None
 
 
 def run_async(make: Callable[[], Awaitable[Any]]) -> Any:

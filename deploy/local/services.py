@@ -7,7 +7,8 @@
     services.down(config.load())             # data is kept under LABBUS_HOME
 
 A service whose setting was given explicitly (LABBUS_KAFKA_BOOTSTRAP, LABBUS_POSTGRES_DSN,
-LABBUS_MONGO_URL) is the user's own: it is never started or stopped here, `up` only checks it answers.
+LABBUS_MONGO_URL) is the user's own: it is never started or stopped here, `up` only checks it
+answers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _selected(only: Iterable[str] | None) -> list[ModuleType]:
     names = set(only)
     unknown = names - {s.NAME for s in SERVICES}
     if unknown:
-        raise ValueError(f"unknown service(s) {sorted(unknown)}; known: {[s.NAME for s in SERVICES]}")
+        raise ValueError(f"unknown service(s) {sorted(unknown)}; "
+                         f"known: {[s.NAME for s in SERVICES]}")
     return [s for s in SERVICES if s.NAME in names]
 
 
@@ -70,9 +72,10 @@ def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> di
                 continue
             host, port = svc.endpoint(cfg)
             if proc.port_open(host, port):
-                raise ServiceError(svc.NAME, f"{host}:{port} is already in use by a process labbus did not "
-                                             f"start (no live pid under {cfg.home}); stop that process, or "
-                                             f"set {_env(svc)} to use it as your own server")
+                raise ServiceError(svc.NAME,
+                                   f"{host}:{port} is already in use by a process labbus did not "
+                                   f"start (no live pid under {cfg.home}); stop that process, or "
+                                   f"set {_env(svc)} to use it as your own server")
             svc.prepare(cfg, echo)
             t0 = time.monotonic()
             started[svc.NAME] = (svc.start(cfg, echo), t0)
@@ -80,13 +83,15 @@ def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> di
             if _external(cfg, svc):
                 why = svc.problem(cfg, 10.0)
                 if why is not None:
-                    raise ServiceError(svc.NAME, f"{masked(svc.address(cfg))} (from {_env(svc)}) does not "
-                                                 f"answer ({why}): start that server or fix {_env(svc)}, or "
-                                                 f"unset {_env(svc)} to run a local one")
+                    raise ServiceError(svc.NAME,
+                                       f"{masked(svc.address(cfg))} (from {_env(svc)}) does not "
+                                       f"answer ({why}): start that server or fix {_env(svc)}, or "
+                                       f"unset {_env(svc)} to run a local one")
                 continue
             pid, t0 = started.get(svc.NAME, (svc.running_pid(cfg), None))
-            proc.wait_until(svc.NAME, masked(svc.address(cfg)), lambda svc=svc: svc.problem(cfg, 5.0),
-                            svc.START_TIMEOUT, pid=pid, marker=svc.marker(cfg), log=svc.log_path(cfg))
+            proc.wait_until(svc.NAME, masked(svc.address(cfg)),
+                            lambda svc=svc: svc.problem(cfg, 5.0), svc.START_TIMEOUT,
+                            pid=pid, marker=svc.marker(cfg), log=svc.log_path(cfg))
             svc.provision(cfg, echo)
             if t0 is not None:
                 echo(f"{svc.NAME}: ready at {masked(svc.address(cfg))} "
@@ -106,8 +111,8 @@ def down(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> 
                 echo(f"{svc.NAME}: not running")
                 continue
             t0 = time.monotonic()
-            outcome = proc.stop(pid, sig=svc.STOP_SIGNAL, timeout=svc.STOP_TIMEOUT, marker=svc.marker(cfg),
-                                pid_file=svc.pid_file(cfg))
+            outcome = proc.stop(pid, sig=svc.STOP_SIGNAL, timeout=svc.STOP_TIMEOUT,
+                                marker=svc.marker(cfg), pid_file=svc.pid_file(cfg))
             echo(f"{svc.NAME}: {outcome} (pid {pid}, {time.monotonic() - t0:.1f} s)")
 
 
@@ -118,7 +123,8 @@ def status(cfg: Config) -> list[ServiceStatus]:
         if _external(cfg, svc):
             why = svc.problem(cfg, 3.0)
             result.append(ServiceStatus(svc.NAME, why is None, address, None,
-                                        f"external ({_env(svc)}); " + ("answers" if why is None else why)))
+                                        f"external ({_env(svc)}); "
+                                        + ("answers" if why is None else why)))
             continue
         pid = svc.running_pid(cfg)
         if pid is not None:

@@ -49,7 +49,8 @@ def check_inc_max_dotted(db: Database) -> str:
     c = db.counters
     for value in (5, 3, 9):
         c.update_one({"_id": "k"}, {"$inc": {"stats.count": 1, "stats.sum": value},
-                                    "$max": {"stats.hi": value}, "$set": {"pos.t": value}}, upsert=True)
+                                    "$max": {"stats.hi": value}, "$set": {"pos.t": value}},
+                     upsert=True)
     doc = c.find_one({"_id": "k"})
     assert doc == {"_id": "k", "stats": {"count": 3, "sum": 17, "hi": 9}, "pos": {"t": 9}}, doc
     assert c.count_documents({"stats.hi": {"$gt": 8}}) == 1
@@ -60,29 +61,36 @@ def check_bulk_guarded_upsert(db: Database) -> str:
     c = db.positions
     c.insert_one({"_id": "a", "pos": {"t": 3}, "v": "old"})
     c.insert_one({"_id": "n", "v": "no position yet"})
-    ops = [UpdateOne({"_id": "a", **_newer_than(5)}, {"$set": {"pos.t": 5, "v": "new"}}, upsert=True),
-           UpdateOne({"_id": "b", **_newer_than(5)}, {"$set": {"pos.t": 5, "v": "first"}}, upsert=True),
-           UpdateOne({"_id": "n", **_newer_than(2)}, {"$set": {"pos.t": 2, "v": "set"}}, upsert=True)]
+    ops = [UpdateOne({"_id": "a", **_newer_than(5)}, {"$set": {"pos.t": 5, "v": "new"}},
+                     upsert=True),
+           UpdateOne({"_id": "b", **_newer_than(5)}, {"$set": {"pos.t": 5, "v": "first"}},
+                     upsert=True),
+           UpdateOne({"_id": "n", **_newer_than(2)}, {"$set": {"pos.t": 2, "v": "set"}},
+                     upsert=True)]
     r = c.bulk_write(ops, ordered=False)
     assert (r.matched_count, r.modified_count, r.upserted_count) == (2, 2, 1), r.bulk_api_result
     assert c.find_one({"_id": "a"}) == {"_id": "a", "pos": {"t": 5}, "v": "new"}
-    assert c.find_one({"_id": "b"}) == {"_id": "b", "pos": {"t": 5}, "v": "first"}, c.find_one({"_id": "b"})
+    assert c.find_one({"_id": "b"}) == {"_id": "b", "pos": {"t": 5}, "v": "first"}, (
+        c.find_one({"_id": "b"}))
     assert c.find_one({"_id": "n"}) == {"_id": "n", "v": "set", "pos": {"t": 2}}
     # A stale update: the guard doesn't match, so the upsert tries to insert _id "a" again.
     # MongoDB answers with a duplicate-key write error (11000) and leaves the document alone.
-    stale = [UpdateOne({"_id": "a", **_newer_than(4)}, {"$set": {"pos.t": 4, "v": "stale"}}, upsert=True),
+    stale = [UpdateOne({"_id": "a", **_newer_than(4)}, {"$set": {"pos.t": 4, "v": "stale"}},
+                       upsert=True),
              UpdateOne({"_id": "c", **_newer_than(1)}, {"$set": {"pos.t": 1}}, upsert=True)]
     try:
         c.bulk_write(stale, ordered=False)
-        raise AssertionError("stale guarded upsert raised no duplicate-key error (MongoDB raises 11000)")
+        raise AssertionError("stale guarded upsert raised no duplicate-key error "
+                             "(MongoDB raises 11000)")
     except BulkWriteError as e:
         codes = [w["code"] for w in e.details["writeErrors"]]
         assert codes == [11000], e.details
         assert e.details["nUpserted"] == 1, e.details  # unordered: the other op still applied
     assert c.find_one({"_id": "a"}) == {"_id": "a", "pos": {"t": 5}, "v": "new"}
     assert c.find_one({"_id": "c"}) == {"_id": "c", "pos": {"t": 1}}
-    return ("bulk_write(UpdateOne(upsert=True), ordered=False) with an $or/$lt/$exists guard: applies newer, "
-            "upserts missing, stale ones fail with 11000 like MongoDB and change nothing")
+    return ("bulk_write(UpdateOne(upsert=True), ordered=False) with an $or/$lt/$exists guard: "
+            "applies newer, upserts missing, stale ones fail with 11000 like MongoDB "
+            "and change nothing")
 
 
 def check_indexes(db: Database) -> str:
@@ -112,12 +120,14 @@ def check_sort_skip_limit(db: Database) -> str:
 
 def check_aggregate(db: Database) -> str:
     c = db.readings
-    c.insert_many([{"site": s, "v": v} for s, v in [("a", 1), ("a", 4), ("b", 2), ("c", 10), ("b", 7)]])
+    c.insert_many([{"site": s, "v": v}
+                   for s, v in [("a", 1), ("a", 4), ("b", 2), ("c", 10), ("b", 7)]])
     out = list(c.aggregate([{"$match": {"v": {"$gte": 2}}},
                             {"$group": {"_id": "$site", "n": {"$sum": 1}, "hi": {"$max": "$v"},
                                         "avg": {"$avg": "$v"}}},
                             {"$sort": {"hi": -1}}]))
-    assert out == [{"_id": "c", "n": 1, "hi": 10, "avg": 10.0}, {"_id": "b", "n": 2, "hi": 7, "avg": 4.5},
+    assert out == [{"_id": "c", "n": 1, "hi": 10, "avg": 10.0},
+                   {"_id": "b", "n": 2, "hi": 7, "avg": 4.5},
                    {"_id": "a", "n": 1, "hi": 4, "avg": 4.0}], out
     return "aggregate $match → $group ($sum/$max/$avg) → $sort"
 
@@ -141,9 +151,11 @@ def check_transaction(db: Database) -> str:
         with s.start_transaction():
             a.insert_one({"_id": 1}, session=s)
             b.update_one({"_id": "seed"}, {"$set": {"x": 1}}, session=s)
-            assert a.find_one({"_id": 1}) is None, "uncommitted insert visible outside the transaction"
+            assert a.find_one({"_id": 1}) is None, (
+                "uncommitted insert visible outside the transaction")
             assert a.find_one({"_id": 1}, session=s) == {"_id": 1}, "own write not visible inside"
-    assert a.find_one({"_id": 1}) == {"_id": 1} and b.find_one({"_id": "seed"}) == {"_id": "seed", "x": 1}
+    assert (a.find_one({"_id": 1}) == {"_id": 1}
+            and b.find_one({"_id": "seed"}) == {"_id": "seed", "x": 1})
     try:
         with client.start_session() as s:
             with s.start_transaction():
@@ -152,8 +164,10 @@ def check_transaction(db: Database) -> str:
                 raise RuntimeError("abort")
     except RuntimeError:
         pass
-    assert a.find_one({"_id": 2}) is None and b.find_one({"_id": "seed"})["x"] == 1, "abort left writes"
-    return "multi-document transaction: commit is atomic and isolated, an exception aborts both writes"
+    assert a.find_one({"_id": 2}) is None and b.find_one({"_id": "seed"})["x"] == 1, (
+        "abort left writes")
+    return ("multi-document transaction: commit is atomic and isolated, "
+            "an exception aborts both writes")
 
 
 def check_write_conflict(db: Database) -> str:
@@ -166,21 +180,24 @@ def check_write_conflict(db: Database) -> str:
         c.update_one({"_id": 1}, {"$inc": {"v": 1}}, session=s1)
         try:
             c.update_one({"_id": 1}, {"$inc": {"v": 10}}, session=s2)
-            raise AssertionError("a concurrent transactional write to the same document did not conflict")
+            raise AssertionError("a concurrent transactional write to the same document "
+                                 "did not conflict")
         except pymongo.errors.OperationFailure as e:
-            assert e.code == 112 and e.has_error_label("TransientTransactionError"), (e.code, e.details)
+            assert e.code == 112 and e.has_error_label("TransientTransactionError"), (
+                e.code, e.details)
         finally:
             if s2.in_transaction:
                 s2.abort_transaction()
         s1.commit_transaction()
     assert c.find_one({"_id": 1})["v"] == 1
-    return "concurrent transactions writing one document: WriteConflict (112, TransientTransactionError)"
+    return ("concurrent transactions writing one document: "
+            "WriteConflict (112, TransientTransactionError)")
 
 
 CHECKS: list[Callable[[Database], str]] = [
-    check_insert_find, check_upsert_set, check_inc_max_dotted, check_bulk_guarded_upsert, check_indexes,
-    check_sort_skip_limit, check_aggregate, check_count_documents, check_transaction,
-    check_write_conflict,
+    check_insert_find, check_upsert_set, check_inc_max_dotted, check_bulk_guarded_upsert,
+    check_indexes, check_sort_skip_limit, check_aggregate, check_count_documents,
+    check_transaction, check_write_conflict,
 ]
 
 

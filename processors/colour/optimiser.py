@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -105,7 +105,8 @@ class MixingModel:
 def _unclipped_rgb8(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8-bit sRGB before clipping, and its derivative with respect to linear sRGB."""
     # XYZ here is already relative to the sRGB white point, so no chromatic adaptation.
-    linear = colour.XYZ_to_RGB(xyz, SRGB, chromatic_adaptation_transform=None, apply_cctf_encoding=False)
+    linear = colour.XYZ_to_RGB(xyz, SRGB, chromatic_adaptation_transform=None,
+                               apply_cctf_encoding=False)
     h = 1e-6
     encoded = colour.cctf_encoding(linear, function="sRGB")
     slope = (colour.cctf_encoding(linear + h, function="sRGB") - encoded) / h
@@ -154,12 +155,14 @@ def fit_model(fractions: np.ndarray, rgb8: np.ndarray, weights: np.ndarray, nois
     def jacobian(theta):
         _, xyz, slope, active = evaluate(theta)
         # d rgb8_c / d density_j = slope_c * M[c, j] * (-ln10 * xyz_j)
-        d_density = slope[:, :, None] * to_rgb[None, :, :] * (-np.log(10.0) * xyz)[:, None, :]  # (n, c, j)
+        d_density = (slope[:, :, None] * to_rgb[None, :, :]
+                     * (-np.log(10.0) * xyz)[:, None, :])  # (n, c, j)
         d_density *= (scale * active)[:, :, None]
         jac = np.zeros((n, 3, 3 + 3 * dyes))
         for j in range(3):
             jac[:, :, j] = d_density[:, :, j]
-            jac[:, :, 3 + j * dyes: 3 + (j + 1) * dyes] = d_density[:, :, j, None] * fractions[:, None, :]
+            jac[:, :, 3 + j * dyes: 3 + (j + 1) * dyes] = (
+                d_density[:, :, j, None] * fractions[:, None, :])
         return jac.reshape(n * 3, -1)
 
     white = -np.log10(colour.xy_to_XYZ(SRGB.whitepoint))
@@ -188,20 +191,23 @@ class Measured:
 def _volumes(recipe: Mapping[str, float], dyes: Sequence[str]) -> tuple[int, ...]:
     unknown = set(recipe) - set(dyes) - {"water"}
     if unknown:
-        raise ValueError(f"observation uses dye(s) {sorted(unknown)} outside this campaign's {list(dyes)}")
+        raise ValueError(f"observation uses dye(s) {sorted(unknown)} "
+                         f"outside this campaign's {list(dyes)}")
     return tuple(int(round(recipe.get(dye, 0))) for dye in dyes)
 
 
-def summarise(history: Sequence[Observation], dyes: Sequence[str], target_lab: np.ndarray) -> list[Measured]:
+def summarise(history: Sequence[Observation], dyes: Sequence[str],
+              target_lab: np.ndarray) -> list[Measured]:
     groups: dict[tuple[int, ...], list[RGB8]] = {}
     for observation in history:
         groups.setdefault(_volumes(observation.recipe, dyes), []).append(observation.rgb8)
     if not groups:
         return []
-    means = np.array([np.mean(np.asarray(readings, dtype=float), axis=0) for readings in groups.values()])
+    means = np.array([np.mean(np.asarray(readings, dtype=float), axis=0)
+                      for readings in groups.values()])
     des = np.atleast_1d(delta_e2000(srgb_to_lab(means / 255.0), target_lab))
     return [Measured(volumes, mean, len(readings), float(de))
-            for (volumes, readings), mean, de in zip(groups.items(), means, des)]
+            for (volumes, readings), mean, de in zip(groups.items(), means, des, strict=False)]
 
 
 def estimate_noise_lsb(history: Sequence[Observation], dyes: Sequence[str], prior_lsb: float,
@@ -222,7 +228,8 @@ def estimate_noise_lsb(history: Sequence[Observation], dyes: Sequence[str], prio
     return float(np.sqrt(squares / dof))
 
 
-def de_standard_error(mean_rgb8: np.ndarray, replicates: int, noise_lsb: float, target_lab: np.ndarray) -> float:
+def de_standard_error(mean_rgb8: np.ndarray, replicates: int, noise_lsb: float,
+                      target_lab: np.ndarray) -> float:
     """How much camera noise alone moves the ΔE of a replicate mean (first-order propagation)."""
     steps = np.eye(3) * 0.5
     base = delta_e2000(srgb_to_lab(mean_rgb8 / 255.0), target_lab)
@@ -233,19 +240,23 @@ def de_standard_error(mean_rgb8: np.ndarray, replicates: int, noise_lsb: float, 
 
 # --------------------------------------------------------------------------- search
 
-def _predicted_de(model: MixingModel, volumes: np.ndarray, target_lab: np.ndarray, total_ul: float) -> np.ndarray:
+def _predicted_de(model: MixingModel, volumes: np.ndarray, target_lab: np.ndarray,
+                  total_ul: float) -> np.ndarray:
     return np.atleast_1d(delta_e2000(model.lab(volumes / total_ul), target_lab))
 
 
 def best_recipe_for(model: MixingModel, target_lab: np.ndarray, n_dyes: int,
                     settings: Settings = DEFAULT_SETTINGS) -> tuple[np.ndarray, float]:
-    """Lowest predicted ΔE over feasible integer recipes: a coarse grid, then a 1 µL neighbourhood."""
+    """Lowest predicted ΔE over feasible integer recipes: a coarse grid, then a 1 µL
+    neighbourhood."""
     limits = settings.limits
-    grid = feasible_grid(n_dyes, settings.grid_step_ul * (1 if n_dyes <= 4 else 2), limits)  # keep it fast
+    grid = feasible_grid(n_dyes, settings.grid_step_ul * (1 if n_dyes <= 4 else 2),
+                         limits)  # keep it fast
     de = _predicted_de(model, grid, target_lab, limits.total_ul)
     seeds = grid[np.argsort(de)[:4]]
     window = settings.refine_window_ul if n_dyes <= 4 else 2
-    offsets = np.array(list(itertools.product(range(-window, window + 1), repeat=n_dyes)), dtype=float)
+    offsets = np.array(list(itertools.product(range(-window, window + 1), repeat=n_dyes)),
+                       dtype=float)
     candidates = np.unique(np.vstack([seed + offsets for seed in seeds]), axis=0)
     candidates = candidates[feasible_mask(candidates, limits)]
     candidates = np.vstack([candidates, seeds])
@@ -258,11 +269,13 @@ def best_recipe_for(model: MixingModel, target_lab: np.ndarray, n_dyes: int,
 
 def first_design(n_dyes: int, settings: Settings = DEFAULT_SETTINGS) -> list[tuple[int, ...]]:
     """A two-level factorial (every subset of dyes at the design level), feasible rows only."""
-    rows = np.array(list(itertools.product((0, settings.design_level_ul), repeat=n_dyes)), dtype=float)
+    rows = np.array(list(itertools.product((0, settings.design_level_ul), repeat=n_dyes)),
+                    dtype=float)
     return [tuple(int(v) for v in row) for row in rows[feasible_mask(rows, settings.limits)]]
 
 
-def perturbations(centre: np.ndarray, settings: Settings = DEFAULT_SETTINGS, ring: int = 1) -> list[tuple[int, ...]]:
+def perturbations(centre: np.ndarray, settings: Settings = DEFAULT_SETTINGS,
+                  ring: int = 1) -> list[tuple[int, ...]]:
     """One step up and one down per dye, snapped across the 0 / minimum-transfer gap."""
     limits = settings.limits
     moves = []
@@ -287,7 +300,8 @@ def perturbations(centre: np.ndarray, settings: Settings = DEFAULT_SETTINGS, rin
 
 def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: Sequence[str],
             batch_size: int = 8, budget: int = 96, tolerance: float = 2.0,
-            warm_start: Sequence[Observation] = (), settings: Settings = DEFAULT_SETTINGS) -> Proposal:
+            warm_start: Sequence[Observation] = (),
+            settings: Settings = DEFAULT_SETTINGS) -> Proposal:
     """The next batch of recipes, or a verdict. Depends only on its arguments.
 
     `warm_start` holds observations from earlier campaigns with the same dye stocks:
@@ -299,7 +313,7 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     measured = summarise(history, dyes, target)
     noise = estimate_noise_lsb(list(history) + list(warm_start), dyes, settings.prior_noise_lsb)
     best = min(measured, key=lambda m: (m.de, -m.replicates, m.volumes), default=None)
-    best_recipe = dict(zip(dyes, best.volumes)) if best else None
+    best_recipe = dict(zip(dyes, best.volumes, strict=False)) if best else None
     best_de = best.de if best else None
     remaining = budget - len(history)
 
@@ -308,10 +322,12 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
                         best.replicates if best else 0)
 
     if best and best.replicates >= settings.confirm_replicates:
-        margin = settings.confirm_z * de_standard_error(best.mean_rgb8, best.replicates, noise, target)
+        margin = settings.confirm_z * de_standard_error(best.mean_rgb8, best.replicates, noise,
+                                                        target)
         if best.de + margin < tolerance:
-            return verdict([], True, f"confirmed: mean of {best.replicates} replicate wells has ΔE00 "
-                                     f"{best.de:.2f} (+{margin:.2f} noise margin) < {tolerance:g}")
+            return verdict([], True, f"confirmed: mean of {best.replicates} replicate wells "
+                                     f"has ΔE00 {best.de:.2f} (+{margin:.2f} noise margin) "
+                                     f"< {tolerance:g}")
     spent = f"budget of {budget} wells spent without a confirmed match"
     observations = list(history) + list(warm_start)
     if len(observations) < len(dyes) + 2:
@@ -320,13 +336,16 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
         design = first_design(len(dyes), settings)
         seen = {m.volumes for m in measured}
         fresh = [v for v in design if v not in seen] or design
-        return verdict([dict(zip(dyes, v)) for v in fresh[:min(batch_size, remaining)]], False,
+        return verdict([dict(zip(dyes, v, strict=False))
+                        for v in fresh[:min(batch_size, remaining)]], False,
                        "exploring: too few observations to fit the mixing model")
 
-    fractions = np.array([_volumes(o.recipe, dyes) for o in observations], dtype=float) / limits.total_ul
+    fractions = (np.array([_volumes(o.recipe, dyes) for o in observations], dtype=float)
+                 / limits.total_ul)
     rgb8 = np.array([o.rgb8 for o in observations], dtype=float)
     model = fit_model(fractions, rgb8, np.ones(len(observations)), noise)
-    model = fit_model(fractions, rgb8, np.ones(len(observations)), noise, model, settings.model_error)
+    model = fit_model(fractions, rgb8, np.ones(len(observations)), noise, model,
+                      settings.model_error)
     centre, predicted = best_recipe_for(model, target, len(dyes), settings)
     # Refit around the best recipe measured so far: the linear-density picture is
     # only locally true, and near the answer is where it has to be right.
@@ -337,17 +356,21 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
     model = fit_model(fractions, rgb8, weights, noise, model, settings.model_error)
     centre, predicted = best_recipe_for(model, target, len(dyes), settings)
 
-    out_of_gamut, gamut_reason = _gamut_check(target, predicted, tolerance, len(history) + len(warm_start))
+    out_of_gamut, gamut_reason = _gamut_check(target, predicted, tolerance,
+                                              len(history) + len(warm_start))
     gamut_note = f"; {gamut_reason}" if out_of_gamut else ""
     if remaining <= 0:
         return verdict([], False, spent + gamut_note, out_of_gamut, predicted)
     # Giving up on a match is final, so it waits for half the budget (early models can be
     # wrong) and for the model to see nothing clearly better than the confirmed best.
     # It is a stop without success: done stays False.
-    if (out_of_gamut and best and best.replicates >= settings.confirm_replicates and best.de >= tolerance
+    if (out_of_gamut and best and best.replicates >= settings.confirm_replicates
+            and best.de >= tolerance
             and len(history) >= budget // 2
-            and _predicted_de(model, np.array([best.volumes], float), target, limits.total_ul)[0] < predicted + 0.5):
-        return verdict([], False, f"stopping: closest reachable colour confirmed with ΔE00 {best.de:.2f}"
+            and _predicted_de(model, np.array([best.volumes], float), target,
+                              limits.total_ul)[0] < predicted + 0.5):
+        return verdict([], False, f"stopping: closest reachable colour confirmed with "
+                                  f"ΔE00 {best.de:.2f}"
                                   + gamut_note, out_of_gamut, predicted)
 
     centre_volumes = tuple(int(v) for v in centre)
@@ -365,15 +388,20 @@ def propose(history: Sequence[Observation], target_lab: Sequence[float], dyes: S
         batch += [p for p in perturbations(centre, settings, ring) if p not in batch]
     batch = batch[:min(batch_size, remaining)]
 
-    reason = f"model's best recipe {dict(zip(dyes, centre_volumes))} predicts ΔE00 {predicted:.2f}" + gamut_note
-    return verdict([dict(zip(dyes, v)) for v in batch], False, reason, out_of_gamut, predicted)
+    reason = (f"model's best recipe {dict(zip(dyes, centre_volumes, strict=False))} "
+              f"predicts ΔE00 {predicted:.2f}" + gamut_note)
+    return verdict([dict(zip(dyes, v, strict=False)) for v in batch], False, reason, out_of_gamut,
+                   predicted)
 
 
-def _gamut_check(target: np.ndarray, predicted_de: float, tolerance: float, n_observations: int) -> tuple[bool, str]:
+def _gamut_check(target: np.ndarray, predicted_de: float, tolerance: float,
+                 n_observations: int) -> tuple[bool, str]:
     srgb = lab_to_srgb(target)
     if np.any(srgb < -0.5 / 255) or np.any(srgb > 1 + 0.5 / 255):
-        return True, "target is outside the sRGB gamut the camera can report; aiming for the closest colour"
+        return True, ("target is outside the sRGB gamut the camera can report; "
+                      "aiming for the closest colour")
     if predicted_de > tolerance and n_observations >= 16:
-        return True, (f"target looks outside the dyes' gamut: the closest feasible recipe is predicted at "
+        return True, ("target looks outside the dyes' gamut: "
+                      f"the closest feasible recipe is predicted at "
                       f"ΔE00 {predicted_de:.2f}; aiming for it")
     return False, ""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,11 +20,13 @@ _WELL = re.compile(r"^([A-H])(1[0-2]|[1-9])$")
 
 @dataclass(frozen=True)
 class Limits:
-    total_ul: int = 200               # every well is filled to this volume, water making up the rest
+    total_ul: int = 200               # every well is filled to this volume, water making up
+                                      # the rest
     working_volume_ul: float = 200.0  # most a well may hold
     min_transfer_ul: float = 20.0     # p300 single-channel range
     max_transfer_ul: float = 300.0
-    water_is_pipetted: bool = True    # the water top-up is a transfer too, so it obeys the p300 range
+    water_is_pipetted: bool = True    # the water top-up is a transfer too, so it obeys the
+                                      # p300 range
 
 
 DEFAULT_LIMITS = Limits()
@@ -58,7 +60,8 @@ def recipe_violations(recipe: Recipe, limits: Limits = DEFAULT_LIMITS,
                        f"{limits.working_volume_ul:g} µL")
     dye_total = sum(recipe.values())
     if dye_total > limits.total_ul:
-        reasons.append(f"dyes add up to {dye_total:g} µL, more than the well total {limits.total_ul:g} µL")
+        reasons.append(f"dyes add up to {dye_total:g} µL, "
+                       f"more than the well total {limits.total_ul:g} µL")
     elif limits.water_is_pipetted and 0 < limits.total_ul - dye_total < limits.min_transfer_ul:
         reasons.append(f"water top-up of {limits.total_ul - dye_total:g} µL is below the pipette "
                        f"minimum {limits.min_transfer_ul:g} µL")
@@ -72,14 +75,17 @@ def _transfer_violations(liquid: str, volume: float, limits: Limits) -> list[str
     if volume != int(volume):
         reasons.append(f"{liquid}: {volume:g} µL is not a whole number of µL")
     if 0 < volume < limits.min_transfer_ul:
-        reasons.append(f"{liquid}: {volume:g} µL is below the pipette minimum {limits.min_transfer_ul:g} µL "
+        reasons.append(f"{liquid}: {volume:g} µL is below the pipette minimum "
+                       f"{limits.min_transfer_ul:g} µL "
                        f"(use 0 or at least {limits.min_transfer_ul:g})")
     if volume > limits.max_transfer_ul:
-        reasons.append(f"{liquid}: {volume:g} µL is above the pipette maximum {limits.max_transfer_ul:g} µL")
+        reasons.append(f"{liquid}: {volume:g} µL is above the pipette maximum "
+                       f"{limits.max_transfer_ul:g} µL")
     return reasons
 
 
-def transfers(plan: Mapping[str, Recipe], limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, str, float]]:
+def transfers(plan: Mapping[str, Recipe],
+              limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, str, float]]:
     """(well, liquid, µL) for every non-zero transfer, water included."""
     moves = []
     for well, recipe in plan.items():
@@ -89,7 +95,8 @@ def transfers(plan: Mapping[str, Recipe], limits: Limits = DEFAULT_LIMITS) -> li
     return moves
 
 
-def reservoir_demand(plan: Mapping[str, Recipe], limits: Limits = DEFAULT_LIMITS) -> dict[str, float]:
+def reservoir_demand(plan: Mapping[str, Recipe],
+                     limits: Limits = DEFAULT_LIMITS) -> dict[str, float]:
     demand: dict[str, float] = {}
     for _, liquid, volume in transfers(plan, limits):
         demand[liquid] = demand.get(liquid, 0.0) + volume
@@ -118,8 +125,10 @@ def plan_violations(plan: Mapping[str, Recipe], reservoirs_ul: Mapping[str, floa
             continue
         available = reservoirs_ul[liquid] - dead_volume_ul
         if needed > available:
-            reasons.append(f"{liquid} reservoir: plan needs {needed:g} µL but only {available:g} µL is "
-                           f"usable ({reservoirs_ul[liquid]:g} µL minus {dead_volume_ul:g} µL dead volume)")
+            reasons.append(f"{liquid} reservoir: plan needs {needed:g} µL "
+                           f"but only {available:g} µL is "
+                           f"usable ({reservoirs_ul[liquid]:g} µL minus "
+                           f"{dead_volume_ul:g} µL dead volume)")
     if tips_available is not None:
         tips = tips_needed(plan, limits)
         if tips > tips_available:
@@ -139,7 +148,8 @@ def feasible_grid(n_dyes: int, step: int = 5, limits: Limits = DEFAULT_LIMITS) -
     values = np.array(allowed_dye_volumes(limits, step), dtype=float)
     grid = np.zeros((1, 0))
     for _ in range(n_dyes):  # grow one dye at a time, pruning overfull wells early
-        grid = np.hstack([np.repeat(grid, len(values), axis=0), np.tile(values, len(grid))[:, None]])
+        grid = np.hstack([np.repeat(grid, len(values), axis=0),
+                          np.tile(values, len(grid))[:, None]])
         grid = grid[grid.sum(axis=1) <= limits.total_ul]
     grid = grid[feasible_mask(grid, limits)]
     grid.setflags(write=False)
@@ -149,7 +159,8 @@ def feasible_grid(n_dyes: int, step: int = 5, limits: Limits = DEFAULT_LIMITS) -
 def feasible_mask(volumes: np.ndarray, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Row-wise feasibility of dye-volume vectors; the vectorised twin of recipe_violations."""
     volumes = np.asarray(volumes, dtype=float)
-    per_dye = (volumes == 0) | ((volumes >= limits.min_transfer_ul) & (volumes <= limits.max_transfer_ul))
+    per_dye = (volumes == 0) | ((volumes >= limits.min_transfer_ul)
+                                & (volumes <= limits.max_transfer_ul))
     ok = np.all(per_dye & (volumes == np.round(volumes)), axis=-1)
     water = limits.total_ul - volumes.sum(axis=-1)
     ok &= water >= 0
@@ -158,16 +169,21 @@ def feasible_mask(volumes: np.ndarray, limits: Limits = DEFAULT_LIMITS) -> np.nd
     return ok
 
 
-def feasible_recipes(dyes: Sequence[str], step: int = 5, limits: Limits = DEFAULT_LIMITS) -> Iterable[dict[str, int]]:
+def feasible_recipes(dyes: Sequence[str], step: int = 5,
+                     limits: Limits = DEFAULT_LIMITS) -> Iterable[dict[str, int]]:
     for row in feasible_grid(len(dyes), step, limits):
-        yield dict(zip(dyes, (int(v) for v in row)))
+        yield dict(zip(dyes, (int(v) for v in row), strict=False))
 
 
-def random_feasible_recipe(dyes: Sequence[str], rng: np.random.Generator, limits: Limits = DEFAULT_LIMITS,
+def random_feasible_recipe(dyes: Sequence[str], rng: np.random.Generator,
+                           limits: Limits = DEFAULT_LIMITS,
                            p_absent: float = 0.25) -> dict[str, int]:
-    """Each dye absent with probability `p_absent`, otherwise uniform over its range; rejection-sampled."""
-    low, high = int(np.ceil(limits.min_transfer_ul)), int(min(limits.max_transfer_ul, limits.total_ul))
+    """Each dye absent with probability `p_absent`, otherwise uniform over its range;
+    rejection-sampled."""
+    low, high = (int(np.ceil(limits.min_transfer_ul)),
+                 int(min(limits.max_transfer_ul, limits.total_ul)))
     while True:
-        volumes = np.array([0 if rng.random() < p_absent else int(rng.integers(low, high + 1)) for _ in dyes])
+        volumes = np.array([0 if rng.random() < p_absent else int(rng.integers(low, high + 1))
+                            for _ in dyes])
         if volumes.any() and feasible_mask(volumes[None, :], limits)[0]:
-            return dict(zip(dyes, (int(v) for v in volumes)))
+            return dict(zip(dyes, (int(v) for v in volumes), strict=False))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,9 +22,11 @@ class TargetError(ValueError):
     """A colour target could not be understood; the message says why."""
 
 
-def delta_e2000(lab_1: Sequence[float] | np.ndarray, lab_2: Sequence[float] | np.ndarray) -> np.ndarray | float:
+def delta_e2000(lab_1: Sequence[float] | np.ndarray,
+                lab_2: Sequence[float] | np.ndarray) -> np.ndarray | float:
     """CIEDE2000 colour difference; broadcasts over (..., 3) arrays."""
-    result = colour.delta_E(np.asarray(lab_1, dtype=float), np.asarray(lab_2, dtype=float), method="CIE 2000")
+    result = colour.delta_E(np.asarray(lab_1, dtype=float), np.asarray(lab_2, dtype=float),
+                            method="CIE 2000")
     return float(result) if np.ndim(result) == 0 else result
 
 

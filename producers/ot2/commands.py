@@ -8,8 +8,9 @@ as served by the robot's ``GET /runs/{id}/commands/{commandId}``), JSON-ready va
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 COMMAND_KEYS = ("id", "key", "commandType", "intent", "status", "params", "result", "error",
                 "createdAt", "startedAt", "completedAt", "notes", "failedCommandId")
@@ -56,7 +57,8 @@ def labware_ids(commands: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, st
     """labwareId -> {"loadName", "slotName"} from succeeded loadLabware commands."""
     out: dict[str, dict[str, str]] = {}
     for c in commands:
-        if c.get("commandType") == "loadLabware" and c.get("status") == "succeeded" and c.get("result"):
+        if (c.get("commandType") == "loadLabware" and c.get("status") == "succeeded"
+                and c.get("result")):
             loc = c["params"].get("location") or {}
             out[c["result"]["labwareId"]] = {
                 "loadName": c["params"].get("loadName"),

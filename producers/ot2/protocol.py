@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 API_LEVEL = "2.28"  # max supported by opentrons 9.0.0 (protocols.api_support.definitions)
 ROBOT_TYPE = "OT-2"
@@ -68,7 +69,7 @@ class DeckLayout:
         names = [*dyes, WATER]
         if len(names) > len(RESERVOIR_WELLS):
             raise ValueError(f"{len(dyes)} dyes + water do not fit the 12-well reservoir")
-        return dict(zip(names, RESERVOIR_WELLS))
+        return dict(zip(names, RESERVOIR_WELLS, strict=False))
 
 
 _DEFAULT_COLORS = {"red": "#E53935", "green": "#43A047", "blue": "#1E88E5",
@@ -145,7 +146,8 @@ def generate_protocol(
     for s, need in per_source_total.items():
         vol = round(need + layout.reservoir_margin_ul, 3)
         if vol > RESERVOIR_WELL_MAX_UL:
-            raise ValueError(f"{s}: {vol} µL needed exceeds a {RESERVOIR_WELL_MAX_UL} µL reservoir well")
+            raise ValueError(f"{s}: {vol} µL needed exceeds a {RESERVOIR_WELL_MAX_UL} µL "
+                             f"reservoir well")
         stock[s] = vol
 
     if tip_policy == "per_source":

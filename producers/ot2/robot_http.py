@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import httpx
 
@@ -41,7 +42,8 @@ class RobotHTTPError(RuntimeError):
     def __init__(self, method: str, url: str, status_code: int, body: Any) -> None:
         self.status_code = status_code
         self.errors = body.get("errors", []) if isinstance(body, dict) else []
-        detail = "; ".join(str(e.get("detail") or e.get("title")) for e in self.errors) or str(body)[:500]
+        detail = ("; ".join(str(e.get("detail") or e.get("title")) for e in self.errors)
+                  or str(body)[:500])
         super().__init__(f"{method} {url} -> HTTP {status_code}: {detail}")
 
 
@@ -96,7 +98,7 @@ class OT2Client:
     def base_url(self) -> str:
         return str(self._http.base_url)
 
-    async def __aenter__(self) -> "OT2Client":
+    async def __aenter__(self) -> OT2Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -117,7 +119,8 @@ class OT2Client:
 
     # -- individual endpoints -------------------------------------------------------------
 
-    async def upload_protocol(self, protocol_text: str, filename: str = "protocol.py") -> dict[str, Any]:
+    async def upload_protocol(self, protocol_text: str,
+                              filename: str = "protocol.py") -> dict[str, Any]:
         """``POST /protocols``; returns the protocol resource (``data``). 200 = already on robot."""
         files = [("files", (filename, protocol_text.encode("utf-8"), "text/x-python"))]
         return (await self._request("POST", "/protocols", files=files))["data"]
@@ -181,7 +184,8 @@ class OT2Client:
                     break
                 if summary["status"] not in TERMINAL_COMMAND_STATUSES:
                     return cursor  # still queued/running: emit it on a later poll
-                full = await self.get_command(run_id, summary["id"]) if self.fetch_full_commands else summary
+                full = (await self.get_command(run_id, summary["id"])
+                        if self.fetch_full_commands else summary)
                 await _call(on_command, normalize_command(full))
                 cursor += 1
                 progressed = True

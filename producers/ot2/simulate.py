@@ -22,9 +22,10 @@ import inspect
 import os
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from .commands import (
     Command,
@@ -197,10 +198,10 @@ async def _run_engine(protocol_text: str, sink: Callable[[Command], None]) -> _E
 
 
 def _setup_error(exc: Exception) -> dict[str, Any]:
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     from opentrons_shared_data.errors.exceptions import PythonException
 
     err = exc if isinstance(exc, EnumeratedError) else PythonException(exc)
-    occ = ErrorOccurrence.from_failed(id="setup-error", createdAt=datetime.now(timezone.utc), error=err)
+    occ = ErrorOccurrence.from_failed(id="setup-error", createdAt=datetime.now(UTC), error=err)
     return occ.model_dump(mode="json")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -74,7 +74,8 @@ def run_campaign(policy: Policy, reader: PlateReaderModel, target_lab: np.ndarra
             result.declared_done = proposal.done
             break
         readings = reader.read_many(proposal.recipes)
-        history.extend(Observation(recipe, rgb) for recipe, rgb in zip(proposal.recipes, readings))
+        history.extend(Observation(recipe, rgb)
+                       for recipe, rgb in zip(proposal.recipes, readings, strict=False))
     result.wells_used = len(history)
     return result
 
@@ -87,7 +88,10 @@ def physics_policy(warm_start: Sequence[Observation] = ()) -> Policy:
 
 
 def random_policy(seed: int) -> Policy:
-    """Random feasible recipes; the pick is the best single measured reading. It never declares done."""
+    """Random feasible recipes; the pick is the best single measured reading.
+
+    It never declares done.
+    """
     rng = np.random.default_rng(seed)
 
     def policy(history, target_lab, batch_size, budget):
@@ -112,7 +116,8 @@ def summarise(label: str, campaigns: list[Campaign], budget: int) -> str:
     reached = sum(c.wells_to_true_2 is not None for c in campaigns)
     false_stops = sum(c.false_stop for c in campaigns)
     declared = sum(c.declared_done for c in campaigns)
-    seconds = sum(c.proposal_seconds for c in campaigns) / max(1, sum(c.proposals for c in campaigns))
+    seconds = (sum(c.proposal_seconds for c in campaigns)
+               / max(1, sum(c.proposals for c in campaigns)))
     slowest = max(c.slowest_proposal for c in campaigns)
     return (f"{label:<26}"
             f"{_stat([c.wells_to_true_2 for c in campaigns], budget, 50):>8}"
@@ -141,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--budget", type=int, default=96)
-    parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 3.0], help="camera σ in 8-bit counts")
+    parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 3.0],
+                        help="camera σ in 8-bit counts")
     parser.add_argument("--verbose", action="store_true", help="one line per target")
     args = parser.parse_args(argv)
 
@@ -155,15 +161,18 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"batch {args.batch}, budget {args.budget} wells, tolerance ΔE00 < {TOLERANCE:g}")
     print(HEADER)
     for sigma in args.noise:
-        def reader(index: int, stream: int) -> PlateReaderModel:
-            return PlateReaderModel(noise_sigma=sigma / 255.0, seed=args.seed * 1_000_003 + stream * 10_007 + index)
+        def reader(index: int, stream: int, sigma: float = sigma) -> PlateReaderModel:
+            return PlateReaderModel(noise_sigma=sigma / 255.0,
+                                    seed=args.seed * 1_000_003 + stream * 10_007 + index)
 
         cold = [run_campaign(physics_policy(), reader(i, 1), t, args.batch, args.budget)
                 for i, t in enumerate(targets)]
         # Warm start: the previous target's whole cold campaign (same dyes, different colour).
-        warm = [run_campaign(physics_policy(cold[i - 1].history), reader(i, 2), t, args.batch, args.budget)
+        warm = [run_campaign(physics_policy(cold[i - 1].history), reader(i, 2), t,
+                             args.batch, args.budget)
                 for i, t in enumerate(targets)]
-        baseline = [run_campaign(random_policy(args.seed * 7919 + i), reader(i, 3), t, args.batch, args.budget)
+        baseline = [run_campaign(random_policy(args.seed * 7919 + i), reader(i, 3), t,
+                                 args.batch, args.budget)
                     for i, t in enumerate(targets)]
         print(summarise(f"physics cold   σ={sigma:g}/255", cold, args.budget))
         print(summarise(f"physics warm   σ={sigma:g}/255", warm, args.budget))
@@ -173,10 +182,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{'':<26}random/physics median wells ratio ≥ {random_median / cold_median:.1f} "
               f"(unreached counted as {args.budget + 1})")
         if args.verbose:
-            for i, (recipe, c, w) in enumerate(zip(target_recipes, cold, warm)):
-                print(f"  {i:>2} {recipe}  cold: to<2 {c.wells_to_true_2}, used {c.wells_used}, done {c.declared_done}, "
-                      f"meas {c.final_measured_de:.2f} true {c.final_true_de:.2f} | warm: to<2 {w.wells_to_true_2}, "
-                      f"used {w.wells_used}, meas {w.final_measured_de:.2f} true {w.final_true_de:.2f}")
+            for i, (recipe, c, w) in enumerate(zip(target_recipes, cold, warm, strict=False)):
+                print(f"  {i:>2} {recipe}  cold: to<2 {c.wells_to_true_2}, used {c.wells_used}, "
+                      f"done {c.declared_done}, "
+                      f"meas {c.final_measured_de:.2f} true {c.final_true_de:.2f} | "
+                      f"warm: to<2 {w.wells_to_true_2}, "
+                      f"used {w.wells_used}, meas {w.final_measured_de:.2f} "
+                      f"true {w.final_true_de:.2f}")
     print(f"wall time {time.perf_counter() - started:.1f} s")
 
 

@@ -144,8 +144,8 @@ def test_postgres_writer_creates_reader_only_selects(pg_dsns):
         try:
             assert await reader.fetchval("SELECT name FROM samples WHERE id = 1") == "a"
             for sql in ("INSERT INTO samples VALUES (2, 'b')", "UPDATE samples SET name = 'x'",
-                        "DELETE FROM samples", "CREATE TABLE mine (x int)", "CREATE TEMP TABLE t (x int)",
-                        "CREATE SCHEMA own"):
+                        "DELETE FROM samples", "CREATE TABLE mine (x int)",
+                        "CREATE TEMP TABLE t (x int)", "CREATE SCHEMA own"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
                     await reader.execute(sql)
         finally:

@@ -4,7 +4,12 @@ import asyncio
 
 from events import kafka
 from events.codec import default_codec
-from events.topics import MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED, MEASUREMENTS_VALIDATED, topic_name
+from events.topics import (
+    MEASUREMENTS_RECORDED,
+    MEASUREMENTS_REJECTED,
+    MEASUREMENTS_VALIDATED,
+    topic_name,
+)
 from producers import sim
 from tests.conftest import read_topic, run, wait_for
 

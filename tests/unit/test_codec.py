@@ -3,7 +3,7 @@ import json
 import shutil
 import tempfile
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import avro.schema
@@ -11,17 +11,40 @@ import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 from fastavro import parse_schema, schemaless_writer
 
-from events.codec import (MAGIC, SCHEMAS_DIR, Codec, DecodeError, NotSingleObject,
-                          UnknownFingerprint, default_codec)
-from events.model import (ENVELOPE_FIELDS, EVENT_TYPES, DeadLetter, DeviceRegistered,
-                          ExperimentCompleted, ExperimentFailed, ExperimentRejected,
-                          ExperimentRequested, MeasurementRecorded, MeasurementRejected,
-                          MeasurementValidated, RecipeRejected, RecipesProposed,
-                          RobotCommandExecuted, RobotRunFailed, RobotRunFinished,
-                          RobotRunRequested, RobotRunStarted, WellColourMeasured,
-                          WellDispensed, WellScored)
+from events.codec import (
+    MAGIC,
+    SCHEMAS_DIR,
+    Codec,
+    DecodeError,
+    NotSingleObject,
+    UnknownFingerprint,
+    default_codec,
+)
+from events.model import (
+    ENVELOPE_FIELDS,
+    EVENT_TYPES,
+    DeadLetter,
+    DeviceRegistered,
+    ExperimentCompleted,
+    ExperimentFailed,
+    ExperimentRejected,
+    ExperimentRequested,
+    MeasurementRecorded,
+    MeasurementRejected,
+    MeasurementValidated,
+    RecipeRejected,
+    RecipesProposed,
+    RobotCommandExecuted,
+    RobotRunFailed,
+    RobotRunFinished,
+    RobotRunRequested,
+    RobotRunStarted,
+    WellColourMeasured,
+    WellDispensed,
+    WellScored,
+)
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 SAMPLES = [
     DeviceRegistered.create(source="s", subject="d1", sequence=1, device_id="d1",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from processors.colour.optimiser import MixingModel, Observation, fit_model, first_design, propose
+from processors.colour.optimiser import MixingModel, Observation, first_design, fit_model, propose
 from processors.colour.recipes import recipe_violations
 from processors.colour.scoring import delta_e2000, parse_target
 from producers.plate_reader_model import PlateReaderModel, rgb_to_lab
@@ -17,12 +17,15 @@ def run(target_lab, seed, warm_start=(), budget=96, sigma=1 / 255):
     reader = PlateReaderModel(noise_sigma=sigma, seed=seed)
     history = []
     while True:
-        proposal = propose(history, target_lab, DYES, batch_size=8, budget=budget, warm_start=warm_start)
+        proposal = propose(history, target_lab, DYES, batch_size=8, budget=budget,
+                           warm_start=warm_start)
         if proposal.done or not proposal.recipes:
             return proposal, history, reader
         for recipe in proposal.recipes:
             assert recipe_violations(recipe, dyes=DYES) == []
-        history += [Observation(r, rgb) for r, rgb in zip(proposal.recipes, reader.read_many(proposal.recipes))]
+        readings = reader.read_many(proposal.recipes)
+        history += [Observation(r, rgb)
+                    for r, rgb in zip(proposal.recipes, readings, strict=False)]
 
 
 def test_model_fits_noise_free_synthetic_data_exactly():
@@ -66,8 +69,11 @@ def test_same_history_gives_the_same_proposal():
     history = []
     for _ in range(2):
         proposal = propose(history, target, DYES)
-        history += [Observation(r, rgb) for r, rgb in zip(proposal.recipes, reader.read_many(proposal.recipes))]
-    restarted = [Observation(dict(o.recipe), tuple(o.rgb8)) for o in history]  # e.g. replayed from the log
+        readings = reader.read_many(proposal.recipes)
+        history += [Observation(r, rgb)
+                    for r, rgb in zip(proposal.recipes, readings, strict=False)]
+    # e.g. replayed from the log
+    restarted = [Observation(dict(o.recipe), tuple(o.rgb8)) for o in history]
     assert propose(history, target, DYES) == propose(restarted, target, DYES)
 
 
@@ -81,8 +87,11 @@ def test_first_batch_is_a_factorial_design():
 def test_a_single_low_reading_is_not_a_stop():
     target = colour_of({"red": 50, "yellow": 50, "blue": 50})
     reader = PlateReaderModel(noise_sigma=0.0)
-    lucky = Observation({"red": 50, "yellow": 50, "blue": 50}, reader.read({"red": 50, "yellow": 50, "blue": 50}))
-    design = [Observation(dict(zip(DYES, v)), reader.read(dict(zip(DYES, v)))) for v in first_design(3)]
+    lucky = Observation({"red": 50, "yellow": 50, "blue": 50},
+                        reader.read({"red": 50, "yellow": 50, "blue": 50}))
+    design = [Observation(dict(zip(DYES, v, strict=False)),
+                          reader.read(dict(zip(DYES, v, strict=False))))
+              for v in first_design(3)]
     single = propose(design + [lucky], target, DYES)
     assert not single.done and single.best_measured_de < 1.0
     assert single.recipes.count(dict(lucky.recipe)) >= 2  # it asks for replicates instead
@@ -102,7 +111,9 @@ def test_out_of_gamut_target_is_flagged_and_the_closest_colour_pursued():
     history = []
     for _ in range(4):
         proposal = propose(history, target, DYES)
-        history += [Observation(r, rgb) for r, rgb in zip(proposal.recipes, reader.read_many(proposal.recipes))]
+        readings = reader.read_many(proposal.recipes)
+        history += [Observation(r, rgb)
+                    for r, rgb in zip(proposal.recipes, readings, strict=False)]
     proposal = propose(history, target, DYES)
     assert proposal.out_of_gamut and "outside the dyes' gamut" in proposal.reason
     assert not proposal.done and proposal.recipes

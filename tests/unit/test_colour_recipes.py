@@ -2,8 +2,18 @@ import numpy as np
 import pytest
 
 from processors.colour.recipes import (
-    Limits, feasible_grid, feasible_mask, feasible_recipes, plan_violations, random_feasible_recipe,
-    recipe_violations, reservoir_demand, tips_needed, water_ul, well_names, well_violations,
+    Limits,
+    feasible_grid,
+    feasible_mask,
+    feasible_recipes,
+    plan_violations,
+    random_feasible_recipe,
+    recipe_violations,
+    reservoir_demand,
+    tips_needed,
+    water_ul,
+    well_names,
+    well_violations,
 )
 
 DYES = ("red", "yellow", "blue")
@@ -45,7 +55,8 @@ def test_each_recipe_rule_gives_its_reason(recipe, reason):
 
 def test_total_above_working_volume_is_reported():
     limits = Limits(total_ul=250, working_volume_ul=200)
-    assert "well total 250 µL exceeds the working volume 200 µL" in recipe_violations({"red": 50}, limits)
+    assert ("well total 250 µL exceeds the working volume 200 µL"
+            in recipe_violations({"red": 50}, limits))
 
 
 def test_water_rule_can_be_switched_off():
@@ -54,7 +65,8 @@ def test_water_rule_can_be_switched_off():
 
 def test_plan_checks_wells_reservoirs_with_dead_volume_and_tips():
     plan = {"A1": {"red": 100, "blue": 0}, "A2": {"red": 100, "blue": 20}, "Z9": {"red": 10}}
-    reasons = plan_violations(plan, {"red": 250, "water": 1000}, dead_volume_ul=50, tips_available=4)
+    reasons = plan_violations(plan, {"red": 250, "water": 1000}, dead_volume_ul=50,
+                              tips_available=4)
     assert "well 'Z9' is not on a 96-well plate (A1-H12)" in reasons
     assert "Z9: red: 10 µL is below the pipette minimum 20 µL (use 0 or at least 20)" in reasons
     assert ("red reservoir: plan needs 210 µL but only 200 µL is usable "
@@ -75,12 +87,13 @@ def test_feasible_grid_agrees_with_the_rules():
     grid = feasible_grid(3, 10)
     assert len(grid) > 100
     for row in grid[:: max(1, len(grid) // 200)]:
-        assert recipe_violations(dict(zip(DYES, row))) == []
+        assert recipe_violations(dict(zip(DYES, row, strict=False))) == []
     assert all(recipe_violations(r) == [] for r in list(feasible_recipes(DYES, step=20))[:50])
 
 
 def test_feasible_mask_rejects_each_rule():
-    rows = np.array([[10, 0, 0], [100, 100, 10], [100, 90, 0], [20.5, 0, 0], [60, 60, 60]], dtype=float)
+    rows = np.array([[10, 0, 0], [100, 100, 10], [100, 90, 0], [20.5, 0, 0], [60, 60, 60]],
+                    dtype=float)
     assert feasible_mask(rows).tolist() == [False, False, False, False, True]
 
 

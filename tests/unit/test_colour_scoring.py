@@ -51,7 +51,8 @@ def test_the_table_has_all_34_published_pairs():
     assert len(SHARMA_2005) == 34
 
 
-@pytest.mark.parametrize("index", [i for i in range(34) if i != EDGE_PAIR], ids=lambda i: f"pair{i + 1}")
+@pytest.mark.parametrize("index", [i for i in range(34) if i != EDGE_PAIR],
+                         ids=lambda i: f"pair{i + 1}")
 def test_delta_e2000_matches_sharma_2005(index):
     *labs, expected = SHARMA_2005[index]
     assert delta_e2000(labs[:3], labs[3:]) == pytest.approx(expected, abs=1e-4)

@@ -38,7 +38,8 @@ class Replay:
         assert self.pending, f"unexpected extra request {request.method} {request.url}"
         ex = self.pending.pop(0)
         got = (request.method, request.url.path, dict(request.url.params))
-        assert got == (ex["method"], ex["path"], ex["params"]), f"expected {ex['method']} {ex['path']}"
+        assert got == (ex["method"], ex["path"], ex["params"]), (
+            f"expected {ex['method']} {ex['path']}")
         if "upload_sha256" in ex:  # multipart upload of the protocol file
             assert b'name="files"; filename="protocol.py"' in request.content
             assert hashlib.sha256(self.protocol_text.encode()).hexdigest() == ex["upload_sha256"]
@@ -83,7 +84,7 @@ def test_successful_run_streams_each_command_once_across_pages() -> None:
     # the recording paginates: some single poll needed 2+ pages, and pages ended on 'running'
     assert any(a["params"]["cursor"] != b["params"]["cursor"]
                and a["response"]["meta"]["totalLength"] == b["response"]["meta"]["totalLength"]
-               for a, b in zip(pages, pages[1:]))
+               for a, b in zip(pages, pages[1:], strict=False))
     assert any(ex["response"]["data"] and ex["response"]["data"][-1]["status"] == "running"
                for ex in pages)
 
@@ -124,7 +125,8 @@ def test_robot_http_errors_carry_the_robot_detail() -> None:
         async with OT2Client("ot2.local", transport=httpx.MockTransport(robot)) as client:
             await client.create_run("some-protocol")
 
-    with pytest.raises(RobotHTTPError, match="Cannot create run while another run is active") as info:
+    with pytest.raises(RobotHTTPError,
+                       match="Cannot create run while another run is active") as info:
         asyncio.run(main())
     assert info.value.status_code == 409 and info.value.errors[0]["id"] == "RunAlreadyActive"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -43,7 +43,7 @@ def run(text: str, **kw) -> tuple[RunOutcome, list[dict], list[datetime]]:
 
     def on_command(cmd: dict) -> None:
         commands.append(cmd)
-        received.append(datetime.now(timezone.utc))
+        received.append(datetime.now(UTC))
 
     outcome = asyncio.run(simulate_run(text, on_command, keep_engine_commands=True, **kw))
     return outcome, commands, received
@@ -133,7 +133,8 @@ def test_invalid_well_is_a_failed_run_not_an_exception() -> None:
 
 
 def test_unparseable_protocol_fails_without_commands() -> None:
-    outcome, commands, _ = run("requirements = {'robotType': 'OT-2', 'apiLevel': '2.28'}\ndef run(:\n")
+    outcome, commands, _ = run("requirements = {'robotType': 'OT-2', 'apiLevel': '2.28'}\n"
+                               "def run(:\n")
     assert outcome.status == "failed" and commands == [] and outcome.commands == 0
     assert outcome.errors[0]["errorCode"] and outcome.error_detail
 
@@ -174,6 +175,7 @@ def test_full_plate_batch_simulates(capsys: pytest.CaptureFixture[str]) -> None:
     elapsed = time.perf_counter() - start
     assert outcome.status == "succeeded"
     plate = find_labware_id(commands, PLATE)
-    assert dispensed_wells(commands, plate, liquid_sources(commands, outcome.liquids)) == expected(recipes)
+    sources = liquid_sources(commands, outcome.liquids)
+    assert dispensed_wells(commands, plate, sources) == expected(recipes)
     with capsys.disabled():
         print(f"\n[ot2] 96-well batch: {len(commands)} commands simulated in {elapsed:.2f} s")
