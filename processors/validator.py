@@ -79,7 +79,8 @@ class Validator:
             why = validation.check(reading, now_us, self.cfg.max_clock_skew_s)
             if why is None:
                 out = validation.validated(reading, now_us, PROCESS)
-                return self.validated_topic, self.codec.encode_plain(validation.VALIDATED, out), None
+                encoded = self.codec.encode_plain(validation.VALIDATED, out)
+                return self.validated_topic, encoded, None
             out = validation.rejected(reading, why, now_us, PROCESS)
         return self.rejected_topic, self.codec.encode_plain(validation.REJECTED, out), why.code
 
@@ -144,7 +145,8 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
             consumer.seek(tp, start)
             window = validator.windows[tp.partition]
             while await consumer.position(tp) < committed:
-                records = (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).get(tp, [])
+                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+                records = fetched.get(tp, [])
                 for rec in records:
                     if rec.offset >= committed:
                         break
