@@ -27,6 +27,7 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 YIELD_EVERY = 100  # messages between giving the event loop a turn, as faust does
+ROOM_WAIT_S = 0.2  # longest wait for a full stream buffer to drain before delivering anyway
 
 
 class Consumer(faust_aiokafka.Consumer):
@@ -81,6 +82,8 @@ class Consumer(faust_aiokafka.Consumer):
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
                             await self.commit()
+                        if self._queue_full(message.topic):
+                            await self._wait_for_room()
                         await self._deliver(callback(message))
                         set_read_offset(tp, offset)
                 self.diag.unset_flag(CONSUMER_FETCHING)
@@ -99,6 +102,21 @@ class Consumer(faust_aiokafka.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+    def _queue_full(self, topic: str) -> bool:
+        channels = self.app.topics._topic_name_index.get(topic, ())  # noqa: SLF001
+        return any(channel.queue.full() for channel in channels)
+
+    async def _wait_for_room(self) -> None:
+        """A stream buffer is full: rather than have each following delivery wait for one free
+        slot (and be raced, at the cost of new tasks, one by one), wait once until the buffer has
+        drained to faust's low-water mark. The timeout only bounds the wait; delivery after it
+        is the normal path and handles a still-full buffer itself."""
+        if self._buffer_drained is None:
+            self._buffer_drained = asyncio.Event()
+        self._buffer_drained.clear()
+        await self.wait_first(self._buffer_drained.wait(), self.suspend_flow.wait(),
+                              timeout=ROOM_WAIT_S)
 
     async def _deliver(self, delivery: Coroutine) -> None:
         """What faust's `wait_first(delivery, suspend_flow.wait())` does, without two new tasks

@@ -101,29 +101,40 @@ class PartitionBatches:
     def __init__(self, producer, batched_topic: str) -> None:
         self.producer = producer
         self.batched_topic = batched_topic
+        self.full: list[tuple[int, object]] = []
         self.open: dict[int, object] = {}
+        self.singles: list[tuple[str, bytes | None, bytes]] = []
         self.futures: list[asyncio.Future] = []
+        self.counts: Counter = Counter()
 
-    async def add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
+    def add(self, topic: str, partition: int, key: bytes | None, value: bytes,
+            code: str | None) -> None:
+        self.counts[(topic, code)] += 1
         if topic != self.batched_topic:
-            self.futures.append(await self.producer.send(topic, value, key=key))
+            self.singles.append((topic, key, value))
             return
         batch = self.open.get(partition)
         if batch is None:
             batch = self.open[partition] = self.producer.create_batch()
         if batch.append(key=key, value=value, timestamp=None) is None:  # full
-            await self._flush(partition)
+            self.full.append((partition, batch))
             batch = self.open[partition] = self.producer.create_batch()
             batch.append(key=key, value=value, timestamp=None)
 
-    async def _flush(self, partition: int) -> None:
-        batch = self.open.pop(partition)
-        self.futures.append(
-            await self.producer.send_batch(batch, self.batched_topic, partition=partition))
+    async def flush(self) -> None:
+        """Hand everything to the producer; delivery is awaited in delivered()."""
+        self.full.extend(self.open.items())
+        self.open.clear()
+        for partition, batch in self.full:
+            self.futures.append(
+                await self.producer.send_batch(batch, self.batched_topic, partition=partition))
+        self.full.clear()
+        for topic, key, value in self.singles:
+            self.futures.append(await self.producer.send(topic, value, key=key))
+        self.singles.clear()
 
     async def delivered(self) -> None:
-        for partition in list(self.open):
-            await self._flush(partition)
+        await self.flush()
         await asyncio.gather(*self.futures)
 
 
@@ -212,28 +223,50 @@ def build_app(cfg: Config) -> faust.App:
         while OutputProducer.producer is None:
             await asyncio.sleep(0.05)
         producer = OutputProducer.producer
-        async for batch in stream.take_events(2000, within=0.05):
-            started = time.perf_counter()
-            now_us = time.time_ns() // 1000
-            await windows_ready.wait()  # faust may deliver before the assignment signal is done
-            out = PartitionBatches(producer, validator.validated_topic)
-            out_counts: Counter = Counter()
-            for event in batch:
-                m = event.message
-                incoming = Incoming(m.topic, m.partition, m.offset, m.key, m.value)
-                topic, value, code = validator.handle(incoming, now_us)
-                await out.add(topic, m.partition, m.key, value)
-                out_counts[(topic, code)] += 1
-            await out.delivered()  # acks=all, before faust acks (and later commits) the batch
-            for (topic, code), n in out_counts.items():
-                metrics.EVENTS_OUT.labels(PROCESS, topic).inc(n)
-                if code:
-                    metrics.EVENTS_REJECTED.labels(PROCESS, code).inc(n)
-            metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
-            metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
-            yield len(batch)
+        in_flight: asyncio.Future | None = None
+        try:
+            async for batch in stream.take_events(2000, within=0.05):
+                started = time.perf_counter()
+                await windows_ready.wait()  # faust may deliver before the assignment signal
+                out = validate_batch(validator, producer, batch)
+                await out.flush()
+                if in_flight is not None:
+                    await in_flight  # one batch awaits its acks while the next is validated
+                in_flight = asyncio.ensure_future(ack_when_delivered(stream, batch, out))
+                metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
+                metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
+                yield len(batch)
+        finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()  # not acked, so not committed: redelivered after a restart
 
     return app
+
+
+def validate_batch(validator: Validator, producer, batch) -> PartitionBatches:
+    """Decide every event of the batch into output record batches. Each message gets one more
+    reference, so faust's own ack after the batch does not make it committable: that waits for
+    ack_when_delivered."""
+    now_us = time.time_ns() // 1000
+    out = PartitionBatches(producer, validator.validated_topic)
+    for event in batch:
+        m = event.message
+        m.incref()
+        topic, value, code = validator.handle(
+            Incoming(m.topic, m.partition, m.offset, m.key, m.value), now_us)
+        out.add(topic, m.partition, m.key, value, code)
+    return out
+
+
+async def ack_when_delivered(stream, batch, out: PartitionBatches) -> None:
+    """acks=all for every output first; only then may faust commit the inputs' offsets."""
+    await out.delivered()
+    for event in batch:
+        await stream.ack(event)
+    for (topic, code), n in out.counts.items():
+        metrics.EVENTS_OUT.labels(PROCESS, topic).inc(n)
+        if code:
+            metrics.EVENTS_REJECTED.labels(PROCESS, code).inc(n)
 
 
 def run(cfg: Config) -> None:

@@ -27,8 +27,12 @@ def test_rebalance_mid_stream_loses_and_invents_nothing(cfg, processes):
     publisher.start()
     first = processes.start("process", "validate")
     wait_for(lambda: len(decisions(cfg, "rbl")) > 2_000, 90, "the first validator at work")
-    processes.start("process", "validate")
-    wait_for(lambda: len(decisions(cfg, "rbl")) > 10_000, 90, "both validators at work")
+    second = processes.start("process", "validate", extra_env={"LABBUS_LOG_LEVEL": "INFO"})
+    wait_for(lambda: "dedup windows primed" in open(second.log_path).read(), 90,
+             "partitions assigned to the second validator")
+    done_before = len(decisions(cfg, "rbl"))
+    wait_for(lambda: len(decisions(cfg, "rbl")) > done_before + 2_000, 90,
+             "both validators at work")
     first.terminate()  # leaves the group: its partitions move to the second validator
     first.wait(30)
     publisher.join(60)
