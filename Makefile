@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 LABBUS := $(VENV)/bin/labbus
 
-.PHONY: setup services demo test bench bench-convergence down lint
+.PHONY: setup services demo test bench bench-stages bench-convergence down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python tests/bench/bench_pipeline.py
+
+bench-stages: setup
+	$(VENV)/bin/python tests/bench/bench_stages.py
 
 bench-convergence: $(VENV)/.installed
 	$(VENV)/bin/python tests/bench/bench_convergence.py
