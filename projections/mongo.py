@@ -5,6 +5,10 @@ recipe, reading and ΔE, and per robot run its status and command counts by type
 Each document records, per partition, the next offset it has absorbed; an update only applies
 events past that offset, so replays after a crash are no-ops. The projection's resume position is
 written after the documents; reading back from an older position is harmless for the same reason.
+
+A validator that crashes or loses partitions re-emits some decisions: the same event again, at a
+new offset. So measurement ids are remembered (collection `measurements_seen`, written after the
+device documents, kept SEEN_TTL_S) and a repeat is absorbed without being counted again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from events.topics import (
 )
 from projections.runner import Positioned
 
+SEEN_TTL_S = 7 * 24 * 3600  # re-emissions follow their original within minutes
+
 
 def _datetime(micros: int) -> datetime:
     return datetime.fromtimestamp(micros / 1e6, UTC)
@@ -40,6 +46,7 @@ class MongoProjection:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.client: MongoClient | None = None
+        self._repeats: set = set()  # of the batch being applied
         self.aliases = {topic_name(cfg, DEVICES): "devices",
                         topic_name(cfg, MEASUREMENTS_VALIDATED): "validated",
                         topic_name(cfg, EXPERIMENTS): "experiments",
@@ -61,6 +68,8 @@ class MongoProjection:
             raise ConnectionError(
                 f"MongoDB at LABBUS_MONGO_URL={self.cfg.mongo_url} does not answer: {exc}") from exc
         await asyncio.to_thread(self.db.devices.create_index, "device_type")
+        await asyncio.to_thread(self.db.measurements_seen.create_index, "at",
+                                expireAfterSeconds=SEEN_TTL_S)
         await asyncio.to_thread(self.db.experiments.create_index, "status")
 
     async def stop(self) -> None:
@@ -77,6 +86,9 @@ class MongoProjection:
         await asyncio.to_thread(self._apply, events, next_offsets)
 
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
+        measurement_ids = [p.record["measurement_id"] for p in events
+                           if p.event_type == MeasurementValidated.TYPE]
+        self._repeats = self._repeated(events, measurement_ids)
         by_device: dict[str, list[Positioned]] = defaultdict(list)
         by_experiment: dict[str, list[Positioned]] = defaultdict(list)
         for p in events:
@@ -95,11 +107,33 @@ class MongoProjection:
             ops = [op for op in ops if op is not None]
             if ops:
                 collection.bulk_write(ops, ordered=False)
+        if measurement_ids:  # after the documents: a crash in between is covered by their pos
+            now = datetime.now(UTC)
+            self.db.measurements_seen.bulk_write(
+                [UpdateOne({"_id": mid}, {"$setOnInsert": {"at": now}}, upsert=True)
+                 for mid in set(measurement_ids)], ordered=False)
         self.db.projection_positions.bulk_write([
             UpdateOne({"_id": f"{self.name}:{tp.topic}:{tp.partition}"},
                       {"$set": {"projection": self.name, "topic": tp.topic,
                                 "partition": tp.partition, "next_offset": nxt}}, upsert=True)
             for tp, nxt in next_offsets.items()])
+
+    def _repeated(self, events: list[Positioned], measurement_ids: list[str]) -> set:
+        """(partition, offset) of measurements counted before: in an earlier batch, or earlier in
+        this one."""
+        if not measurement_ids:
+            return set()
+        known = {d["_id"] for d in self.db.measurements_seen.find(
+            {"_id": {"$in": list(set(measurement_ids))}}, {"_id": 1})}
+        repeats = set()
+        for p in events:
+            if p.event_type != MeasurementValidated.TYPE:
+                continue
+            mid = p.record["measurement_id"]
+            if mid in known:
+                repeats.add((p.tp, p.offset))
+            known.add(mid)
+        return repeats
 
     def _fresh(self, items: list[Positioned],
                absorbed: dict) -> tuple[list[Positioned], dict[str, int]]:
@@ -125,7 +159,7 @@ class MongoProjection:
                              "location": r["location"], "metrics": r["metrics"],
                              "attributes": r["attributes"],
                              "registered_at": _datetime(r["occurred_at"])})
-            else:
+            elif (p.tp, p.offset) not in self._repeats:
                 sets[f"latest.{r['metric']}"] = {"value": r["value"], "unit": r["unit"],
                                                  "measured_at": _datetime(r["measured_at"]),
                                                  "measurement_id": r["measurement_id"]}

@@ -16,14 +16,17 @@ from tests.conftest import read_topic, run, wait_for
 N = 40_000
 
 
-async def publish_validated(cfg, n: int, prefix: str = "crash") -> set[uuid.UUID]:
+async def publish_validated(cfg, n: int, prefix: str = "crash",
+                            resend: int = 0) -> set[uuid.UUID]:
+    """n validated readings over 17 devices; then the first `resend` of them again, byte for byte,
+    as a validator re-emits decisions after a crash or a rebalance."""
     await kafka.ensure_topics(cfg)
     codec = default_codec()
     producer = kafka.producer(cfg)
     await producer.start()
     ids = set()
     try:
-        futures = []
+        futures, sent = [], []
         for i in range(n):
             mid = uuid.uuid4()
             ids.add(mid)
@@ -31,8 +34,10 @@ async def publish_validated(cfg, n: int, prefix: str = "crash") -> set[uuid.UUID
             event = MeasurementValidated.create(
                 source="test", subject=device, sequence=i, measurement_id=mid, device_id=device,
                 metric="temperature", value=float(i), unit="degC", measured_at=utcnow())
-            futures.append(await producer.send(topic_name(cfg, MEASUREMENTS_VALIDATED),
-                                               codec.encode(event), key=event.key))
+            sent.append((event.key, codec.encode(event)))
+        for key, value in sent + sent[:resend]:
+            futures.append(await producer.send(topic_name(cfg, MEASUREMENTS_VALIDATED), value,
+                                               key=key))
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
