@@ -233,6 +233,7 @@ def build_app(cfg: Config) -> faust.App:
                 if in_flight is not None:
                     await in_flight  # one batch awaits its acks while the next is validated
                 in_flight = asyncio.ensure_future(ack_when_delivered(stream, batch, out))
+                in_flight.add_done_callback(_report_failed_delivery)
                 metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
                 metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
                 yield len(batch)
@@ -241,6 +242,14 @@ def build_app(cfg: Config) -> faust.App:
                 in_flight.cancel()  # not acked, so not committed: redelivered after a restart
 
     return app
+
+
+def _report_failed_delivery(task: asyncio.Future) -> None:
+    """At once, not only when the next batch awaits it (which then stops the agent, as a failed
+    send always has: the inputs stay uncommitted and are validated again after a restart)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("outputs not delivered; inputs stay uncommitted",
+                  extra={"error": repr(task.exception())})
 
 
 def validate_batch(validator: Validator, producer, batch) -> PartitionBatches:
