@@ -65,9 +65,12 @@ class CpuMeter:
             try:
                 t = p.cpu_times()
                 total = t.user + t.system
-                for child in p.children(recursive=True) if name in self.with_children else ():
-                    ct = child.cpu_times()
-                    total += ct.user + ct.system
+                if name in self.with_children:
+                    # children that ended are in children_*, the live ones are added one by one
+                    total += t.children_user + t.children_system
+                    for child in p.children(recursive=True):
+                        ct = child.cpu_times()
+                        total += ct.user + ct.system
                 out[name] = total
             except psutil.Error:
                 out[name] = 0.0
