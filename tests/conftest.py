@@ -42,17 +42,39 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 def _docker_services() -> dict[str, str]:
+    """Kafka, PostgreSQL (writer and SELECT-only reader, as `labbus services up` sets them up)
+    and MongoDB in containers. Written for machines with a Docker engine; the development
+    machine has none, so this path has not been run there."""
+    import asyncpg
     from testcontainers.kafka import KafkaContainer
     from testcontainers.mongodb import MongoDbContainer
     from testcontainers.postgres import PostgresContainer
 
+    from deploy.local import postgres
+
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:  # the docker client raises several kinds
+        pytest.exit(f"LABBUS_TEST_SERVICES=docker needs a running Docker engine ({exc}); "
+                    "unset it to test against labbus's own local services", returncode=2)
     kafka = KafkaContainer("apache/kafka:4.1.1").with_kraft().start()
-    pg = PostgresContainer("postgres:16", username="labbus_writer", password="labbus_writer",
-                           dbname="labbus").start()
+    pg = PostgresContainer("postgres:16", username="postgres", password="postgres",
+                           dbname="postgres").start()
+    host, port = pg.get_container_host_ip(), int(pg.get_exposed_port(5432))
+    writer = f"postgresql://labbus_writer:labbus_writer@{host}:{port}/labbus"
+    reader = f"postgresql://labbus_reader:labbus_reader@{host}:{port}/labbus"
+
+    def admin(database: str):
+        return asyncpg.connect(host=host, port=port, user="postgres", password="postgres",
+                               database=database)
+
+    asyncio.run(postgres.provision_roles(admin, writer, reader, "labbus",
+                                         admin_database="postgres"))
     mongo = MongoDbContainer("mongo:7").start()
-    pg_url = pg.get_connection_url().replace("postgresql+psycopg2://", "postgresql://")
     return {"LABBUS_KAFKA_BOOTSTRAP": kafka.get_bootstrap_server(),
-            "LABBUS_POSTGRES_DSN": pg_url, "LABBUS_POSTGRES_API_DSN": pg_url,
+            "LABBUS_POSTGRES_DSN": writer, "LABBUS_POSTGRES_API_DSN": reader,
             "LABBUS_MONGO_URL": mongo.get_connection_url()}
 
 

@@ -288,22 +288,33 @@ async def _grant(conn, database: str, writer: str, reader: str | None) -> None:
 
 
 async def _provision(cfg: Config, database: str) -> None:
-    writer, reader = parse(cfg.postgres_dsn), parse(cfg.postgres_api_dsn)
     managed = not cfg.explicitly_set(SETTING)
-    conn = await _connect_admin(cfg, SUPERUSER if managed else writer.database)
+    await provision_roles(
+        lambda db: _connect_admin(cfg, db), cfg.postgres_dsn, cfg.postgres_api_dsn, database,
+        admin_database=SUPERUSER if managed else parse(cfg.postgres_dsn).database,
+        create_roles=managed)
+
+
+async def provision_roles(connect_admin, writer_dsn: str, reader_dsn: str, database: str,
+                          admin_database: str, create_roles: bool = True) -> None:
+    """Roles from both DSNs (when `create_roles`), `database` owned by the writer, and the
+    reader's SELECT-only grants; `connect_admin(dbname)` opens a connection allowed to do that.
+    Also used by the test fixtures for a PostgreSQL started with testcontainers."""
+    writer, reader = parse(writer_dsn), parse(reader_dsn)
+    conn = await connect_admin(admin_database)
     try:
-        if managed:
+        if create_roles:
             await _ensure_role(conn, writer.user, writer.password)
             if reader.user != writer.user:
                 await _ensure_role(conn, reader.user, reader.password)
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
-            owner = f" OWNER {_ident(writer.user)}" if managed else ""
+            owner = f" OWNER {_ident(writer.user)}" if create_roles else ""
             await conn.execute(f"CREATE DATABASE {_ident(database)}{owner}")
-        elif managed:
+        elif create_roles:
             await conn.execute(f"ALTER DATABASE {_ident(database)} OWNER TO {_ident(writer.user)}")
     finally:
         await conn.close()
-    conn = await _connect_admin(cfg, database)
+    conn = await connect_admin(database)
     try:
         await _grant(conn, database, writer.user, reader.user)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import time
 import uuid
@@ -21,6 +22,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from deploy.local import services
 from deploy.local.verify_mongo import verify
 from events import config
+
+pytestmark = pytest.mark.skipif(os.environ.get("LABBUS_TEST_SERVICES") == "docker",
+                                reason="tests labbus's own local services, not containers")
 
 
 @pytest.fixture(scope="module")
