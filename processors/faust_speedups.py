@@ -8,8 +8,10 @@ scheme (entry point `faust.transports` in pyproject.toml), so an app opts in wit
 1. faust races the delivery of *every* message against `suspend_flow` (Service.wait_first: new
    tasks and an asyncio.wait per message, the largest single cost in a profile of the validator).
    Here a delivery runs inline up to its first suspension, and only one that really waits is
-   raced; the rest of faust's loop is unchanged. (Racing a whole fetched batch instead was
-   cheaper but lost messages in tests/integration/test_validator_rebalance.py.)
+   raced; when a stream buffer is full, the loop waits once for it to drain instead of racing
+   each delivery into the one free slot; the rest of faust's loop is unchanged. (Racing a whole
+   fetched batch instead was cheaper but lost messages in
+   tests/integration/test_validator_rebalance.py.)
 2. When back-pressure from full stream buffers has paused every partition, faust sleeps a whole
    second before it fetches again, which stalled the validator for ~1 s after every large fetch.
    Here the fetcher wakes as soon as a buffer drains (or after that second, as before).
