@@ -194,10 +194,23 @@ def check_write_conflict(db: Database) -> str:
             "WriteConflict (112, TransientTransactionError)")
 
 
+def check_set_on_insert_ttl_index(db: Database) -> str:
+    """What the Mongo projector's memory of measurement ids uses."""
+    c = db.seen
+    name = c.create_index("at", expireAfterSeconds=3600)
+    assert c.index_information()[name].get("expireAfterSeconds") == 3600, c.index_information()
+    c.bulk_write([UpdateOne({"_id": i}, {"$setOnInsert": {"at": 1}}, upsert=True)
+                  for i in ("m1", "m2")], ordered=False)
+    c.bulk_write([UpdateOne({"_id": i}, {"$setOnInsert": {"at": 2}}, upsert=True)
+                  for i in ("m2", "m3")], ordered=False)
+    assert {d["_id"]: d["at"] for d in c.find()} == {"m1": 1, "m2": 1, "m3": 2}
+    return "$setOnInsert upserts keep the first value; TTL index created (expiry not waited for)"
+
+
 CHECKS: list[Callable[[Database], str]] = [
     check_insert_find, check_upsert_set, check_inc_max_dotted, check_bulk_guarded_upsert,
     check_indexes, check_sort_skip_limit, check_aggregate, check_count_documents,
-    check_transaction, check_write_conflict,
+    check_transaction, check_write_conflict, check_set_on_insert_ttl_index,
 ]
 
 
