@@ -219,8 +219,9 @@ async def main_async(args) -> None:
               f"{e2e:,.0f} readings/s  ({args.readings:,} readings in {done - started:.1f} s; "
               f"publishing took {published - started:.1f} s)")
         print(f"ratio end-to-end / raw broker: {e2e / raw:.2f}")
-        print("CPU per reading during that run (µs; 2 cores give "
-              f"{2e6 / e2e:.0f} µs of CPU per reading at this rate):")
+        cores = psutil.cpu_count()
+        print(f"CPU per reading during that run (µs; {cores} cores give "
+              f"{cores * 1e6 / e2e:.0f} µs of CPU per reading at this rate):")
         for name, seconds in sorted(cpu.used.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<20} {seconds / args.readings * 1e6:6.1f}")
         print(f"  {'all':<20} {sum(cpu.used.values()) / args.readings * 1e6:6.1f}")
