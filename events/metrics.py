@@ -15,6 +15,13 @@ PROCESSING_SECONDS = Histogram(
 CONSUMER_LAG = Gauge("labbus_consumer_lag", "Messages behind the log end",
                      ["process", "topic", "partition"])
 
+def record_lag(process: str, topic: str, partition: int, next_offset: int,
+               end: int | None) -> None:
+    """Messages between a consumer's next offset and the partition's end, once the end is known."""
+    if end is not None:
+        CONSUMER_LAG.labels(process, topic, partition).set(max(end - next_offset, 0))
+
+
 DEFAULT_PORTS = {"agent": 9101, "validator": 9102, "projector-postgres": 9103,
                  "projector-mongo": 9104, "experiment": 9105, "agent-ot2": 9106,
                  "agent-reader": 9107}

@@ -120,6 +120,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             futures: list = []
             for tp, records in batch.items():
                 metrics.EVENTS_IN.labels(PROCESS, tp.topic).inc(len(records))
+                metrics.record_lag(PROCESS, tp.topic, tp.partition, records[-1].offset + 1,
+                                   consumer.highwater(tp))
                 for record in records:
                     last_seen[tp] = max(last_seen.get(tp, record.timestamp), record.timestamp)
                     try:

@@ -235,6 +235,10 @@ def build_app(cfg: Config) -> faust.App:
                 in_flight = asyncio.ensure_future(ack_when_delivered(stream, batch, out))
                 in_flight.add_done_callback(_report_failed_delivery)
                 metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
+                next_offsets = {event.message.tp: event.message.offset + 1 for event in batch}
+                for tp, nxt in next_offsets.items():
+                    metrics.record_lag(PROCESS, tp.topic, tp.partition, nxt,
+                                       app.consumer.highwater(tp))
                 metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
                 yield len(batch)
         finally:

@@ -115,9 +115,7 @@ async def run(cfg: Config, projection: Projection, stop: asyncio.Event | None = 
                 log.warning("kafka commit failed", extra={"error": repr(exc)})
             metrics.PROCESSING_SECONDS.labels(process).observe(time.perf_counter() - started)
             for tp, nxt in next_offsets.items():
-                high = consumer.highwater(tp)
-                if high is not None:
-                    metrics.CONSUMER_LAG.labels(process, tp.topic, tp.partition).set(high - nxt)
+                metrics.record_lag(process, tp.topic, tp.partition, nxt, consumer.highwater(tp))
     finally:
         await consumer.stop()
         await dlq.stop()

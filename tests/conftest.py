@@ -146,10 +146,12 @@ class Processes:
     def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         name = "-".join(args[:2])
         log = open(self.logdir / f"{name}-{len(self.running)}.log", "w")
-        proc = subprocess.Popen([LABBUS, *args, "--metrics-port", str(free_port())],
+        port = free_port()
+        proc = subprocess.Popen([LABBUS, *args, "--metrics-port", str(port)],
                                 env={**self.env, **(extra_env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=REPO)
         proc.log_path = log.name
+        proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self.running.append(proc)
         return proc
 

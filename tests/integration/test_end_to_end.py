@@ -3,6 +3,7 @@
 from collections import Counter
 
 import asyncpg
+import httpx
 from fastapi.testclient import TestClient
 from pymongo import MongoClient
 
@@ -27,9 +28,17 @@ async def pg_count(dsn: str) -> int:
         await con.close()
 
 
+def lag(metrics_url: str, process: str) -> float | None:
+    """Sum of a process's labbus_consumer_lag gauges, None while it has reported none."""
+    found = [float(line.rsplit(" ", 1)[1]) for line in httpx.get(metrics_url).text.splitlines()
+             if line.startswith("labbus_consumer_lag{") and f'process="{process}"' in line]
+    return sum(found) if found else None
+
+
 def test_readings_flow_end_to_end(cfg, processes):
-    for args in (("process", "validate"), ("project", "postgres"), ("project", "mongo")):
-        processes.start(*args)
+    workers = {name: processes.start(*args) for name, args in (
+        ("validator", ("process", "validate")), ("projector-postgres", ("project", "postgres")),
+        ("projector-mongo", ("project", "mongo")))}
     simulator = sim.FleetSimulator(sim.make_fleet(12, seed=7, prefix="e2e"), seed=7,
                                    bad_fraction=0.1)
     summary = run(sim.publish(cfg, simulator, N, rate=0, track_ids=True))
@@ -93,3 +102,7 @@ def test_readings_flow_end_to_end(cfg, processes):
     wait_for(lambda: sum(d.get("total_measurements", 0) for d in mongo.devices.find(e2e))
              == summary.good, 60, "Mongo device documents to count every good reading")
     assert mongo.devices.count_documents(e2e) == 12
+
+    for name, worker in workers.items():  # every consumer reports its lag, drained to zero
+        wait_for(lambda w=worker, n=name: lag(w.metrics_url, n) == 0, 30,
+                 f"{name} reporting consumer lag 0")
