@@ -170,7 +170,9 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def main_async(args) -> None:
+async def bench_environment() -> tuple[config.Config, dict, config.Config, str]:
+    """Services up, then a fresh namespace and database for one benchmark run:
+    (base config, environment for the processes, their config, database to drop at the end)."""
     base = config.load()
     services.up(base, echo=lambda m: print(m, file=sys.stderr))
     run = uuid.uuid4().hex[:6]
@@ -180,6 +182,11 @@ async def main_async(args) -> None:
                LABBUS_POSTGRES_API_DSN=postgres.with_database(base.postgres_api_dsn, db))
     cfg = config.load(env)
     await kafka.ensure_topics(cfg)
+    return base, env, cfg, db
+
+
+async def main_async(args) -> None:
+    base, env, cfg, db = await bench_environment()
 
     fleet = sim.make_fleet(100, seed=1, prefix="tp")
     fleet_sim = sim.FleetSimulator(fleet, seed=1)

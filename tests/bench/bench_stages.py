@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -25,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from deploy.demo import LABBUS  # noqa: E402
-from deploy.local import postgres, services  # noqa: E402
+from deploy.local import postgres  # noqa: E402
 from events import config, kafka  # noqa: E402
 from events.topics import (  # noqa: E402
     MEASUREMENTS_RECORDED,
@@ -34,7 +32,7 @@ from events.topics import (  # noqa: E402
     topic_name,
 )
 from producers import sim  # noqa: E402
-from tests.bench.bench_pipeline import produce, projected_offsets  # noqa: E402
+from tests.bench.bench_pipeline import bench_environment, produce, projected_offsets  # noqa: E402
 
 
 async def end_offsets(cfg: config.Config, *topics: str) -> int:
@@ -74,14 +72,7 @@ async def timed_stage(name: str, cmd: tuple[str, ...], env: dict, done, n: int) 
 
 
 async def main_async(args) -> None:
-    base = config.load()
-    services.up(base, echo=lambda m: print(m, file=sys.stderr))
-    run = uuid.uuid4().hex[:6]
-    db = f"labbus_bench_{run}"
-    env = dict(os.environ, LABBUS_NAMESPACE=f"bench-{run}", LABBUS_LOG_LEVEL="WARNING",
-               LABBUS_POSTGRES_DSN=postgres.create_database(base, db))
-    cfg = config.load(env)
-    await kafka.ensure_topics(cfg)
+    base, env, cfg, db = await bench_environment()
     fleet_sim = sim.FleetSimulator(sim.make_fleet(100, seed=1, prefix="st"), seed=1)
     payloads = [fleet_sim.reading(i)[:2] for i in range(args.readings)]
     await produce(cfg, topic_name(cfg, MEASUREMENTS_RECORDED), payloads)
