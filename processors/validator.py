@@ -35,6 +35,8 @@ from processors.dead_letter import dead_letter
 from processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
+BATCH_MAX = 2000  # readings validated together at most
+BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more (adds to latency at low rates)
 log = logging.getLogger(__name__)
 
 
@@ -173,14 +175,18 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
 
 
 def build_app(cfg: Config) -> faust.App:
+    datadir = cfg.home / "faust" / group_id(cfg, PROCESS)  # not the working directory
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         group_id(cfg, PROCESS),
         broker=f"labbus://{cfg.kafka_bootstrap}",  # processors/faust_speedups.py
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
+        datadir=str(datadir),
         web_enabled=False,
         topic_allow_declare=False,
+        topic_disable_leader=True,  # no leader-only work; its topic would be one more to await
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
@@ -225,14 +231,14 @@ def build_app(cfg: Config) -> faust.App:
         producer = OutputProducer.producer
         in_flight: asyncio.Future | None = None
         try:
-            async for batch in stream.take_events(2000, within=0.05):
+            async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
                 started = time.perf_counter()
                 await windows_ready.wait()  # faust may deliver before the assignment signal
                 out = validate_batch(validator, producer, batch)
                 await out.flush()
                 if in_flight is not None:
                     await in_flight  # one batch awaits its acks while the next is validated
-                in_flight = asyncio.ensure_future(ack_when_delivered(stream, batch, out))
+                in_flight = asyncio.ensure_future(ack_when_delivered(batch, out))
                 in_flight.add_done_callback(_report_failed_delivery)
                 metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
                 next_offsets = {event.message.tp: event.message.offset + 1 for event in batch}
@@ -271,11 +277,11 @@ def validate_batch(validator: Validator, producer, batch) -> PartitionBatches:
     return out
 
 
-async def ack_when_delivered(stream, batch, out: PartitionBatches) -> None:
+async def ack_when_delivered(batch, out: PartitionBatches) -> None:
     """acks=all for every output first; only then may faust commit the inputs' offsets."""
     await out.delivered()
     for event in batch:
-        await stream.ack(event)
+        event.ack()  # the last reference: now the offset may be committed
     for (topic, code), n in out.counts.items():
         metrics.EVENTS_OUT.labels(PROCESS, topic).inc(n)
         if code:

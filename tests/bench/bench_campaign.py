@@ -53,6 +53,7 @@ from events.model import (  # noqa: E402
 from events.topics import EXPERIMENTS, ROBOT_RUNS, topic_name  # noqa: E402
 from processors.colour.scoring import delta_e2000  # noqa: E402
 from producers.plate_reader_model import PlateReaderModel, rgb_to_lab  # noqa: E402
+from tests.bench.bench_pipeline import stop_processes  # noqa: E402
 
 DYES = ["red", "yellow", "blue"]
 REACHABLE = "#759e8f"  # the camera's colour of 40 µL red + 30 µL yellow + 60 µL blue
@@ -117,14 +118,7 @@ def run_scenario(base_env: dict[str, str], name: str, target: str, tolerance: fl
         if final is None:
             raise SystemExit(f"{name}: no verdict within 900 s; see {logdir}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes({" ".join(map(str, p.args[1:3])): p for p in procs})
     key = req.experiment_id.encode()
     events = asyncio.run(read_all(cfg, topic_name(cfg, EXPERIMENTS), key))
     runs = asyncio.run(read_all(cfg, topic_name(cfg, ROBOT_RUNS), key))

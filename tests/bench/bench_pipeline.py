@@ -141,18 +141,48 @@ async def projected_offsets(dsn: str) -> int:
         await con.close()
 
 
-async def wait_rows(dsn: str, prefix: str, n: int, timeout: float, before: int) -> float:
-    """Wait until `n` more readings are projected than `before` (read before publishing);
-    then check they are all there."""
+def stop_processes(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL for any that has not exited after `timeout` (reported: a process
+    that does not stop on SIGTERM is a bug worth seeing)."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{name} did not stop within {timeout:.0f} s of SIGTERM; killed", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
+def ensure_running(procs: dict[str, subprocess.Popen]) -> None:
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; run its labbus command "
+                               "by hand to see why")
+
+
+async def wait_rows(dsn: str, prefix: str, n: int, timeout: float, before: int,
+                    procs: dict[str, subprocess.Popen]) -> float:
+    """Wait until `n` more readings are projected than `before` (read before publishing), then
+    until all `n` rows are there: a reading decided twice (a validator restarting or a rebalance
+    re-emits the same event) advances the offsets without adding a row. Returns when the last
+    row was there."""
     deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if await projected_offsets(dsn) >= before + n:
-            done = time.perf_counter()
-            rows = await count_rows(dsn, prefix)
-            assert rows == n, f"{rows} rows for {prefix!r}, expected {n}"
-            return done
+    while await projected_offsets(dsn) < before + n:
+        ensure_running(procs)
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"only {await count_rows(dsn, prefix)} of {n} rows after "
+                               f"{timeout} s")
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"only {await count_rows(dsn, prefix)} of {n} rows after {timeout} s")
+    while (rows := await count_rows(dsn, prefix)) < n:
+        ensure_running(procs)
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"only {rows} of {n} rows after {timeout} s")
+        await asyncio.sleep(0.05)
+    assert rows == n, f"{rows} rows for {prefix!r}, expected {n}"
+    return time.perf_counter()
 
 
 async def latencies(dsn: str, prefix: str) -> list[float]:
@@ -211,7 +241,7 @@ async def main_async(args) -> None:
     try:
         # warm-up: processes join their groups and the projector migrates its schema
         await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(10, 2, "warm"), 2), 500)
-        await wait_rows(cfg.postgres_dsn, "warm", 500, 120, before=0)
+        await wait_rows(cfg.postgres_dsn, "warm", 500, 120, 0, procs)
 
         await produce(cfg, topic_name(cfg, DEVICES), registrations)
         before = await projected_offsets(cfg.postgres_dsn)
@@ -219,7 +249,7 @@ async def main_async(args) -> None:
         started = time.perf_counter()
         await produce(cfg, topic_name(cfg, MEASUREMENTS_RECORDED), payloads)  # the same events
         published = time.perf_counter()
-        done = await wait_rows(cfg.postgres_dsn, "tp", args.readings, 600, before)
+        done = await wait_rows(cfg.postgres_dsn, "tp", args.readings, 600, before, procs)
         cpu.stop()
         e2e = args.readings / (done - started)
         print(f"end to end (publish -> validator -> projector -> queryable in PostgreSQL): "
@@ -237,17 +267,14 @@ async def main_async(args) -> None:
         before = await projected_offsets(cfg.postgres_dsn)
         await sim.publish(cfg, sim.FleetSimulator(sim.make_fleet(20, 4, "lat"), 4), n_lat,
                           rate=args.latency_rate)
-        await wait_rows(cfg.postgres_dsn, "lat", n_lat, 120, before)
+        await wait_rows(cfg.postgres_dsn, "lat", n_lat, 120, before, procs)
         lat = await latencies(cfg.postgres_dsn, "lat")
         print(f"ingest -> queryable latency at {args.latency_rate:,.0f} readings/s "
               f"({len(lat):,} readings): p50 {pct(lat, 0.5) * 1000:.0f} ms, "
               f"p99 {pct(lat, 0.99) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
     finally:
         rss.stopped.set()
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            p.wait(20)
+        stop_processes(procs)
         postgres.drop_database(base, db)
     for name, peak in rss.peak.items():
         print(f"peak RSS {name}: {peak / 2**20:,.0f} MiB")

@@ -32,7 +32,13 @@ from events.topics import (  # noqa: E402
     topic_name,
 )
 from producers import sim  # noqa: E402
-from tests.bench.bench_pipeline import bench_environment, produce, projected_offsets  # noqa: E402
+from tests.bench.bench_pipeline import (  # noqa: E402
+    bench_environment,
+    ensure_running,
+    produce,
+    projected_offsets,
+    stop_processes,
+)
 
 
 async def end_offsets(cfg: config.Config, *topics: str) -> int:
@@ -56,9 +62,11 @@ async def timed_stage(name: str, cmd: tuple[str, ...], env: dict, done, n: int) 
     ps = psutil.Process(proc.pid)
     try:
         while (first := int(await done())) == 0:
+            ensure_running({name: proc})
             await asyncio.sleep(0.02)
         started, cpu0 = time.perf_counter(), sum(ps.cpu_times()[:2])
         while (got := int(await done())) < n:
+            ensure_running({name: proc})
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
         cpu = sum(ps.cpu_times()[:2]) - cpu0
@@ -67,8 +75,7 @@ async def timed_stage(name: str, cmd: tuple[str, ...], env: dict, done, n: int) 
               f"{cpu / worked * 1e6:>6.1f} CPU µs/reading   "
               f"peak RSS {ps.memory_info().rss / 2**20:,.0f} MiB")
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_processes({name: proc})
 
 
 async def main_async(args) -> None:
