@@ -79,6 +79,22 @@ async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] = CATALOG,
         await admin.close()
 
 
+async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
+    """Delete every topic of a namespace: its catalog topics and its faust apps' internal ones
+    (what a benchmark or test run leaves behind on a shared broker). Returns the deleted names."""
+    if not namespace:
+        raise ValueError("refusing to delete the topics of the empty (production) namespace")
+    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(namespace + ".")]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
+
+
 async def read_to_end(cfg: Config, *topics: str):
     """Yield every record of `topics` from the beginning up to their end offsets at call time
     (no consumer group, nothing committed): how a process rebuilds what is already in the log."""

@@ -35,8 +35,8 @@ from processors.dead_letter import dead_letter
 from processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
-BATCH_MAX = 2000  # readings validated together at most
-BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more (adds to latency at low rates)
+BATCH_MAX = 5000  # readings validated together at most
+STALL_S = 0.05  # a partial batch that gets no new reading for this long is decided anyway
 log = logging.getLogger(__name__)
 
 
@@ -140,6 +140,102 @@ class PartitionBatches:
         await asyncio.gather(*self.futures)
 
 
+class Batches:
+    """Readings faust has delivered, decided in batches: when a batch is full or faust has
+    nothing more buffered, so batches are large under load and a lone reading waits for no timer.
+    A partial batch that stops growing (faust empties its buffers when partitions are revoked)
+    is decided by a watchdog after STALL_S, so its offsets do not hold up the rebalance.
+
+    One batch awaits its acks=all while the next is validated. A reading's event is acked, and
+    its offset may be committed, only after its output is on the broker."""
+
+    def __init__(self, app: faust.App, validator: Validator, producer,
+                 windows_ready: asyncio.Event, buffered: asyncio.Queue,
+                 max_size: int = BATCH_MAX, stall_s: float = STALL_S) -> None:
+        self.app = app
+        self.validator = validator
+        self.producer = producer
+        self.windows_ready = windows_ready
+        self.buffered = buffered
+        self.max_size = max_size
+        self.stall_s = stall_s
+        self.pending: list = []
+        self.last_added = 0.0
+        self.lock = asyncio.Lock()
+        self.in_flight: asyncio.Future | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.watchdog_task: asyncio.Future | None = None
+        self.failure: BaseException | None = None
+
+    def add(self, event) -> bool:
+        """Take one event; True when the batch should be decided now."""
+        self.pending.append(event)
+        if len(self.pending) >= self.max_size or self.buffered.empty():
+            return True
+        self.last_added = time.monotonic()
+        if self.watchdog is None:
+            self.watchdog = asyncio.get_running_loop().call_later(self.stall_s, self._check)
+        return False
+
+    def _check(self) -> None:
+        self.watchdog = None
+        if not self.pending:
+            return
+        idle = time.monotonic() - self.last_added
+        if idle < self.stall_s:  # still growing
+            self.watchdog = asyncio.get_running_loop().call_later(self.stall_s - idle,
+                                                                  self._check)
+            return
+        self.watchdog_task = asyncio.ensure_future(self.decide())
+        self.watchdog_task.add_done_callback(self._remember_failure)
+
+    def _remember_failure(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+
+    def raise_failure(self) -> None:
+        """A batch decided by the watchdog failed: fail the agent, as a failed batch does."""
+        if self.failure is not None:
+            raise self.failure
+
+    async def decide(self) -> int:
+        """Validate the pending batch and hand its outputs to the producer; returns its size."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        async with self.lock:
+            batch, self.pending = self.pending, []
+            if not batch:
+                return 0
+            started = time.perf_counter()
+            await self.windows_ready.wait()  # faust may deliver before the assignment signal
+            out = validate_batch(self.validator, self.producer, batch)
+            await out.flush()
+            if self.in_flight is not None:
+                await self.in_flight  # the previous batch's acks, awaited while this one ran
+            self.in_flight = asyncio.ensure_future(ack_when_delivered(batch, out))
+            self.in_flight.add_done_callback(_report_failed_delivery)
+            self._record(batch, time.perf_counter() - started)
+            return len(batch)
+
+    def _record(self, batch: list, seconds: float) -> None:
+        source = batch[0].message.topic
+        metrics.EVENTS_IN.labels(PROCESS, source).inc(len(batch))
+        next_offsets = {event.message.tp: event.message.offset + 1 for event in batch}
+        for tp, nxt in next_offsets.items():
+            metrics.record_lag(PROCESS, tp.topic, tp.partition, nxt,
+                               self.app.consumer.highwater(tp))
+        metrics.PROCESSING_SECONDS.labels(PROCESS).observe(seconds)
+
+    def close(self) -> None:
+        """Undelivered outputs are not acked, so their inputs are not committed: they are
+        validated again after a restart."""
+        for pending in (self.watchdog, self.watchdog_task, self.in_flight):
+            if pending is not None and not (isinstance(pending, asyncio.Future)
+                                            and pending.done()):
+                pending.cancel()
+
+
 async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartition], group: str,
                         lookback: int = 50_000) -> int:
     """Fill the duplicate windows with the ids of the last `lookback` readings before each
@@ -228,28 +324,16 @@ def build_app(cfg: Config) -> faust.App:
     async def validate(stream):
         while OutputProducer.producer is None:
             await asyncio.sleep(0.05)
-        producer = OutputProducer.producer
-        in_flight: asyncio.Future | None = None
+        stream.enable_acks = False  # acked by Batches once the outputs are on the broker
+        batches = Batches(app, validator, OutputProducer.producer, windows_ready,
+                          buffered=stream.channel.queue)
         try:
-            async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-                started = time.perf_counter()
-                await windows_ready.wait()  # faust may deliver before the assignment signal
-                out = validate_batch(validator, producer, batch)
-                await out.flush()
-                if in_flight is not None:
-                    await in_flight  # one batch awaits its acks while the next is validated
-                in_flight = asyncio.ensure_future(ack_when_delivered(batch, out))
-                in_flight.add_done_callback(_report_failed_delivery)
-                metrics.EVENTS_IN.labels(PROCESS, raw.get_topic_name()).inc(len(batch))
-                next_offsets = {event.message.tp: event.message.offset + 1 for event in batch}
-                for tp, nxt in next_offsets.items():
-                    metrics.record_lag(PROCESS, tp.topic, tp.partition, nxt,
-                                       app.consumer.highwater(tp))
-                metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
-                yield len(batch)
+            async for _ in stream:
+                batches.raise_failure()
+                if batches.add(stream.current_event):
+                    yield await batches.decide()
         finally:
-            if in_flight is not None and not in_flight.done():
-                in_flight.cancel()  # not acked, so not committed: redelivered after a restart
+            batches.close()
 
     return app
 
@@ -263,14 +347,11 @@ def _report_failed_delivery(task: asyncio.Future) -> None:
 
 
 def validate_batch(validator: Validator, producer, batch) -> PartitionBatches:
-    """Decide every event of the batch into output record batches. Each message gets one more
-    reference, so faust's own ack after the batch does not make it committable: that waits for
-    ack_when_delivered."""
+    """Decide every event of the batch into output record batches."""
     now_us = time.time_ns() // 1000
     out = PartitionBatches(producer, validator.validated_topic)
     for event in batch:
         m = event.message
-        m.incref()
         topic, value, code = validator.handle(
             Incoming(m.topic, m.partition, m.offset, m.key, m.value), now_us)
         out.add(topic, m.partition, m.key, value, code)
@@ -281,7 +362,7 @@ async def ack_when_delivered(batch, out: PartitionBatches) -> None:
     """acks=all for every output first; only then may faust commit the inputs' offsets."""
     await out.delivered()
     for event in batch:
-        event.ack()  # the last reference: now the offset may be committed
+        event.ack()  # now the offset may be committed
     for (topic, code), n in out.counts.items():
         metrics.EVENTS_OUT.labels(PROCESS, topic).inc(n)
         if code:
