@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import faust
 import mode
@@ -270,8 +271,14 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
     return primed
 
 
+def data_dir(cfg: Config) -> Path:
+    """faust's data directory (its in-memory tables keep nothing there): under LABBUS_HOME, not
+    the working directory."""
+    return cfg.home / "faust" / group_id(cfg, PROCESS)
+
+
 def build_app(cfg: Config) -> faust.App:
-    datadir = cfg.home / "faust" / group_id(cfg, PROCESS)  # not the working directory
+    datadir = data_dir(cfg)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         group_id(cfg, PROCESS),

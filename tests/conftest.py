@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from deploy.demo import LABBUS  # the installed `labbus` next to this Python
-from events import config
+from events import config, kafka
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,10 @@ def env(base_env) -> dict[str, str]:
         e["LABBUS_POSTGRES_DSN"] = postgres.create_database(cfg, db)
         e["LABBUS_POSTGRES_API_DSN"] = postgres.with_database(cfg.postgres_api_dsn, db)
     yield e
+    from processors import validator
+
+    asyncio.run(kafka.delete_namespace_topics(cfg, e["LABBUS_NAMESPACE"]))
+    shutil.rmtree(validator.data_dir(config.load(e)), ignore_errors=True)
     if os.environ.get("LABBUS_TEST_SERVICES") != "docker":
         from pymongo import MongoClient
 

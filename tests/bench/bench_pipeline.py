@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from deploy.local import kafka as local_kafka  # noqa: E402
 from deploy.local import postgres, services  # noqa: E402
 from events import config, kafka  # noqa: E402
 from events.topics import DEVICES, MEASUREMENTS_RECORDED, TopicSpec, topic_name  # noqa: E402
+from processors import validator  # noqa: E402
 from producers import sim  # noqa: E402
 
 
@@ -227,6 +229,13 @@ async def bench_environment() -> tuple[config.Config, dict, config.Config, str]:
     return base, env, cfg, db
 
 
+async def drop_bench_environment(base: config.Config, cfg: config.Config, db: str) -> None:
+    """Leave nothing of a run behind: its database, its topics, the validator's data dir."""
+    postgres.drop_database(base, db)
+    await kafka.delete_namespace_topics(base, cfg.namespace)
+    shutil.rmtree(validator.data_dir(cfg), ignore_errors=True)
+
+
 async def main_async(args) -> None:
     base, env, cfg, db = await bench_environment()
 
@@ -287,7 +296,7 @@ async def main_async(args) -> None:
     finally:
         rss.stopped.set()
         stop_processes(procs)
-        postgres.drop_database(base, db)
+        await drop_bench_environment(base, cfg, db)
     for name, peak in rss.peak.items():
         print(f"peak RSS {name}: {peak / 2**20:,.0f} MiB")
     print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores, "

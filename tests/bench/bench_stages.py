@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from deploy.demo import LABBUS  # noqa: E402
-from deploy.local import postgres  # noqa: E402
 from events import config, kafka  # noqa: E402
 from events.topics import (  # noqa: E402
     MEASUREMENTS_RECORDED,
@@ -34,6 +33,7 @@ from events.topics import (  # noqa: E402
 from producers import sim  # noqa: E402
 from tests.bench.bench_pipeline import (  # noqa: E402
     bench_environment,
+    drop_bench_environment,
     ensure_running,
     produce,
     projected_offsets,
@@ -91,7 +91,7 @@ async def main_async(args) -> None:
             await timed_stage("projector postgres", ("project", "postgres"), env,
                               lambda: projected_offsets(cfg.postgres_dsn), args.readings)
     finally:
-        postgres.drop_database(base, db)
+        await drop_bench_environment(base, cfg, db)
     print(f"machine: {psutil.cpu_count()} cores, {args.readings:,} readings")
 
 
