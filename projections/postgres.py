@@ -20,7 +20,7 @@ from events.topics import (
     topic_name,
 )
 from projections.migrate import migrate
-from projections.runner import Positioned
+from projections.runner import Positioned, PositionsMoved
 
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,
@@ -58,20 +58,37 @@ ON CONFLICT (projection, topic, partition) DO UPDATE
 """
 
 
+LOCK_POSITIONS = """
+SELECT topic, partition, next_offset FROM projection_positions
+WHERE projection = $1 AND (topic, partition) IN (SELECT * FROM unnest($2::text[], $3::int[]))
+FOR UPDATE
+"""
+
+
 class PostgresProjection:
+    """Rows and positions are written in one transaction, committed without waiting for the WAL
+    flush (synchronous_commit=off): a WAL fsync can wait hundreds of ms behind other writes to
+    the disk, and the projector would wait with it. A database crash can then lose the last
+    commits, rows and positions together. Each write therefore checks that the stored positions
+    are still those this projector last read or wrote; if not (lost commits, or another
+    projector wrote), it raises PositionsMoved and the runner re-reads them and replays from
+    there."""
+
     name = "postgres"
 
     def __init__(self, cfg: Config, dsn: str | None = None) -> None:
         self.cfg = cfg
         self.dsn = dsn or cfg.postgres_dsn
         self.pool: asyncpg.Pool | None = None
+        self._believed: dict[TopicPartition, int] = {}  # stored positions, as last read/written
 
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
                 (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS)]
 
     async def start(self) -> None:
-        self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN")
+        self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN",
+                                       server_settings={"synchronous_commit": "off"})
         async with self.pool.acquire() as con:
             await migrate(con)
 
@@ -83,7 +100,9 @@ class PostgresProjection:
         rows = await self.pool.fetch(
             "SELECT topic, partition, next_offset FROM projection_positions WHERE projection=$1",
             self.name)
-        return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        stored = {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        self._believed = dict(stored)
+        return stored
 
     async def apply(self, events: list[Positioned],
                     next_offsets: dict[TopicPartition, int]) -> None:
@@ -102,6 +121,7 @@ class PostgresProjection:
             elif p.event_type == DeviceRegistered.TYPE:
                 devices[r["device_id"]] = r  # the last registration in the batch wins
         async with self.pool.acquire() as con, con.transaction():
+            await self._check_positions(con, next_offsets)
             if m_rows:
                 await con.execute(INSERT_MEASUREMENTS, *map(list, zip(*m_rows, strict=False)))
             if devices:
@@ -117,6 +137,22 @@ class PostgresProjection:
             tps = list(next_offsets)
             await con.execute(UPSERT_POSITIONS, self.name, [tp.topic for tp in tps],
                               [tp.partition for tp in tps], [next_offsets[tp] for tp in tps])
+        self._believed.update(next_offsets)
+
+    async def _check_positions(self, con, next_offsets: dict[TopicPartition, int]) -> None:
+        """Lock the positions about to be written and check they are what this projector last
+        read or wrote (a partition it has not seen yet is not checked)."""
+        known = [tp for tp in next_offsets if tp in self._believed]
+        if not known:
+            return
+        rows = await con.fetch(LOCK_POSITIONS, self.name, [tp.topic for tp in known],
+                               [tp.partition for tp in known])
+        stored = {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        moved = {f"{tp.topic}/{tp.partition}": (self._believed[tp], stored.get(tp))
+                 for tp in known if stored.get(tp) != self._believed[tp]}
+        if moved:
+            raise PositionsMoved(f"stored positions differ from this projector's: {moved} "
+                                 "(believed, stored)")
 
 
 async def connect_pool(dsn: str, variable: str, **kwargs) -> asyncpg.Pool:

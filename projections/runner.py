@@ -36,6 +36,11 @@ class Positioned:
     record: dict
 
 
+class PositionsMoved(RuntimeError):
+    """The stored positions are not those this projector last read or wrote: commits were lost
+    in a database crash, or another projector wrote. Nothing of the batch was written."""
+
+
 class Projection(Protocol):
     name: str
 
@@ -62,15 +67,20 @@ class _SeekToStored(ConsumerRebalanceListener):
         pass
 
     async def on_partitions_assigned(self, assigned) -> None:
-        stored = await self.projection.positions()
-        for tp in assigned:
-            if tp in stored:
-                self.consumer.seek(tp, stored[tp])
-            else:
-                await self.consumer.seek_to_beginning(tp)
+        stored = await seek_to_stored(self.projection, self.consumer, assigned)
         log.info("partitions assigned", extra={
             "projection": self.projection.name,
             "positions": {f"{tp.topic}/{tp.partition}": stored.get(tp, 0) for tp in assigned}})
+
+
+async def seek_to_stored(projection: Projection, consumer, tps) -> dict[TopicPartition, int]:
+    stored = await projection.positions()
+    for tp in tps:
+        if tp in stored:
+            consumer.seek(tp, stored[tp])
+        else:
+            await consumer.seek_to_beginning(tp)
+    return stored
 
 
 async def run(cfg: Config, projection: Projection, stop: asyncio.Event | None = None,
@@ -108,7 +118,13 @@ async def run(cfg: Config, projection: Projection, stop: asyncio.Event | None = 
                         metrics.EVENTS_REJECTED.labels(process, exc.kind).inc()
                 next_offsets[tp] = records[-1].offset + 1
                 metrics.EVENTS_IN.labels(process, tp.topic).inc(len(records))
-            await projection.apply(decoded, next_offsets)
+            try:
+                await projection.apply(decoded, next_offsets)
+            except PositionsMoved as exc:
+                log.warning("positions moved; replaying from the stored ones",
+                            extra={"projection": projection.name, "error": str(exc)})
+                await seek_to_stored(projection, consumer, consumer.assignment())
+                continue
             try:
                 await consumer.commit(next_offsets)
             except KafkaError as exc:  # the database holds the position; this is only for tools
