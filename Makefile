@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python tests/bench/bench_pipeline.py
+	$(VENV)/bin/python tests/bench/bench_pipeline.py --validators 2
 
 bench-stages: setup
 	$(VENV)/bin/python tests/bench/bench_stages.py
