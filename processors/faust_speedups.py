@@ -26,6 +26,7 @@ from time import monotonic
 import faust
 from faust.sensors import Monitor
 from faust.transport import conductor as faust_conductor
+from faust.transport import producer as faust_producer
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -207,9 +208,34 @@ class Conductor(faust_conductor.Conductor):
         return on_message
 
 
+class ProducerBuffer(faust_producer.ProducerBuffer):
+    """faust's conductor asks the producer buffer for its size before every message it delivers,
+    and the size reads the `producer_threaded` setting through faust's settings registry each
+    time; here it is read once."""
+
+    _threaded: bool | None = None
+
+    @property
+    def size(self) -> int:
+        if self._threaded is None:
+            self._threaded = bool(self.app.conf.producer_threaded)
+        return super().size if self._threaded else len(self.pending._queue)
+
+
+class Producer(faust_aiokafka.Producer):
+    def __init__(self, transport, loop=None, **kwargs) -> None:
+        super().__init__(transport, loop=loop, **kwargs)
+        lean = ProducerBuffer(loop=self.loop, beacon=self.beacon)
+        lean.app = self.buffer.app  # faust's buffer is only started in on_start: none to stop
+        if self.threaded_producer is not None:
+            lean.threaded_producer = self.threaded_producer
+        self.buffer = lean
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
     Conductor = Conductor
+    Producer = Producer
 
 
 class RawSchema(faust.Schema):
