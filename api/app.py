@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pymongo import MongoClient
 
-from api import cursor
-from events.config import Config
-from projections.postgres import connect_pool
+from labbus.api import cursor
+from labbus.events.config import Config
+from labbus.events.db import connect_pool
 
 REQUESTS = Counter("labbus_api_requests_total", "API requests", ["route", "status"])
 LATENCY = Histogram("labbus_api_request_seconds", "API request latency", ["route"])

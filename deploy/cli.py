@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from events import config as config_mod
-from events import logs, metrics
+from labbus.events import config as config_mod
+from labbus.events import logs, metrics
 
 
 def _cfg() -> config_mod.Config:
@@ -70,7 +70,7 @@ def services() -> None:
 @services.command("up")
 def services_up() -> None:
     """Install (once) and start the local servers; wait until each answers."""
-    from deploy.local import services as svc
+    from labbus.deploy.local import services as svc
 
     try:
         addresses = svc.up(_cfg(), echo=lambda m: click.echo(m, err=True))
@@ -83,7 +83,7 @@ def services_up() -> None:
 @services.command("down")
 def services_down() -> None:
     """Stop the local servers (data is kept under LABBUS_HOME)."""
-    from deploy.local import services as svc
+    from labbus.deploy.local import services as svc
 
     svc.down(_cfg(), echo=lambda m: click.echo(m, err=True))
 
@@ -91,7 +91,7 @@ def services_down() -> None:
 @services.command("status")
 def services_status() -> None:
     """Show whether each local server runs, where, and its pid."""
-    from deploy.local import services as svc
+    from labbus.deploy.local import services as svc
 
     for s in svc.status(_cfg()):
         state = "running" if s.running else "stopped"
@@ -107,7 +107,7 @@ def show_config(markdown: bool) -> None:
     cfg = _cfg()
     for name, s in config_mod.SETTINGS.items():
         if markdown:
-            default = s.default.replace(str(config_mod.REPO_ROOT), '.')
+            default = s.default
             click.echo(f"| `{s.env}` | `{default}` | {s.help} |")
         else:
             click.echo(f"{s.env:26} = {getattr(cfg, name)}")
@@ -121,7 +121,7 @@ def topics() -> None:
 @topics.command("list")
 def topics_list() -> None:
     """Print the catalog: name, partitions, key, retention, event types."""
-    from events.topics import CATALOG, topic_name
+    from labbus.events.topics import CATALOG, topic_name
 
     cfg = _cfg()
     for spec in CATALOG:
@@ -134,7 +134,7 @@ def topics_list() -> None:
 @topics.command("create")
 def topics_create() -> None:
     """Create missing topics of the catalog (idempotent)."""
-    from events.kafka import ensure_topics
+    from labbus.events.kafka import ensure_topics
 
     created = asyncio.run(ensure_topics(_cfg()))
     click.echo("created: " + (", ".join(created) if created else "nothing, all exist"))
@@ -159,7 +159,7 @@ def agent() -> None:
 def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: int,
               metrics_port: int | None) -> None:
     """A simulated instrument fleet publishing DeviceRegistered and MeasurementRecorded."""
-    from producers import sim
+    from labbus.producers import sim
 
     cfg = _cfg()
     _start_process("agent", cfg, metrics_port)
@@ -194,7 +194,7 @@ def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: 
 @metrics_option
 def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -> None:
     """An OT-2 agent: runs each RobotRunRequested, publishes its commands and dispensed wells."""
-    from producers import ot2_agent
+    from labbus.producers import ot2_agent
 
     if simulate == bool(robot_url):
         raise click.UsageError("give exactly one of --simulate or --robot HOST")
@@ -209,7 +209,7 @@ def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -
 @metrics_option
 def agent_reader(seed: int, delay: float, metrics_port: int | None) -> None:
     """A simulated plate reader: a WellColourMeasured for each WellDispensed."""
-    from producers import colour_reader
+    from labbus.producers import colour_reader
 
     cfg = _cfg()
     _start_process("agent-reader", cfg, metrics_port)
@@ -225,7 +225,7 @@ def process() -> None:
 @metrics_option
 def process_validate(metrics_port: int | None) -> None:
     """Validate raw readings: emit MeasurementValidated / MeasurementRejected, dead-letter junk."""
-    from processors import validator
+    from labbus.processors import validator
 
     cfg = _cfg()
     _start_process("validator", cfg, metrics_port)
@@ -236,7 +236,7 @@ def process_validate(metrics_port: int | None) -> None:
 @metrics_option
 def process_experiment(metrics_port: int | None) -> None:
     """Run colour-mixing campaigns: propose recipes, request robot runs, score readings."""
-    from processors import experiment
+    from labbus.processors import experiment
 
     cfg = _cfg()
     _start_process("experiment", cfg, metrics_port)
@@ -261,8 +261,8 @@ def experiment() -> None:
 def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance: float,
                      experiment_id: str | None) -> None:
     """Request an experiment; prints its id (follow it with `labbus experiment watch ID`)."""
-    from deploy import experiment as exp
-    from processors.colour.scoring import TargetError
+    from labbus.deploy import experiment as exp
+    from labbus.processors.colour.scoring import TargetError
 
     try:
         req = exp.request(target, budget, batch, [d.strip() for d in dyes.split(",") if d.strip()],
@@ -278,8 +278,8 @@ def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance:
 @click.option("--timeout", default=0.0, help="Give up after this many seconds (0 = never).")
 def experiment_watch(experiment_id: str, timeout: float) -> None:
     """Follow an experiment: wells used, best ΔE00, until it completes, fails or is rejected."""
-    from deploy import experiment as exp
-    from events.model import ExperimentCompleted, ExperimentRequested, WellScored
+    from labbus.deploy import experiment as exp
+    from labbus.events.model import ExperimentCompleted, ExperimentRequested, WellScored
 
     state = {"bar": None, "best": None, "budget": 96, "label": ""}
 
@@ -322,7 +322,7 @@ batch_option = click.option("--batch", default=5000, show_default=True,
 
 
 def _project(name: str, projection_factory, metrics_port: int | None, batch: int) -> None:
-    from projections import runner
+    from labbus.projections import runner
 
     cfg = _cfg()
     _start_process(f"projector-{name}", cfg, metrics_port)
@@ -334,7 +334,7 @@ def _project(name: str, projection_factory, metrics_port: int | None, batch: int
 @batch_option
 def project_postgres(metrics_port: int | None, batch: int) -> None:
     """Project devices and validated measurements into PostgreSQL (exactly-once positions)."""
-    from projections.postgres import PostgresProjection
+    from labbus.projections.postgres import PostgresProjection
 
     _project("postgres", PostgresProjection, metrics_port, batch)
 
@@ -344,7 +344,7 @@ def project_postgres(metrics_port: int | None, batch: int) -> None:
 @batch_option
 def project_mongo(metrics_port: int | None, batch: int) -> None:
     """Project one document per device into MongoDB (idempotent upserts)."""
-    from projections.mongo import MongoProjection
+    from labbus.projections.mongo import MongoProjection
 
     _project("mongo", MongoProjection, metrics_port, batch)
 
@@ -356,7 +356,7 @@ def api(host: str | None, port: int | None) -> None:
     """Serve the read-only query API (OpenAPI docs at /docs, metrics at /metrics)."""
     import uvicorn
 
-    from api.app import create_app
+    from labbus.api.app import create_app
 
     cfg = _cfg()
     logs.configure("api", cfg.log_level)
@@ -372,7 +372,7 @@ def api(host: str | None, port: int | None) -> None:
               help="Stop after this many seconds (0 = until Ctrl-C).")
 def demo(devices: int, rate: float, bad_fraction: float, duration: int) -> None:
     """Services + validator + projectors + API + a simulated fleet; prints the URLs to open."""
-    from deploy import demo as demo_mod
+    from labbus.deploy import demo as demo_mod
 
     demo_mod.run(_cfg(), devices=devices, rate=rate, bad_fraction=bad_fraction,
                  duration=duration, echo=click.echo)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from events.config import Config
-from events.metrics import DEFAULT_PORTS
+from labbus.events.config import Config
+from labbus.events.metrics import DEFAULT_PORTS
 
 LABBUS = str(Path(sys.executable).parent / "labbus")
 # The simulated camera's colour of 40 µL red + 30 µL yellow + 60 µL blue: a reachable target.
@@ -23,7 +23,7 @@ DEMO_TARGET = "#759e8f"
 
 def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration: int,
         echo=print) -> None:
-    from deploy.local import services
+    from labbus.deploy.local import services
 
     echo("starting local services (the first time downloads Kafka and may take a few minutes)")
     for name, address in services.up(cfg, echo=echo).items():
@@ -123,7 +123,7 @@ def _summary(base: str, echo) -> None:
 
 def _start_campaign(cfg: Config) -> str:
     """Publish one ExperimentRequested; returns its experiment id."""
-    from deploy import experiment
+    from labbus.deploy import experiment
 
     req = experiment.request(DEMO_TARGET, budget=96, batch=8, dyes=["red", "yellow", "blue"],
                              experiment_id=f"demo-{uuid.uuid4().hex[:8]}", requested_by="demo")

@@ -7,10 +7,10 @@ import getpass
 import uuid
 from collections.abc import Callable
 
-from events import kafka
-from events.codec import DecodeError, default_codec
-from events.config import Config
-from events.model import (
+from labbus.events import kafka
+from labbus.events.codec import DecodeError, default_codec
+from labbus.events.config import Config
+from labbus.events.model import (
     Event,
     ExperimentCompleted,
     ExperimentFailed,
@@ -19,8 +19,8 @@ from events.model import (
     RecipesProposed,
     WellScored,
 )
-from events.topics import EXPERIMENTS, topic_name
-from processors.colour import scoring
+from labbus.events.topics import EXPERIMENTS, topic_name
+from labbus.processors.colour import scoring
 
 FINAL = (ExperimentCompleted, ExperimentFailed, ExperimentRejected)
 

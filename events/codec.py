@@ -9,6 +9,7 @@ them still decodes (Avro schema resolution fills fields added since).
 from __future__ import annotations
 
 import io
+from importlib import resources
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,12 +18,11 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from events.config import REPO_ROOT
-from events.model import ENVELOPE_FIELDS, EVENT_TYPES, Envelope, Event
+from labbus.events.model import ENVELOPE_FIELDS, EVENT_TYPES, Envelope, Event
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
-SCHEMAS_DIR = REPO_ROOT / "schemas"
+SCHEMAS_DIR = Path(str(resources.files("labbus.schemas")))  # shipped as package data
 VERSION_PROPERTY = "labbus.version"
 
 

@@ -15,7 +15,6 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -26,8 +25,9 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "home": Setting("LABBUS_HOME", str(REPO_ROOT / ".local"),
-                    "Directory for local services' binaries, data and logs."),
+    "home": Setting("LABBUS_HOME", "./.local",
+                    "Directory for local services' binaries, data and logs (relative paths "
+                    "start at the working directory)."),
     "kafka_bootstrap": Setting("LABBUS_KAFKA_BOOTSTRAP", "127.0.0.1:19092",
                                "Kafka bootstrap servers (host:port[,host:port])."),
     "postgres_dsn": Setting("LABBUS_POSTGRES_DSN",

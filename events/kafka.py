@@ -9,8 +9,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
-from events.config import Config
-from events.topics import CATALOG, TopicSpec, topic_name
+from labbus.events.config import Config
+from labbus.events.topics import CATALOG, TopicSpec, topic_name
 
 log = logging.getLogger(__name__)
 

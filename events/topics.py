@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from events.config import Config
+from labbus.events.config import Config
 
 DAY_MS = 24 * 3600 * 1000
 

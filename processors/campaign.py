@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from events.model import (
+from labbus.events.model import (
     Event,
     ExperimentCompleted,
     ExperimentFailed,
@@ -41,9 +41,9 @@ from events.model import (
     WellScored,
     derived_id,
 )
-from processors.colour import optimiser, recipes, scoring
-from producers.ot2.protocol import PLATE_WELLS, WellRecipe, generate_protocol, protocol_hash
-from producers.plate_reader_model import FOOD_DYES
+from labbus.processors.colour import optimiser, recipes, scoring
+from labbus.producers.ot2.protocol import PLATE_WELLS, WellRecipe, generate_protocol, protocol_hash
+from labbus.producers.plate_reader_model import FOOD_DYES
 
 SOURCE = "experiment"
 KNOWN_DYES: tuple[str, ...] = tuple(d.name for d in FOOD_DYES)  # the stocks on the OT-2 deck

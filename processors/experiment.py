@@ -25,10 +25,10 @@ import asyncio
 import logging
 import time
 
-from events import kafka, metrics
-from events.codec import DecodeError, default_codec
-from events.config import Config
-from events.model import (
+from labbus.events import kafka, metrics
+from labbus.events.codec import DecodeError, default_codec
+from labbus.events.config import Config
+from labbus.events.model import (
     DeadLetter,
     Event,
     ExperimentRequested,
@@ -36,9 +36,9 @@ from events.model import (
     RobotRunFinished,
     WellColourMeasured,
 )
-from events.topics import CATALOG, COLOUR_READINGS, DEAD_LETTER, EXPERIMENTS, ROBOT_RUNS, topic_name
-from processors.campaign import Campaigns
-from processors.dead_letter import dead_letter
+from labbus.events.topics import CATALOG, COLOUR_READINGS, DEAD_LETTER, EXPERIMENTS, ROBOT_RUNS, topic_name
+from labbus.processors.campaign import Campaigns
+from labbus.events.dead_letter import dead_letter
 
 PROCESS = "experiment"
 INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,

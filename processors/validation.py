@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from events.model import MeasurementRejected, MeasurementValidated, derived_id
+from labbus.events.model import MeasurementRejected, MeasurementValidated, derived_id
 
 VALIDATED = MeasurementValidated.TYPE
 REJECTED = MeasurementRejected.TYPE

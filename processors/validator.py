@@ -19,11 +19,11 @@ import faust
 import mode
 from aiokafka import TopicPartition
 
-from events import kafka, metrics
-from events.codec import Codec, DecodeError, default_codec
-from events.config import Config
-from events.model import MeasurementRecorded
-from events.topics import (
+from labbus.events import kafka, metrics
+from labbus.events.codec import Codec, DecodeError, default_codec
+from labbus.events.config import Config
+from labbus.events.model import MeasurementRecorded
+from labbus.events.topics import (
     DEAD_LETTER,
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
@@ -31,9 +31,9 @@ from events.topics import (
     group_id,
     topic_name,
 )
-from processors import validation
-from processors.dead_letter import dead_letter
-from processors.faust_speedups import LeanMonitor, RawSchema
+from labbus.processors import validation
+from labbus.events.dead_letter import dead_letter
+from labbus.processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
 BATCH_MAX = 5000  # readings validated together at most

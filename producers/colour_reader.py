@@ -12,12 +12,12 @@ import hashlib
 import logging
 import uuid
 
-from events import kafka, metrics
-from events.codec import DecodeError, default_codec
-from events.config import Config
-from events.model import WellColourMeasured, WellDispensed, derived_id
-from events.topics import COLOUR_READINGS, ROBOT_RUNS, group_id, topic_name
-from producers.plate_reader_model import PlateReaderModel, rgb_to_lab
+from labbus.events import kafka, metrics
+from labbus.events.codec import DecodeError, default_codec
+from labbus.events.config import Config
+from labbus.events.model import WellColourMeasured, WellDispensed, derived_id
+from labbus.events.topics import COLOUR_READINGS, ROBOT_RUNS, group_id, topic_name
+from labbus.producers.plate_reader_model import PlateReaderModel, rgb_to_lab
 
 PROCESS = "agent-reader"
 INSTRUMENT = "plate-reader-sim-1"

@@ -21,10 +21,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from events import kafka, metrics
-from events.codec import DecodeError, default_codec
-from events.config import Config
-from events.model import (
+from labbus.events import kafka, metrics
+from labbus.events.codec import DecodeError, default_codec
+from labbus.events.config import Config
+from labbus.events.model import (
     RobotCommandExecuted,
     RobotRunFailed,
     RobotRunFinished,
@@ -33,7 +33,7 @@ from events.model import (
     WellDispensed,
     derived_id,
 )
-from events.topics import ROBOT_RUNS, group_id, topic_name
+from labbus.events.topics import ROBOT_RUNS, group_id, topic_name
 
 PROCESS = "agent-ot2"
 OUTCOMES = {RobotRunFinished.TYPE, RobotRunFailed.TYPE}
@@ -46,7 +46,7 @@ Runner = Callable[[str, Callable[[dict], Awaitable[None]]], Awaitable[Any]]
 
 
 async def simulate(protocol_text: str, on_command) -> Any:
-    from producers.ot2.simulate import simulate_run  # imports opentrons: slow, so only here
+    from labbus.producers.ot2.simulate import simulate_run  # imports opentrons: slow, so only here
 
     return await simulate_run(protocol_text, on_command)
 
@@ -96,8 +96,8 @@ async def fail(cfg: Config, producer, req: RobotRunRequested, error: str,
 async def execute(cfg: Config, producer, req: RobotRunRequested, runner: Runner = simulate,
                   mode: str = "simulate", present: set[str] | None = None) -> str:
     """Run one protocol, publishing as it goes; returns the run status once all is delivered."""
-    from producers.ot2.commands import dispensed_wells, find_labware_id, liquid_sources
-    from producers.ot2.protocol import PLATE
+    from labbus.producers.ot2.commands import dispensed_wells, find_labware_id, liquid_sources
+    from labbus.producers.ot2.protocol import PLATE
 
     futures: list = []
     send = _sender(cfg, producer, req, mode, futures, present)
@@ -161,7 +161,7 @@ async def run(cfg: Config, stop: asyncio.Event, robot_url: str | None = None) ->
     client = None
     runner, mode = simulate, "simulate"
     if robot_url:
-        from producers.ot2.robot_http import OT2Client
+        from labbus.producers.ot2.robot_http import OT2Client
 
         client = OT2Client(robot_url)
         runner, mode = on_robot(client), "robot"

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from events import kafka, metrics
-from events.codec import Codec, default_codec
-from events.config import Config
-from events.model import DeviceRegistered, MeasurementRecorded, utcnow
-from events.topics import DEVICES, MEASUREMENTS_RECORDED, topic_name
+from labbus.events import kafka, metrics
+from labbus.events.codec import Codec, default_codec
+from labbus.events.config import Config
+from labbus.events.model import DeviceRegistered, MeasurementRecorded, utcnow
+from labbus.events.topics import DEVICES, MEASUREMENTS_RECORDED, topic_name
 
 BAD_KINDS = ("wrong_unit", "out_of_range", "future_timestamp", "duplicate_event_id",
              "undecodable")

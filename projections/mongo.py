@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from aiokafka import TopicPartition
 from pymongo import MongoClient, UpdateOne
 
-from events import model as m
-from events.config import Config
-from events.model import DeviceRegistered, MeasurementValidated
-from events.topics import (
+from labbus.events import model as m
+from labbus.events.config import Config
+from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.topics import (
     COLOUR_READINGS,
     DEVICES,
     EXPERIMENTS,
@@ -31,7 +31,7 @@ from events.topics import (
     ROBOT_RUNS,
     topic_name,
 )
-from projections.runner import Positioned
+from labbus.projections.runner import Positioned
 
 SEEN_TTL_S = 7 * 24 * 3600  # re-emissions follow their original within minutes
 

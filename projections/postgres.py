@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import TopicPartition
 
-from events import model as m
-from events.config import Config
-from events.model import DeviceRegistered, MeasurementValidated
-from events.topics import (
+from labbus.events import model as m
+from labbus.events.config import Config
+from labbus.events.db import connect_pool
+from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.topics import (
     COLOUR_READINGS,
     DEVICES,
     EXPERIMENTS,
@@ -19,8 +20,8 @@ from events.topics import (
     ROBOT_RUNS,
     topic_name,
 )
-from projections.migrate import migrate
-from projections.runner import Positioned, PositionsMoved
+from labbus.projections.migrate import migrate
+from labbus.projections.runner import Positioned, PositionsMoved
 
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,
@@ -153,14 +154,6 @@ class PostgresProjection:
         if moved:
             raise PositionsMoved(f"stored positions differ from this projector's: {moved} "
                                  "(believed, stored)")
-
-
-async def connect_pool(dsn: str, variable: str, **kwargs) -> asyncpg.Pool:
-    try:
-        return await asyncpg.create_pool(dsn, min_size=1, max_size=4, **kwargs)
-    except (OSError, asyncpg.PostgresError) as exc:
-        safe = dsn.split("@")[-1]
-        raise ConnectionError(f"PostgreSQL at {variable}=...@{safe} refused: {exc}") from exc
 
 
 # -- colour-mixing campaigns --------------------------------------------------------------------

@@ -16,11 +16,11 @@ from typing import Protocol
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from events import kafka, metrics
-from events.codec import Codec, DecodeError, default_codec
-from events.config import Config
-from events.topics import DEAD_LETTER, topic_name
-from processors.dead_letter import dead_letter
+from labbus.events import kafka, metrics
+from labbus.events.codec import Codec, DecodeError, default_codec
+from labbus.events.config import Config
+from labbus.events.topics import DEAD_LETTER, topic_name
+from labbus.events.dead_letter import dead_letter
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.demo import LABBUS  # the installed `labbus` next to this Python
-from events import config, kafka
+from labbus.deploy.demo import LABBUS  # the installed `labbus` next to this Python
+from labbus.events import config, kafka
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def _docker_services() -> dict[str, str]:
     from testcontainers.mongodb import MongoDbContainer
     from testcontainers.postgres import PostgresContainer
 
-    from deploy.local import postgres
+    from labbus.deploy.local import postgres
 
     try:
         import docker
@@ -86,7 +86,7 @@ def base_env() -> dict[str, str]:
     if os.environ.get("LABBUS_TEST_SERVICES") == "docker":
         env.update(_docker_services())
         return env
-    from deploy.local import services
+    from labbus.deploy.local import services
 
     services.up(config.load(env), echo=lambda m: print(m, file=sys.stderr))
     return env
@@ -103,19 +103,19 @@ def env(base_env) -> dict[str, str]:
     e["LABBUS_LOG_LEVEL"] = "WARNING"
     db = f"labbus_test_{run}"
     if os.environ.get("LABBUS_TEST_SERVICES") != "docker":
-        from deploy.local import postgres
+        from labbus.deploy.local import postgres
 
         e["LABBUS_POSTGRES_DSN"] = postgres.create_database(cfg, db)
         e["LABBUS_POSTGRES_API_DSN"] = postgres.with_database(cfg.postgres_api_dsn, db)
     yield e
-    from processors import validator
+    from labbus.processors import validator
 
     asyncio.run(kafka.delete_namespace_topics(cfg, e["LABBUS_NAMESPACE"]))
     shutil.rmtree(validator.data_dir(config.load(e)), ignore_errors=True)
     if os.environ.get("LABBUS_TEST_SERVICES") != "docker":
         from pymongo import MongoClient
 
-        from deploy.local import postgres
+        from labbus.deploy.local import postgres
 
         postgres.drop_database(cfg, db)
         MongoClient(cfg.mongo_url).drop_database(e["LABBUS_MONGO_DB"])
@@ -184,6 +184,6 @@ def run(coro):
 
 async def read_topic(cfg: config.Config, topic: str) -> list:
     """Every record of a topic, from the beginning to the current end, across partitions."""
-    from events.kafka import read_to_end
+    from labbus.events.kafka import read_to_end
 
     return [record async for record in read_to_end(cfg, topic)]

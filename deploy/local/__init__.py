@@ -4,6 +4,6 @@ Everything lives under ``config.home`` (``LABBUS_HOME``): binaries, data and log
 Use :func:`deploy.local.services.up` / ``down`` / ``status``.
 """
 
-from deploy.local.proc import ServiceError, ServiceStatus
+from labbus.deploy.local.proc import ServiceError, ServiceStatus
 
 __all__ = ["ServiceError", "ServiceStatus"]

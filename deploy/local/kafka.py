@@ -12,9 +12,9 @@ import signal
 import uuid
 from pathlib import Path
 
-from deploy.local import proc
-from deploy.local.proc import Echo, ServiceError
-from events.config import Config
+from labbus.deploy.local import proc
+from labbus.deploy.local.proc import Echo, ServiceError
+from labbus.events.config import Config
 
 NAME = "kafka"
 SETTING = "kafka_bootstrap"

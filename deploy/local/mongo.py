@@ -1,7 +1,7 @@
 """A MongoDB-compatible server: SecantusDB (pure-Python, WiredTiger storage, pymongo wire protocol).
 
 It advertises itself as a single-node replica set, so pymongo allows multi-document transactions.
-What labbus relies on is checked by ``python -m deploy.local.verify_mongo``.
+What labbus relies on is checked by ``python -m labbus.deploy.local.verify_mongo``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from deploy.local import proc
-from deploy.local.proc import Echo, ServiceError
-from events.config import Config
+from labbus.deploy.local import proc
+from labbus.deploy.local.proc import Echo, ServiceError
+from labbus.events.config import Config
 
 NAME = "mongo"
 SETTING = "mongo_url"

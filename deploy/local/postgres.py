@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from deploy.local import proc
-from deploy.local.proc import Echo, ServiceError
-from events.config import Config
+from labbus.deploy.local import proc
+from labbus.deploy.local.proc import Echo, ServiceError
+from labbus.events.config import Config
 
 NAME = "postgres"
 SETTING = "postgres_dsn"

@@ -1,7 +1,7 @@
 """Start, stop and inspect the local services labbus needs: Kafka, PostgreSQL and a Mongo server.
 
-    from events import config
-    from deploy.local import services
+    from labbus.events import config
+    from labbus.deploy.local import services
     addresses = services.up(config.load())   # idempotent; fast when everything already runs
     services.status(config.load())
     services.down(config.load())             # data is kept under LABBUS_HOME
@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from types import ModuleType
 from urllib.parse import urlsplit, urlunsplit
 
-from deploy.local import kafka, mongo, postgres, proc
-from deploy.local.postgres import create_database, drop_database, with_database
-from deploy.local.proc import Echo, ServiceError, ServiceStatus
-from events.config import SETTINGS, Config
+from labbus.deploy.local import kafka, mongo, postgres, proc
+from labbus.deploy.local.postgres import create_database, drop_database, with_database
+from labbus.deploy.local.proc import Echo, ServiceError, ServiceStatus
+from labbus.events.config import SETTINGS, Config
 
 __all__ = ["up", "down", "status", "ServiceError", "ServiceStatus",
            "create_database", "drop_database", "with_database", "SERVICES"]

@@ -1,6 +1,6 @@
 """Check that the Mongo server at LABBUS_MONGO_URL does what labbus needs, through pymongo.
 
-    python -m deploy.local.verify_mongo      # exit status 0 when every check passes
+    python -m labbus.deploy.local.verify_mongo      # exit status 0 when every check passes
 
 Each check runs in a scratch database that is dropped afterwards.
 """
@@ -17,7 +17,7 @@ from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from events import config
+from labbus.events import config
 
 
 def _newer_than(t: int) -> dict:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from processors.colour.recipes import DEFAULT_LIMITS, Limits, feasible_grid, feasible_mask
-from processors.colour.scoring import delta_e2000, lab_to_srgb, srgb_to_lab
+from labbus.processors.colour.recipes import DEFAULT_LIMITS, Limits, feasible_grid, feasible_mask
+from labbus.processors.colour.scoring import delta_e2000, lab_to_srgb, srgb_to_lab
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -39,20 +39,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from deploy import experiment as exp  # noqa: E402
-from deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` next to this Python
-from deploy.local import services  # noqa: E402
-from events import config, kafka  # noqa: E402
-from events.codec import DecodeError, default_codec  # noqa: E402
-from events.model import (  # noqa: E402
+from labbus.deploy import experiment as exp  # noqa: E402
+from labbus.deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` next to this Python
+from labbus.deploy.local import services  # noqa: E402
+from labbus.events import config, kafka  # noqa: E402
+from labbus.events.codec import DecodeError, default_codec  # noqa: E402
+from labbus.events.model import (  # noqa: E402
     ExperimentCompleted,
     RobotRunFinished,
     RobotRunStarted,
     WellScored,
 )
-from events.topics import EXPERIMENTS, ROBOT_RUNS, topic_name  # noqa: E402
-from processors.colour.scoring import delta_e2000  # noqa: E402
-from producers.plate_reader_model import PlateReaderModel, rgb_to_lab  # noqa: E402
+from labbus.events.topics import EXPERIMENTS, ROBOT_RUNS, topic_name  # noqa: E402
+from labbus.processors.colour.scoring import delta_e2000  # noqa: E402
+from labbus.producers.plate_reader_model import PlateReaderModel, rgb_to_lab  # noqa: E402
 from tests.bench.bench_pipeline import stop_processes  # noqa: E402
 
 DYES = ["red", "yellow", "blue"]

@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from processors.colour.optimiser import Observation, Proposal, propose  # noqa: E402
-from processors.colour.recipes import DEFAULT_LIMITS, random_feasible_recipe  # noqa: E402
-from processors.colour.scoring import delta_e2000, srgb8_to_lab  # noqa: E402
-from producers.plate_reader_model import PlateReaderModel, rgb_to_lab  # noqa: E402
+from labbus.processors.colour.optimiser import Observation, Proposal, propose  # noqa: E402
+from labbus.processors.colour.recipes import DEFAULT_LIMITS, random_feasible_recipe  # noqa: E402
+from labbus.processors.colour.scoring import delta_e2000, srgb8_to_lab  # noqa: E402
+from labbus.producers.plate_reader_model import PlateReaderModel, rgb_to_lab  # noqa: E402
 
 DYES = ("red", "yellow", "blue")
 TOLERANCE = 2.0

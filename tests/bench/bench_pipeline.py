@@ -26,13 +26,13 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` next to this Python
-from deploy.local import kafka as local_kafka  # noqa: E402
-from deploy.local import postgres, services  # noqa: E402
-from events import config, kafka  # noqa: E402
-from events.topics import DEVICES, MEASUREMENTS_RECORDED, TopicSpec, topic_name  # noqa: E402
-from processors import validator  # noqa: E402
-from producers import sim  # noqa: E402
+from labbus.deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` next to this Python
+from labbus.deploy.local import kafka as local_kafka  # noqa: E402
+from labbus.deploy.local import postgres, services  # noqa: E402
+from labbus.events import config, kafka  # noqa: E402
+from labbus.events.topics import DEVICES, MEASUREMENTS_RECORDED, TopicSpec, topic_name  # noqa: E402
+from labbus.processors import validator  # noqa: E402
+from labbus.producers import sim  # noqa: E402
 
 
 class PeakRss(threading.Thread):

@@ -22,15 +22,15 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from deploy.demo import LABBUS  # noqa: E402
-from events import config, kafka  # noqa: E402
-from events.topics import (  # noqa: E402
+from labbus.deploy.demo import LABBUS  # noqa: E402
+from labbus.events import config, kafka  # noqa: E402
+from labbus.events.topics import (  # noqa: E402
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
     topic_name,
 )
-from producers import sim  # noqa: E402
+from labbus.producers import sim  # noqa: E402
 from tests.bench.bench_pipeline import (  # noqa: E402
     bench_environment,
     drop_bench_environment,

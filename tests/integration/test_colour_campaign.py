@@ -13,10 +13,10 @@ import asyncpg
 import numpy as np
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from deploy import experiment as exp
-from events.codec import default_codec
-from events.model import (
+from labbus.api.app import create_app
+from labbus.deploy import experiment as exp
+from labbus.events.codec import default_codec
+from labbus.events.model import (
     ExperimentCompleted,
     ExperimentRejected,
     RecipesProposed,
@@ -27,8 +27,8 @@ from events.model import (
     WellDispensed,
     WellScored,
 )
-from events.topics import COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
-from producers.plate_reader_model import PlateReaderModel
+from labbus.events.topics import COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS, topic_name
+from labbus.producers.plate_reader_model import PlateReaderModel
 from tests.conftest import LABBUS, REPO, read_topic, run, wait_for
 
 RECIPE = {"red": 40, "yellow": 30, "blue": 60}  # a feasible recipe: its colour is reachable
@@ -208,8 +208,8 @@ def test_ot2_agent_finishes_a_run_interrupted_by_a_crash_without_resending(cfg, 
     """The log holds the start of a run and its first commands, as if the agent had died there."""
     import uuid
 
-    from events.model import RobotRunStarted, derived_id
-    from producers.ot2.protocol import WellRecipe, generate_protocol, protocol_hash
+    from labbus.events.model import RobotRunStarted, derived_id
+    from labbus.producers.ot2.protocol import WellRecipe, generate_protocol, protocol_hash
 
     recipes = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
                {"well": "B1", "volumes": {"yellow": 120.0}, "water_ul": 80.0}]
@@ -229,7 +229,7 @@ def test_ot2_agent_finishes_a_run_interrupted_by_a_crash_without_resending(cfg, 
         event_id=uuid.UUID(derived_id("run-crashed", f"command/{i}")), **ids) for i in range(5)]
 
     async def seed():
-        from events import kafka
+        from labbus.events import kafka
 
         await kafka.ensure_topics(cfg)
         producer = kafka.producer(cfg)

@@ -3,9 +3,9 @@
 import subprocess
 import sys
 
-from events import kafka
-from events.codec import default_codec
-from events.model import DeviceRegistered
+from labbus.events import kafka
+from labbus.events.codec import default_codec
+from labbus.events.model import DeviceRegistered
 from tests.conftest import REPO, run
 
 
@@ -13,7 +13,7 @@ def test_downstream_consumer_example_decodes_events(cfg):
     topic = f"{cfg.namespace}.downstream.example"
 
     async def publish():
-        from events.topics import TopicSpec
+        from labbus.events.topics import TopicSpec
 
         await kafka.ensure_topics(cfg, (TopicSpec("downstream.example", 1, "device_id", ()),))
         producer = kafka.producer(cfg)

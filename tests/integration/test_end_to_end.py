@@ -7,11 +7,11 @@ import httpx
 from fastapi.testclient import TestClient
 from pymongo import MongoClient
 
-from api.app import create_app
-from events.codec import default_codec
-from events.model import MeasurementRejected
-from events.topics import DEAD_LETTER, MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED, topic_name
-from producers import sim
+from labbus.api.app import create_app
+from labbus.events.codec import default_codec
+from labbus.events.model import MeasurementRejected
+from labbus.events.topics import DEAD_LETTER, MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED, topic_name
+from labbus.producers import sim
 from tests.conftest import read_topic, run, wait_for
 
 N = 3000

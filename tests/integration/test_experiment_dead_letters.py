@@ -3,9 +3,9 @@
 import asyncio
 import time
 
-from events import kafka
-from events.codec import default_codec
-from events.topics import DEAD_LETTER, EXPERIMENTS, topic_name
+from labbus.events import kafka
+from labbus.events.codec import default_codec
+from labbus.events.topics import DEAD_LETTER, EXPERIMENTS, topic_name
 from tests.conftest import read_topic, run, wait_for
 
 

@@ -11,10 +11,10 @@ import pytest
 from aiokafka import TopicPartition
 from fastapi.testclient import TestClient
 
-from api import cursor
-from api.app import create_app
-from events.codec import default_codec
-from events.model import (
+from labbus.api import cursor
+from labbus.api.app import create_app
+from labbus.events.codec import default_codec
+from labbus.events.model import (
     ExperimentCompleted,
     ExperimentRequested,
     RecipesProposed,
@@ -26,9 +26,9 @@ from events.model import (
     WellDispensed,
     WellScored,
 )
-from projections.mongo import MongoProjection
-from projections.postgres import PostgresProjection
-from projections.runner import Positioned
+from labbus.projections.mongo import MongoProjection
+from labbus.projections.postgres import PostgresProjection
+from labbus.projections.runner import Positioned
 from tests.conftest import run, walk_pages
 
 XID = "rm-campaign"

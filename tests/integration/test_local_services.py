@@ -19,9 +19,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from deploy.local import services
-from deploy.local.verify_mongo import verify
-from events import config
+from labbus.deploy.local import services
+from labbus.deploy.local.verify_mongo import verify
+from labbus.events import config
 
 pytestmark = pytest.mark.skipif(os.environ.get("LABBUS_TEST_SERVICES") == "docker",
                                 reason="tests labbus's own local services, not containers")

@@ -6,7 +6,7 @@ from collections import Counter
 
 from pymongo import MongoClient
 
-from events.topics import MEASUREMENTS_VALIDATED, topic_name
+from labbus.events.topics import MEASUREMENTS_VALIDATED, topic_name
 from tests.conftest import read_topic, run, wait_for
 from tests.integration.test_projector_crash import publish_validated
 

@@ -7,10 +7,10 @@ import uuid
 
 import asyncpg
 
-from events import kafka
-from events.codec import default_codec
-from events.model import MeasurementValidated, utcnow
-from events.topics import MEASUREMENTS_VALIDATED, topic_name
+from labbus.events import kafka
+from labbus.events.codec import default_codec
+from labbus.events.model import MeasurementValidated, utcnow
+from labbus.events.topics import MEASUREMENTS_VALIDATED, topic_name
 from tests.conftest import read_topic, run, wait_for
 
 N = 40_000

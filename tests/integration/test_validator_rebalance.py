@@ -6,9 +6,9 @@ import os
 import signal
 import threading
 
-from events.codec import default_codec
-from events.topics import MEASUREMENTS_VALIDATED, topic_name
-from producers import sim
+from labbus.events.codec import default_codec
+from labbus.events.topics import MEASUREMENTS_VALIDATED, topic_name
+from labbus.producers import sim
 from tests.conftest import read_topic, run, wait_for
 
 READINGS = 24_000

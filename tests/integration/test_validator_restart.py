@@ -2,15 +2,15 @@
 
 import asyncio
 
-from events import kafka
-from events.codec import default_codec
-from events.topics import (
+from labbus.events import kafka
+from labbus.events.codec import default_codec
+from labbus.events.topics import (
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
     topic_name,
 )
-from producers import sim
+from labbus.producers import sim
 from tests.conftest import read_topic, run, wait_for
 
 

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from events.model import (
+from labbus.events.model import (
     ExperimentCompleted,
     ExperimentFailed,
     ExperimentRejected,
@@ -18,8 +18,8 @@ from events.model import (
     WellColourMeasured,
     WellScored,
 )
-from processors import campaign
-from producers.plate_reader_model import PlateReaderModel, rgb_to_lab
+from labbus.processors import campaign
+from labbus.producers.plate_reader_model import PlateReaderModel, rgb_to_lab
 
 DYES = ["red", "yellow", "blue"]
 RECIPE = {"red": 40, "yellow": 30, "blue": 60}  # feasible, so its colour is reachable
@@ -101,7 +101,7 @@ def test_replay_in_any_cross_topic_order_gives_the_same_ids():
 
 
 def finished(run):
-    from events.model import RobotRunFinished
+    from labbus.events.model import RobotRunFinished
 
     return RobotRunFinished.create(source="r", subject=run.experiment_id, sequence=0,
                                    run_id=run.run_id, experiment_id=run.experiment_id,
@@ -109,7 +109,7 @@ def finished(run):
 
 
 def test_a_run_failing_after_every_well_was_read_fails_the_experiment_in_any_order():
-    from events.model import RobotRunFailed
+    from labbus.events.model import RobotRunFailed
 
     for failure_first in (True, False):
         campaigns = campaign.Campaigns()
@@ -139,7 +139,7 @@ def test_budget_spent_fails_the_experiment():
 
 
 def test_a_batch_breaking_the_recipe_rules_never_reaches_the_robot(monkeypatch):
-    from processors.colour.optimiser import Proposal
+    from labbus.processors.colour.optimiser import Proposal
 
     bad = Proposal([{"red": 5, "yellow": 0, "blue": 0}], False, None, None, "test")
     monkeypatch.setattr(campaign.optimiser, "propose", lambda *a, **k: bad)
@@ -151,7 +151,7 @@ def test_a_batch_breaking_the_recipe_rules_never_reaches_the_robot(monkeypatch):
 
 
 def test_a_failed_robot_run_fails_the_experiment_once():
-    from events.model import RobotRunFailed
+    from labbus.events.model import RobotRunFailed
 
     campaigns = campaign.Campaigns()
     run = next(e for e in campaigns.handle(request()) if isinstance(e, RobotRunRequested))

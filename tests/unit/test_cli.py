@@ -4,7 +4,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from deploy.cli import main
+from labbus.deploy.cli import main
 
 
 def commands(group: click.Group, prefix=()):

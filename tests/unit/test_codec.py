@@ -11,7 +11,7 @@ import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 from fastavro import parse_schema, schemaless_writer
 
-from events.codec import (
+from labbus.events.codec import (
     MAGIC,
     SCHEMAS_DIR,
     Codec,
@@ -20,7 +20,7 @@ from events.codec import (
     UnknownFingerprint,
     default_codec,
 )
-from events.model import (
+from labbus.events.model import (
     ENVELOPE_FIELDS,
     EVENT_TYPES,
     DeadLetter,
@@ -155,7 +155,7 @@ def test_fingerprint_agrees_with_apache_avro_on_schemas_without_logical_types():
     raw = {"type": "record", "name": "P", "namespace": "lab.x", "doc": "d", "fields": [
         {"name": "a", "type": "long"}, {"name": "b", "type": ["null", "string"], "default": None},
         {"name": "c", "type": {"type": "map", "values": "double"}}]}
-    from events.codec import _load  # the codec's own schema loader
+    from labbus.events.codec import _load  # the codec's own schema loader
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "p.avsc"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from producers.plate_reader_model import Band, Dye, PlateReaderModel, rgb_to_lab
+from labbus.producers.plate_reader_model import Band, Dye, PlateReaderModel, rgb_to_lab
 
 
 def test_water_reads_white():

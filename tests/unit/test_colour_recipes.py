@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from processors.colour.recipes import (
+from labbus.processors.colour.recipes import (
     Limits,
     feasible_grid,
     feasible_mask,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from processors.colour.scoring import TargetError, delta_e2000, parse_target, srgb8_to_lab
+from labbus.processors.colour.scoring import TargetError, delta_e2000, parse_target, srgb8_to_lab
 
 # Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula: implementation notes,
 # supplementary test data, and mathematical observations", Table 1: L1 a1 b1, L2 a2 b2, ΔE00.

@@ -1,6 +1,6 @@
 import pytest
 
-from events.config import ConfigError, load
+from labbus.events.config import ConfigError, load
 
 
 def test_defaults():

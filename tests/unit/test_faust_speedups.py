@@ -5,8 +5,8 @@ import asyncio
 import pytest
 from faust.transport import by_url
 
-from processors import faust_speedups
-from processors.faust_speedups import _Resumed
+from labbus.processors import faust_speedups
+from labbus.processors.faust_speedups import _Resumed
 
 
 def test_labbus_scheme_is_our_transport():
@@ -67,7 +67,7 @@ async def test_raw_schema_hands_over_the_broker_bytes():
     import faust
     from faust.types import TP, Message
 
-    from processors.faust_speedups import RawSchema
+    from labbus.processors.faust_speedups import RawSchema
 
     app = faust.App("schema-test", broker="memory://")
     decode = RawSchema(key_type=bytes, value_type=bytes).compile(app)

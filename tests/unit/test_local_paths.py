@@ -5,7 +5,7 @@ def test_postgres_data_moves_out_of_homes_the_postgres_user_cannot_reach(tmp_pat
     import os
     from pathlib import Path
 
-    from deploy.local.postgres import server_dir
+    from labbus.deploy.local.postgres import server_dir
 
     if os.geteuid() != 0:
         pytest.skip("only root runs the server as another user")

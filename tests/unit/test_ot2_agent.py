@@ -6,9 +6,9 @@ import asyncio
 
 import httpx
 
-from events import config
-from events.codec import default_codec
-from events.model import (
+from labbus.events import config
+from labbus.events.codec import default_codec
+from labbus.events.model import (
     RobotCommandExecuted,
     RobotRunFailed,
     RobotRunFinished,
@@ -16,8 +16,8 @@ from events.model import (
     RobotRunStarted,
     WellDispensed,
 )
-from producers import ot2_agent
-from producers.ot2.robot_http import OT2Client
+from labbus.producers import ot2_agent
+from labbus.producers.ot2.robot_http import OT2Client
 from tests.unit.fixtures.ot2.record_fixtures import RECIPES
 from tests.unit.test_ot2_robot_http import Replay, no_sleep
 

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from producers.ot2.protocol import (
+from labbus.producers.ot2.protocol import (
     API_LEVEL,
     PLATE,
     PLATE_WELLS,

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from producers.ot2.commands import COMMAND_KEYS, dispensed_wells, find_labware_id, liquid_sources
-from producers.ot2.protocol import PLATE
-from producers.ot2.robot_http import OT2Client, RobotHTTPError, RobotRun
+from labbus.producers.ot2.commands import COMMAND_KEYS, dispensed_wells, find_labware_id, liquid_sources
+from labbus.producers.ot2.protocol import PLATE
+from labbus.producers.ot2.robot_http import OT2Client, RobotHTTPError, RobotRun
 from tests.unit.fixtures.ot2.record_fixtures import DYES, RECIPES, protocols
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ot2"

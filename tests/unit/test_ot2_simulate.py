@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from producers.ot2.commands import COMMAND_KEYS
-from producers.ot2.protocol import PLATE, PLATE_WELLS, WellRecipe, generate_protocol
-from producers.ot2.simulate import (
+from labbus.producers.ot2.commands import COMMAND_KEYS
+from labbus.producers.ot2.protocol import PLATE, PLATE_WELLS, WellRecipe, generate_protocol
+from labbus.producers.ot2.simulate import (
     RunOutcome,
     dispensed_wells,
     find_labware_id,

@@ -2,9 +2,9 @@ import uuid
 
 import pytest
 
-from events.codec import default_codec
-from events.model import MeasurementRecorded, derived_id
-from processors.validation import DedupWindow, check, rejected, validated
+from labbus.events.codec import default_codec
+from labbus.events.model import MeasurementRecorded, derived_id
+from labbus.processors.validation import DedupWindow, check, rejected, validated
 
 NOW_US = 1_777_777_777_000_000
 
@@ -52,7 +52,7 @@ def test_dedup_window_tells_replays_from_duplicates():
 
 
 def test_derived_id_is_uuid5():
-    from events.model import DERIVED_NAMESPACE
+    from labbus.events.model import DERIVED_NAMESPACE
 
     parent = uuid.uuid4()
     assert derived_id(parent, "validated") == str(uuid.uuid5(DERIVED_NAMESPACE,

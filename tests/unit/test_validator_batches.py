@@ -2,7 +2,7 @@
 
 import asyncio
 
-from processors.validator import Batches
+from labbus.processors.validator import Batches
 
 
 class RecordingBatches(Batches):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from events.codec import DecodeError
-from events.model import DeadLetter
+from labbus.events.codec import DecodeError
+from labbus.events.model import DeadLetter
 
 _NAMESPACE = uuid.UUID("6f1c2a52-5d0e-4c43-9a55-0d3b5e1d7a10")
 
