@@ -9,9 +9,9 @@ them still decodes (Avro schema resolution fills fields added since).
 from __future__ import annotations
 
 import io
-from importlib import resources
 import json
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 

@@ -14,6 +14,14 @@ PROCESSING_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 CONSUMER_LAG = Gauge("labbus_consumer_lag", "Messages behind the log end",
                      ["process", "topic", "partition"])
+SINK_ERRORS = Counter("labbus_sink_errors_total",
+                      "Failed attempts to reach a database or the broker (retried)",
+                      ["process", "sink"])
+STALLED = Gauge("labbus_stalled", "1 while the process waits for a database or the broker",
+                ["process"])
+LAST_PROGRESS = Gauge("labbus_last_progress_timestamp_seconds",
+                      "When the process last wrote or committed anything (Unix time)", ["process"])
+
 
 def record_lag(process: str, topic: str, partition: int, next_offset: int,
                end: int | None) -> None:

@@ -74,6 +74,14 @@ def topic_name(cfg: Config, spec: TopicSpec) -> str:
     return f"{cfg.namespace}.{spec.name}" if cfg.namespace else spec.name
 
 
+def topic_for(cfg: Config, event) -> str:
+    """The topic that carries this event's type."""
+    for spec in CATALOG:
+        if event.TYPE in spec.event_types:
+            return topic_name(cfg, spec)
+    raise KeyError(f"no topic carries {event.TYPE}")
+
+
 def group_id(cfg: Config, process: str) -> str:
     return f"{cfg.namespace}.labbus.{process}" if cfg.namespace else f"labbus.{process}"
 
