@@ -245,7 +245,9 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
     step = Step(cfg, process, accepts, codec)
     names = [topic_name(cfg, t) for t in topics]
     await retrying(lambda: kafka.ensure_topics(cfg), Backoff(process, "kafka"), stop)
-    consumer = kafka.consumer(cfg, *names, group=group_id(cfg, process))
+    consumer = kafka.consumer(cfg, group=group_id(cfg, process))
+    recall = _Recall(cfg, step, handler, consumer)
+    consumer.subscribe(names, listener=recall)
     producer = kafka.producer(cfg)
     backoff = Backoff(process, "kafka")
     await retrying(producer.start, backoff, stop)
@@ -259,6 +261,7 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
             started = time.perf_counter()
             sent = Deliveries(producer, process)
             try:
+                await recall.catch_up()
                 for tp, records in batch.items():
                     metrics.EVENTS_IN.labels(process, tp.topic).inc(len(records))
                     for r in records:
@@ -284,6 +287,44 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
         await consumer.stop()
         await producer.stop()
         log.info("stopped")
+
+
+class _Recall(ConsumerRebalanceListener):
+    """For a handler with a `recall(event_type, plain_record)` method: after every assignment,
+    before any record of a newly assigned partition is handled, the records between the group's
+    committed offset and the log's end are shown to it. When a handler writes to its input topic
+    (same key, so same partition), that range holds what it sent for inputs that were not
+    committed before a crash, so it can skip sending it again. (aiokafka may fetch while an
+    assignment callback still runs, so the callback only notes the partitions.)"""
+
+    def __init__(self, cfg: Config, step: Step, handler: Handler, consumer) -> None:
+        self.cfg = cfg
+        self.step = step
+        self.recall = getattr(handler, "recall", None)
+        self.consumer = consumer
+        self.pending: set[TopicPartition] = set()
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        self.pending -= set(revoked)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        if self.recall is not None:
+            self.pending |= set(assigned)
+
+    async def catch_up(self) -> None:
+        if not self.pending:
+            return
+        tps = set(self.pending)
+        starts = {tp: await self.consumer.committed(tp) for tp in tps}
+        seen = 0
+        async for r in kafka.read_ranges(self.cfg, starts):
+            try:
+                self.recall(*self.step.decode_plain(r))
+                seen += 1
+            except DecodeError:
+                pass  # dead-lettered when it is consumed
+        self.pending -= tps
+        log.info("recalled the uncommitted range", extra={"records": seen})
 
 
 # -- views: projectors ------------------------------------------------------------------------

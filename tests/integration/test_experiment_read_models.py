@@ -28,7 +28,7 @@ from labbus.events.model import (
 )
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
-from labbus.projections.runner import Positioned
+from labbus.events.runtime import Positioned
 from tests.conftest import run, walk_pages
 
 XID = "rm-campaign"
