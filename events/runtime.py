@@ -173,6 +173,9 @@ def transient(exc: BaseException) -> bool:
 
     if isinstance(exc, PositionsMoved):
         return False
+    if isinstance(exc, pymongo.errors.PyMongoError) and exc.has_error_label(
+            "TransientTransactionError"):
+        return True  # a write conflict, or the server went away mid-transaction
     return isinstance(exc, (
         OSError, ConnectionError, TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
         asyncpg.InterfaceError, asyncpg.CannotConnectNowError,

@@ -94,8 +94,8 @@ class MongoProjection:
 
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
         """Documents and positions in one multi-document transaction."""
-        with self.client.start_session() as session:
-            session.with_transaction(lambda s: self._write(s, events, next_offsets))
+        with self.client.start_session() as session, session.start_transaction():
+            self._write(session, events, next_offsets)  # the runtime retries what is transient
         self._believed.update(next_offsets)
 
     def _check_positions(self, session, next_offsets: dict[TopicPartition, int]) -> None:
