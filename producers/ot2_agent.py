@@ -96,8 +96,8 @@ async def fail(cfg: Config, producer, req: RobotRunRequested, error: str,
 async def execute(cfg: Config, producer, req: RobotRunRequested, runner: Runner = simulate,
                   mode: str = "simulate", present: set[str] | None = None) -> str:
     """Run one protocol, publishing as it goes; returns the run status once all is delivered."""
+    from labbus.events.labware import PLATE
     from labbus.producers.ot2.commands import dispensed_wells, find_labware_id, liquid_sources
-    from labbus.producers.ot2.protocol import PLATE
 
     futures: list = []
     send = _sender(cfg, producer, req, mode, futures, present)
@@ -118,7 +118,7 @@ async def execute(cfg: Config, producer, req: RobotRunRequested, runner: Runner 
         outcome = await runner(req.protocol_text, on_command)
         status, error = outcome.status, outcome.error_detail
         try:
-            plate = find_labware_id(commands, PLATE)
+            plate = find_labware_id(commands, PLATE.load_name)
             wells = dispensed_wells(commands, plate, liquid_sources(commands, outcome.liquids))
         except ValueError as exc:
             wells = {}
