@@ -41,8 +41,10 @@ pipette definitions shipped with opentrons_shared_data):
 
 What sits where on the deck is configuration, not a rule: a ``DeckLayout`` (which stock is in
 which reservoir well and how much of it, the deck slots, the pipette mount), by default red,
-yellow and blue dye in A1-A3 and water in A4, 12 mL each, tips in slot 1, reservoir in 2, plate
-in 3, pipette on the right mount. ``LABBUS_DECK_LAYOUT`` points to a JSON file with another one
+yellow and blue dye in A1-A3 and water in A4, each well filled to its 15 mL (so a run may take
+up to 14 mL of each, as the generator allowed before), tips in slot 1, reservoir in 2, plate in 3,
+pipette on the right mount. Each run starts from a full tip rack and full stocks: labbus does not
+track what earlier runs used, the operator replaces them between runs. ``LABBUS_DECK_LAYOUT`` points to a JSON file with another one
 (``deck_from_json`` / events.config). The stocks' spectra are unknown to labbus: the simulated
 plate reader keeps its own (producers/plate_reader_model.py).
 """
@@ -416,10 +418,10 @@ class Stock:
 
 
 DEFAULT_STOCKS: tuple[Stock, ...] = (
-    Stock("red", "A1", 12000.0, "#E53935"),
-    Stock("yellow", "A2", 12000.0, "#FDD835"),
-    Stock("blue", "A3", 12000.0, "#1E88E5"),
-    Stock(WATER, "A4", 12000.0, "#B3E5FC"),
+    Stock("red", "A1", 15000.0, "#E53935"),
+    Stock("yellow", "A2", 15000.0, "#FDD835"),
+    Stock("blue", "A3", 15000.0, "#1E88E5"),
+    Stock(WATER, "A4", 15000.0, "#B3E5FC"),
 )
 
 

@@ -43,7 +43,7 @@ def test_protocol_is_python_with_ot2_requirements_and_labware() -> None:
     assert list(liquids) == [*DYES, "water"]
     assert [liq["well"] for liq in liquids.values()] == ["A1", "A2", "A3", "A4"]
     assert liquids["red"]["volume"] > 40 and liquids["water"]["volume"] > 100
-    assert {liq["volume"] for liq in liquids.values()} == {12000.0}  # the deck layout's stocks
+    assert {liq["volume"] for liq in liquids.values()} == {15000.0}  # the deck layout's stocks
     assert consts["PLATE_WELLS"] == ["A1", "B1"]
 
 
