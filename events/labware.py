@@ -24,9 +24,10 @@ pipette definitions shipped with opentrons_shared_data):
   sharing a tip between wells, which broke that.
 * **Pipette** ``p300_single_gen2`` with ``opentrons_96_tiprack_300ul`` tips: 20-300 µL per
   aspiration (its definition's minVolume/maxVolume). A transfer is 0 µL or at least 20 µL;
-  below 20 µL the p300 is outside its specified accuracy (opentrons only warns), so the rulebook
-  forbids it. A transfer above 300 µL is split into equal aspirations (``aspirations``), which
-  with a 200 µL well never happens with this pipette.
+  below 20 µL the p300 is outside its specified range and accuracy, and opentrons does not stop
+  it (the Protocol Engine runs a 10 µL p300 aspiration without complaint), so the rulebook must.
+  A transfer above 300 µL is split into equal aspirations (``aspirations``), which with a 200 µL
+  well never happens with this pipette.
 * **Tip policy: one tip per source per run** (``per_source``): water first, then each dye, each
   with one fresh tip for every well of the batch, dispensed 2 mm below the well's top and blown
   out there. The tip never touches a well's liquid (see above), so it carries nothing back into a
@@ -43,10 +44,11 @@ What sits where on the deck is configuration, not a rule: a ``DeckLayout`` (whic
 which reservoir well and how much of it, the deck slots, the pipette mount), by default red,
 yellow and blue dye in A1-A3 and water in A4, each well filled to its 15 mL (so a run may take
 up to 14 mL of each, as the generator allowed before), tips in slot 1, reservoir in 2, plate in 3,
-pipette on the right mount. Each run starts from a full tip rack and full stocks: labbus does not
-track what earlier runs used, the operator replaces them between runs. ``LABBUS_DECK_LAYOUT`` points to a JSON file with another one
-(``deck_from_json`` / events.config). The stocks' spectra are unknown to labbus: the simulated
-plate reader keeps its own (producers/plate_reader_model.py).
+pipette on the right mount. ``LABBUS_DECK_LAYOUT`` points to a JSON file with another one
+(``deck_from_json`` / events.config). Each run starts from full tip racks and the layout's stock
+volumes: labbus does not track what earlier runs used; the operator replaces tips and tops up
+stocks between runs. The stocks' spectra are unknown to labbus: the simulated plate reader keeps
+its own (producers/plate_reader_model.py).
 """
 
 from __future__ import annotations
