@@ -84,8 +84,8 @@ class _Events:
 async def execute(req: RobotRunRequested, runner: Runner = simulate,
                   mode: str = "simulate") -> AsyncIterator[Event]:
     """Run one protocol, yielding each event as it happens; the last one tells the outcome."""
+    from labbus.events.labware import PLATE
     from labbus.producers.ot2.commands import dispensed_wells, find_labware_id, liquid_sources
-    from labbus.producers.ot2.protocol import PLATE
 
     make = _Events(req, mode)
     yield make(RobotRunStarted, "started", mode=mode)
@@ -123,7 +123,7 @@ async def execute(req: RobotRunRequested, runner: Runner = simulate,
         outcome = run.result()
         status, error = outcome.status, outcome.error_detail
         try:
-            plate = find_labware_id(commands, PLATE)
+            plate = find_labware_id(commands, PLATE.load_name)
             wells = dispensed_wells(commands, plate, liquid_sources(commands, outcome.liquids))
         except ValueError as exc:
             wells = {}

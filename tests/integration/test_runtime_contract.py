@@ -73,7 +73,7 @@ def dispensed(tag: str, i: int) -> Event:
 
 
 def run_request(tag: str, i: int) -> Event:
-    from labbus.producers.ot2.protocol import WellRecipe, generate_protocol, protocol_hash
+    from labbus.events.ot2_protocol import WellRecipe, generate_protocol, protocol_hash
 
     recipes = [{"well": "A1", "volumes": {"red": 60.0 + i, "blue": 40.0}, "water_ul": 100.0}]
     text = generate_protocol([WellRecipe(r["well"], r["volumes"], r["water_ul"])
