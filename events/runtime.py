@@ -370,18 +370,19 @@ class View(Protocol):
         PositionsMoved when the stored positions are not the ones last read or written."""
 
 
-class _SeekToStored(ConsumerRebalanceListener):
-    def __init__(self, runner: _ViewRunner) -> None:
-        self.runner = runner
+class _Assigned(ConsumerRebalanceListener):
+    """Notes newly assigned partitions; the runner seeks them to the view's stored positions
+    before it writes anything of them (aiokafka may fetch, and the runner write, while an
+    assignment callback still runs, so seeking in the callback itself races the runner)."""
+
+    def __init__(self) -> None:
+        self.pending: set[TopicPartition] = set()
 
     async def on_partitions_revoked(self, revoked) -> None:
-        pass
+        self.pending -= set(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        stored = await self.runner.seek_to_stored(assigned)
-        log.info("partitions assigned", extra={
-            "view": self.runner.view.name,
-            "positions": {f"{tp.topic}/{tp.partition}": stored.get(tp, 0) for tp in assigned}})
+        self.pending |= set(assigned)
 
 
 class _ViewRunner:
@@ -395,6 +396,7 @@ class _ViewRunner:
         self.broker = Backoff(self.process, "kafka")
         self.consumer = kafka.consumer(cfg, group=group_id(cfg, f"projector.{view.name}"))
         self.producer = kafka.producer(cfg)
+        self.assigned = _Assigned()
 
     async def seek_to_stored(self, tps) -> dict[TopicPartition, int]:
         stored = await retrying(self.view.positions, self.db, self.stop)
@@ -408,13 +410,22 @@ class _ViewRunner:
     async def run(self, max_records: int) -> None:
         await retrying(lambda: kafka.ensure_topics(self.cfg), self.broker, self.stop)
         await retrying(self.view.start, self.db, self.stop)
-        self.consumer.subscribe(self.view.topics(), listener=_SeekToStored(self))
+        self.consumer.subscribe(self.view.topics(), listener=self.assigned)
         await retrying(self.producer.start, self.broker, self.stop)
         await retrying(self.consumer.start, self.broker, self.stop)
         log.info("started", extra={"view": self.view.name, "topics": self.view.topics()})
         try:
             while not self.stop.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=max_records)
+                if self.assigned.pending:
+                    tps = set(self.assigned.pending)
+                    stored = await self.seek_to_stored(tps)
+                    self.assigned.pending -= tps
+                    batches = {tp: rs for tp, rs in batches.items() if tp not in tps}
+                    log.info("partitions assigned", extra={
+                        "view": self.view.name,
+                        "positions": {f"{tp.topic}/{tp.partition}": stored.get(tp, 0)
+                                      for tp in tps}})
                 if batches:
                     await self.project(batches)
         finally:
