@@ -75,7 +75,7 @@ def dispensed(tag: str, i: int) -> Event:
 def run_request(tag: str, i: int) -> Event:
     from labbus.events.ot2_protocol import WellRecipe, generate_protocol, protocol_hash
 
-    recipes = [{"well": "A1", "volumes": {"red": 60.0 + i, "blue": 40.0}, "water_ul": 100.0}]
+    recipes = [{"well": "A1", "volumes": {"red": 60.0 + i, "blue": 40.0}, "water_ul": 100.0 - i}]
     text = generate_protocol([WellRecipe(r["well"], r["volumes"], r["water_ul"])
                               for r in recipes], ["red", "yellow", "blue"])
     return RobotRunRequested.create(source="t", subject=f"{tag}-x{i}", sequence=1,
@@ -118,16 +118,18 @@ def output_ids(cfg, spec: Spec) -> Counter:
     codec = default_codec()
     found = Counter()
     for r in run(read_topic(cfg, topic_name(cfg, spec.sink))):
-        _, plain = codec.decode_record(r.value, plain=True)
+        try:
+            _, plain = codec.decode_record(r.value, plain=True)
+        except ValueError:
+            continue  # a test's junk
         found[plain["event_id"]] += 1
     return found
 
 
 def dead_letters(cfg, spec: Spec, junk: bytes) -> list[DeadLetter]:
     codec = default_codec()
-    return [d for d in (codec.decode(r.value) for r in run(read_topic(
-        cfg, topic_name(cfg, DEAD_LETTER)))) if d.failed_by == spec.process
-        and d.original_value == junk]
+    letters = [codec.decode(r.value) for r in run(read_topic(cfg, topic_name(cfg, DEAD_LETTER)))]
+    return [d for d in letters if d.failed_by == spec.process and d.original_value == junk]
 
 
 async def committed(cfg, spec: Spec) -> dict[TopicPartition, int]:
