@@ -24,6 +24,7 @@ from pydantic import BeforeValidator
 from pymongo import AsyncMongoClient
 
 from labbus.api import cursor, errors, models
+from labbus.events import labware
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
 
@@ -98,8 +99,6 @@ RunId = Annotated[str, Path(description="A robot run id.")]
 # answers are documented as JSON; their 200 is declared here.
 SVG = {200: {"description": "An SVG image.",
              "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
-
-
 
 
 def _links(source: str, **targets: dict[str, str]) -> dict:
@@ -369,11 +368,12 @@ _EXPERIMENT_COLUMNS = """experiment_id, status, target_hex, target_lab, dyes, bu
     COALESCE(wells_used, (SELECT count(*) FROM wells w WHERE w.experiment_id = e.experiment_id
                           AND w.delta_e IS NOT NULL))::int AS wells_used,
     best_well, best_volumes, best_de, reason, finished_at"""
-_ROWS, _COLUMNS = "ABCDEFGH", range(1, 13)
 
 
-def _well_order(well: str) -> tuple[int, int]:
-    return int(well[1:]), _ROWS.index(well[0])  # column-major, the order wells are allocated
+def _well_order(well: str) -> tuple[int, str]:
+    """The rulebook's well order (the order wells are allocated); unknown names last."""
+    order = labware.well_names()
+    return (order.index(well), "") if well in order else (len(order), well)
 
 
 async def _wells(pg: asyncpg.Pool, experiment_id: str) -> list[dict]:
@@ -392,8 +392,8 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
     """A 96-well plate: each well filled with its measured colour, the best well ringed."""
     from html import escape
 
-    pitch, r, left, top = 36, 15, 30, 50
-    width, height = left + 12 * pitch + 10, top + 8 * pitch + 40
+    plate, pitch, r, left, top = labware.PLATE, 36, 15, 30, 50
+    width, height = left + plate.columns * pitch + 10, top + len(plate.rows) * pitch + 40
     by_well = {w["well"]: w for w in wells}
     target = experiment.get("target_hex")
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -409,14 +409,13 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
         parts.append(f'<text x="{left + 90}" y="36">best ΔE00 {experiment["best_de"]:.2f}'
                      f'{" in " + escape(best) if (best := experiment.get("best_well")) else ""}'
                      f', {experiment.get("wells_used") or 0} wells</text>')
-    for c in _COLUMNS:
+    for c in range(1, plate.columns + 1):
         parts.append(f'<text x="{left + (c - 1) * pitch + pitch / 2}" y="{top - 4}" '
                      f'text-anchor="middle">{c}</text>')
-    for ri, row in enumerate(_ROWS):
+    for ri, (row, names) in enumerate(zip(plate.rows, labware.plate_rows(plate), strict=True)):
         y = top + ri * pitch + pitch / 2
         parts.append(f'<text x="{left - 14}" y="{y + 4}">{row}</text>')
-        for c in _COLUMNS:
-            name = f"{row}{c}"
+        for c, name in enumerate(names, start=1):
             x = left + (c - 1) * pitch + pitch / 2
             w = by_well.get(name)
             if w and w.get("rgb"):

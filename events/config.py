@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from labbus.events.labware import DEFAULT_DECK, DeckLayout, load_deck
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
@@ -50,6 +52,10 @@ SETTINGS: dict[str, Setting] = {
     "max_clock_skew_s": Setting("LABBUS_MAX_CLOCK_SKEW_S", "5",
                                 "Readings timestamped further than this into the future "
                                 "are rejected."),
+    "deck_layout": Setting("LABBUS_DECK_LAYOUT", "",
+                           "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
+                           "which reservoir well and how much, the deck slots, the pipette mount "
+                           "(empty = the built-in default, see \"Labware rules\")."),
 }
 
 
@@ -67,6 +73,7 @@ class Config:
     metrics_port: int
     log_level: str
     max_clock_skew_s: float
+    deck_layout: DeckLayout = DEFAULT_DECK
     explicit: frozenset[str] = frozenset()
 
     def explicitly_set(self, name: str) -> bool:
@@ -110,6 +117,15 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw
 
 
+def _deck(name: str, raw: str) -> DeckLayout:
+    if not raw.strip():
+        return DEFAULT_DECK
+    try:
+        return load_deck(Path(raw).expanduser())
+    except ValueError as exc:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: {exc}") from None
+
+
 def load(environ: dict[str, str] | None = None) -> Config:
     env = os.environ if environ is None else environ
     raw = {name: env.get(s.env, s.default) for name, s in SETTINGS.items()}
@@ -134,6 +150,7 @@ def load(environ: dict[str, str] | None = None) -> Config:
         metrics_port=_int("metrics_port", raw["metrics_port"], 0, 65535),
         log_level=level,
         max_clock_skew_s=_float("max_clock_skew_s", raw["max_clock_skew_s"]),
+        deck_layout=_deck("deck_layout", raw["deck_layout"]),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )
 

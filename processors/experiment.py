@@ -74,7 +74,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     producer = kafka.producer(cfg)
     await producer.start()
     await consumer.start()
-    campaigns = Campaigns()
+    campaigns = Campaigns(deck=cfg.deck_layout)
     held: list[tuple] = []  # (record time, arrival, request, partition, record)
     last_seen: dict = {}  # partition -> record time of the last record read from it
 

@@ -12,6 +12,7 @@ from labbus.events import model as m
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
 from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.runtime import Positioned, PositionsMoved
 from labbus.events.topics import (
     COLOUR_READINGS,
     DEVICES,
@@ -21,7 +22,6 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.projections.migrate import migrate
-from labbus.projections.runner import Positioned, PositionsMoved
 
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,

@@ -11,8 +11,8 @@ from labbus.api import cursor
 from labbus.api.app import create_app
 from labbus.events.codec import default_codec
 from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.runtime import Positioned
 from labbus.projections.postgres import PostgresProjection
-from labbus.projections.runner import Positioned
 from tests.conftest import run, walk_pages
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

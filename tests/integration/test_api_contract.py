@@ -23,9 +23,9 @@ from aiokafka import TopicPartition
 from labbus.deploy.demo import LABBUS
 from labbus.events.codec import default_codec
 from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.runtime import Positioned
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
-from labbus.projections.runner import Positioned
 from tests.conftest import REPO, free_port, run, wait_for
 from tests.integration.test_experiment_read_models import campaign_events
 

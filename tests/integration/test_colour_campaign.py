@@ -211,7 +211,7 @@ def test_ot2_agent_finishes_a_run_interrupted_by_a_crash_without_resending(cfg, 
     import uuid
 
     from labbus.events.model import RobotRunStarted, derived_id
-    from labbus.producers.ot2.protocol import WellRecipe, generate_protocol, protocol_hash
+    from labbus.events.ot2_protocol import WellRecipe, generate_protocol, protocol_hash
 
     recipes = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
                {"well": "B1", "volumes": {"yellow": 120.0}, "water_ul": 80.0}]

@@ -26,9 +26,9 @@ from labbus.events.model import (
     WellDispensed,
     WellScored,
 )
+from labbus.events.runtime import Positioned
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
-from labbus.projections.runner import Positioned
 from tests.conftest import run, walk_pages
 
 XID = "rm-campaign"
