@@ -69,6 +69,7 @@ def _uuid(value: Any) -> uuid.UUID:
 _READERS: dict[type, tuple[Callable[[Any], Any], str]] = {
     str: (_text, "string"), int: (_integer, "integer"), datetime: (_timestamp, "date-time"),
     uuid.UUID: (_uuid, "uuid")}
+_ARTICLES = {"integer": "an"}
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class Key:
             try:
                 typed.append(_READERS[kind][0](value))
             except (TypeError, ValueError, OverflowError) as exc:
+                kind_name = _READERS[kind][1]
                 raise InvalidCursor(
-                    f"{problem}: {name} must be a {_READERS[kind][1]}, not {value!r:.60}; this "
-                    f"route's cursors hold {self.describe()}") from exc
+                    f"{problem}: {name} must be {_ARTICLES.get(kind_name, 'a')} {kind_name}, "
+                    f"not {value!r:.60}; this route's cursors hold {self.describe()}") from exc
         return tuple(typed)
