@@ -350,6 +350,28 @@ class PositionsMoved(RuntimeError):
     database crash, or another projector wrote. Nothing of the batch was written."""
 
 
+class Fence:
+    """The positions a view last read or wrote. A write first reads (and, where the store can,
+    locks) the stored positions of the partitions it is about to move and `check`s them: if they
+    are not what this view believes (commits lost in a database crash, or another writer), the
+    write is refused whole."""
+
+    def __init__(self) -> None:
+        self.believed: dict[TopicPartition, int] = {}
+
+    def known(self, next_offsets: dict[TopicPartition, int]) -> list[TopicPartition]:
+        """The partitions to check (one this view has not seen yet is not checked)."""
+        return [tp for tp in next_offsets if tp in self.believed]
+
+    def check(self, known: list[TopicPartition], stored: dict[TopicPartition, int]) -> None:
+        """`stored`: the stored positions of the `known` partitions."""
+        moved = {f"{tp.topic}/{tp.partition}": (self.believed[tp], stored.get(tp))
+                 for tp in known if stored.get(tp) != self.believed[tp]}
+        if moved:
+            raise PositionsMoved(f"stored positions differ from this projector's: {moved} "
+                                 "(believed, stored)")
+
+
 class View(Protocol):
     """A read model: rows and positions in one transaction, idempotently."""
 

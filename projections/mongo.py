@@ -25,7 +25,7 @@ from pymongo import MongoClient, UpdateOne
 from labbus.events import model as m
 from labbus.events.config import Config
 from labbus.events.model import DeviceRegistered, MeasurementValidated
-from labbus.events.runtime import Positioned, PositionsMoved
+from labbus.events.runtime import Fence, Positioned
 from labbus.events.topics import (
     COLOUR_READINGS,
     DEVICES,
@@ -49,7 +49,7 @@ class MongoProjection:
         self.cfg = cfg
         self.client: MongoClient | None = None
         self._repeats: set = set()  # of the batch being applied
-        self._believed: dict[TopicPartition, int] = {}  # stored positions, as last read/written
+        self.fence = Fence()
         self.aliases = {topic_name(cfg, DEVICES): "devices",
                         topic_name(cfg, MEASUREMENTS_VALIDATED): "validated",
                         topic_name(cfg, EXPERIMENTS): "experiments",
@@ -85,7 +85,7 @@ class MongoProjection:
         docs = await asyncio.to_thread(
             lambda: list(self.db.projection_positions.find({"projection": self.name})))
         stored = {TopicPartition(d["topic"], d["partition"]): d["next_offset"] for d in docs}
-        self._believed = dict(stored)
+        self.fence.believed = dict(stored)
         return stored
 
     async def apply(self, events: list[Positioned],
@@ -96,22 +96,18 @@ class MongoProjection:
         """Documents and positions in one multi-document transaction."""
         with self.client.start_session() as session, session.start_transaction():
             self._write(session, events, next_offsets)  # the runtime retries what is transient
-        self._believed.update(next_offsets)
+        self.fence.believed.update(next_offsets)
 
     def _check_positions(self, session, next_offsets: dict[TopicPartition, int]) -> None:
         """The positions about to be written must be what this projector last read or wrote (a
         partition it has not seen yet is not checked); a concurrent writer conflicts on them."""
-        known = [tp for tp in next_offsets if tp in self._believed]
+        known = self.fence.known(next_offsets)
         if not known:
             return
         docs = self.db.projection_positions.find(
             {"_id": {"$in": [self._position_id(tp) for tp in known]}}, session=session)
-        stored = {TopicPartition(d["topic"], d["partition"]): d["next_offset"] for d in docs}
-        moved = {f"{tp.topic}/{tp.partition}": (self._believed[tp], stored.get(tp))
-                 for tp in known if stored.get(tp) != self._believed[tp]}
-        if moved:
-            raise PositionsMoved(f"stored positions differ from this projector's: {moved} "
-                                 "(believed, stored)")
+        self.fence.check(known, {TopicPartition(d["topic"], d["partition"]): d["next_offset"]
+                                 for d in docs})
 
     def _position_id(self, tp: TopicPartition) -> str:
         return f"{self.name}:{tp.topic}:{tp.partition}"
