@@ -40,6 +40,13 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
         fetch_max_wait_ms=100,
+        # A member that dies without leaving the group (kill -9, a lost host) holds its
+        # partitions until the broker has missed its heartbeats for the session timeout, so a
+        # restarted process works again about that long after a crash: 10 s (faust's default is
+        # 60 s) with a heartbeat every 3 s tolerates an event loop busy for a few seconds on a
+        # loaded machine. The broker accepts 6 s to 30 min (group.min/max.session.timeout.ms).
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
