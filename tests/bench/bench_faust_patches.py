@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,25 +55,20 @@ def _stock(name: str) -> None:
     """Turn one patch of processors/faust_speedups.py back into stock faust (in this process)."""
     import faust
     from faust.sensors import Monitor
-    from faust.transport import conductor as faust_conductor
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
     from labbus.processors import faust_speedups, validator
 
     consumer = faust_speedups.Consumer
     stock_consumer = faust_aiokafka.Consumer
-    if name == "fetch_wakeup":
-        consumer._wait_next_records = stock_consumer._wait_next_records
+    if name == "getmany":
+        consumer.getmany = stock_consumer.getmany
     elif name == "on_buffer_drop":
         consumer.on_buffer_drop = stock_consumer.on_buffer_drop
-    elif name == "getmany":
-        consumer.getmany = stock_consumer.getmany
     elif name == "inline_delivery":
         consumer._drain_messages = stock_consumer._drain_messages
     elif name == "wait_for_room":
         consumer._queue_full = lambda self, topic: False
-    elif name == "conductor":
-        faust_speedups.Transport.Conductor = faust_conductor.Conductor
     elif name == "producer_buffer":
         faust_speedups.Transport.Producer = faust_aiokafka.Producer
     elif name == "raw_schema":
@@ -87,17 +84,38 @@ def patches() -> list[str]:
     from labbus.processors import faust_speedups
 
     have = {
-        "fetch_wakeup": "_wait_next_records" in vars(faust_speedups.Consumer),
-        "on_buffer_drop": "on_buffer_drop" in vars(faust_speedups.Consumer),
         "getmany": "getmany" in vars(faust_speedups.Consumer),
+        "on_buffer_drop": "on_buffer_drop" in vars(faust_speedups.Consumer),
         "inline_delivery": "_drain_messages" in vars(faust_speedups.Consumer),
         "wait_for_room": "_queue_full" in vars(faust_speedups.Consumer),
-        "conductor": "Conductor" in vars(faust_speedups.Transport),
         "producer_buffer": "Producer" in vars(faust_speedups.Transport),
         "raw_schema": hasattr(faust_speedups, "RawSchema"),
         "lean_monitor": hasattr(faust_speedups, "LeanMonitor"),
     }
     return [name for name, present in have.items() if present]
+
+
+STALLS_FILE = "LABBUS_BENCH_STALLS_FILE"
+
+
+def count_fetch_stalls(path: str) -> None:
+    """Append to `path` how long each fetch waited while back-pressure had paused every partition
+    (stock faust sleeps 1 s there): stalls the throughput figures alone hide in their noise."""
+    from labbus.processors import faust_speedups
+
+    wait_next_records = faust_speedups.Consumer._wait_next_records
+
+    async def counted(self, timeout: float):
+        paused = self.flow_active and not self._get_active_partitions()
+        started = time.perf_counter()
+        try:
+            return await wait_next_records(self, timeout)
+        finally:
+            if paused:
+                with open(path, "a") as out:
+                    out.write(f"{time.perf_counter() - started:.3f}\n")
+
+    faust_speedups.Consumer._wait_next_records = counted
 
 
 def child(without: list[str]) -> None:
@@ -109,6 +127,7 @@ def child(without: list[str]) -> None:
 
     for name in without:
         _stock(name)
+    count_fetch_stalls(os.environ[STALLS_FILE])
     uvloop.install()
     cfg = config.load()
     logs.configure("validator", cfg.log_level)
@@ -123,13 +142,16 @@ def without_of(variant: str, known: list[str]) -> list[str]:
     return [name.lstrip("-") for name in variant.split("+")]
 
 
-async def one_run(variant: str, known: list[str], payloads) -> tuple[float, float]:
+async def one_run(variant: str, known: list[str], payloads) -> tuple[float, float, float]:
+    """(readings/s, CPU µs per reading, seconds the fetcher stalled with every partition paused)"""
     base, env, cfg, db = await bench_environment()
+    stalls = tempfile.NamedTemporaryFile("r", suffix=".stalls")
     try:
         await produce(cfg, topic_name(cfg, MEASUREMENTS_RECORDED), payloads)
         outputs = (topic_name(cfg, MEASUREMENTS_VALIDATED), topic_name(cfg, MEASUREMENTS_REJECTED))
         cmd = [sys.executable, __file__, "--child", ",".join(without_of(variant, known))]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, env={**env, STALLS_FILE: stalls.name},
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         ps = psutil.Process(proc.pid)
         n = len(payloads)
@@ -146,8 +168,10 @@ async def one_run(variant: str, known: list[str], payloads) -> tuple[float, floa
         finally:
             stop_processes({variant: proc})
         worked = got - first
-        return worked / elapsed, cpu / worked * 1e6
+        stalled = sum(float(line) for line in stalls.read().split())
+        return worked / elapsed, cpu / worked * 1e6, stalled
     finally:
+        stalls.close()
         await drop_bench_environment(base, cfg, db)
 
 
@@ -158,17 +182,20 @@ async def main_async(args) -> None:
     fleet_sim = sim.FleetSimulator(sim.make_fleet(100, seed=1, prefix="st"), seed=1)
     payloads = [fleet_sim.reading(i)[:2] for i in range(args.readings)]
     results: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    stalled: dict[str, list[float]] = {v: [] for v in variants}
     for round_no in range(args.rounds):
         shift = round_no % len(variants)
         order = variants[shift:] + variants[:shift]
         if round_no % 2:
             order.reverse()
         for variant in order:
-            rate, cpu = await one_run(variant, known, payloads)
+            rate, cpu, stall = await one_run(variant, known, payloads)
             results[variant].append((rate, cpu))
+            stalled[variant].append(stall)
             load = psutil.getloadavg()[0]
             print(f"round {round_no + 1} {variant:<22} {rate:>9,.0f} readings/s "
-                  f"{cpu:6.1f} CPU µs/reading   (load {load:.1f})", flush=True)
+                  f"{cpu:6.1f} CPU µs/reading   fetch stalled {stall:.1f} s   (load {load:.1f})",
+                  flush=True)
     print(f"\n{len(payloads):,} readings, {args.rounds} rounds; median [min–max]; "
           "Δ = paired difference to `all` in the same round, median [min–max]")
     base = results.get("all")
@@ -176,7 +203,7 @@ async def main_async(args) -> None:
         rates, cpus = [r for r, _ in runs], [c for _, c in runs]
         line = (f"{variant:<22} {statistics.median(rates):>8,.0f} [{min(rates):,.0f}–"
                 f"{max(rates):,.0f}] readings/s   {statistics.median(cpus):5.1f} "
-                f"[{min(cpus):.1f}–{max(cpus):.1f}] µs")
+                f"[{min(cpus):.1f}–{max(cpus):.1f}] µs   stalled {sum(stalled[variant]):.1f} s")
         if base and variant != "all":
             d_rate = [100 * (r / b[0] - 1) for (r, _), b in zip(runs, base, strict=True)]
             d_cpu = [c - b[1] for (_, c), b in zip(runs, base, strict=True)]
