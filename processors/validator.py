@@ -22,6 +22,7 @@ from aiokafka import TopicPartition
 from labbus.events import kafka, metrics
 from labbus.events.codec import Codec, DecodeError, default_codec
 from labbus.events.config import Config
+from labbus.events.dead_letter import dead_letter
 from labbus.events.model import MeasurementRecorded
 from labbus.events.topics import (
     DEAD_LETTER,
@@ -32,7 +33,6 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.processors import validation
-from labbus.events.dead_letter import dead_letter
 from labbus.processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import pytest
 from aiokafka import TopicPartition
 
 from labbus.events import kafka
@@ -37,14 +38,18 @@ def decided(cfg) -> int:
     return run(_decided(cfg))
 
 
-def test_restart_after_kill_9_produces_again_within_20_s(cfg, processes):
+@pytest.mark.parametrize("membership", ["dynamic", "static"])
+def test_restart_after_kill_9_produces_again_within_20_s(cfg, processes, membership):
+    """dynamic: the restarted validator waits for the dead one's 10 s session to expire; static
+    (LABBUS_GROUP_INSTANCE_ID, KIP-345): it takes the dead one's place at once."""
+    instance = {"LABBUS_GROUP_INSTANCE_ID": "rcv-validator-1"} if membership == "static" else {}
     stop = threading.Event()
     simulator = sim.FleetSimulator(sim.make_fleet(12, seed=21, prefix="rcv"), seed=21)
     publisher = threading.Thread(
         target=lambda: run(sim.publish(cfg, simulator, 0, rate=RATE, stop=stop)), daemon=True)
     publisher.start()
     try:
-        validator = processes.start("process", "validate")
+        validator = processes.start("process", "validate", extra_env=instance)
         start = decided(cfg)
         wait_for(lambda: decided(cfg) > start + 2_000, 90, "the validator at work")
         os.kill(validator.pid, signal.SIGKILL)
@@ -53,7 +58,7 @@ def test_restart_after_kill_9_produces_again_within_20_s(cfg, processes):
         time.sleep(0.3)  # anything the dead process had already written has landed
         before = decided(cfg)
         restarted = time.monotonic()
-        processes.start("process", "validate")
+        processes.start("process", "validate", extra_env=instance)
         wait_for(lambda: decided(cfg) > before, 90, "the restarted validator producing",
                  interval=0.1)
         recovered = time.monotonic()
@@ -61,6 +66,6 @@ def test_restart_after_kill_9_produces_again_within_20_s(cfg, processes):
         stop.set()
         publisher.join(30)
     since_restart, since_kill = recovered - restarted, recovered - killed
-    print(f"\nrestarted validator producing again {since_restart:.1f} s after its restart "
-          f"({since_kill:.1f} s after kill -9)")
+    print(f"\n{membership} membership: restarted validator producing again "
+          f"{since_restart:.1f} s after its restart ({since_kill:.1f} s after kill -9)")
     assert since_restart < TARGET_S, f"{since_restart:.1f} s to recover (target {TARGET_S} s)"
