@@ -24,6 +24,7 @@ def test_defaults():
     ({"LABBUS_MAX_READING_AGE_DAYS": "-5"}, "LABBUS_MAX_READING_AGE_DAYS"),
     ({"LABBUS_MAX_READING_AGE_DAYS": "1.5"}, "LABBUS_MAX_READING_AGE_DAYS"),
     ({"LABBUS_MAX_READING_AGE_DAYS": "99999999"}, "LABBUS_MAX_READING_AGE_DAYS"),
+    ({"LABBUS_GROUP_INSTANCE_ID": "pod 1"}, "LABBUS_GROUP_INSTANCE_ID"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
