@@ -61,7 +61,9 @@ def _stock(name: str) -> None:
 
     consumer = faust_speedups.Consumer
     stock_consumer = faust_aiokafka.Consumer
-    if name == "getmany":
+    if name == "fetch_wakeup":
+        consumer._wait_next_records = stock_consumer._wait_next_records
+    elif name == "getmany":
         consumer.getmany = stock_consumer.getmany
     elif name == "on_buffer_drop":
         consumer.on_buffer_drop = stock_consumer.on_buffer_drop
@@ -85,6 +87,7 @@ def patches() -> list[str]:
 
     have = {
         "getmany": "getmany" in vars(faust_speedups.Consumer),
+        "fetch_wakeup": "_wait_next_records" in vars(faust_speedups.Consumer),
         "on_buffer_drop": "on_buffer_drop" in vars(faust_speedups.Consumer),
         "inline_delivery": "_drain_messages" in vars(faust_speedups.Consumer),
         "wait_for_room": "_queue_full" in vars(faust_speedups.Consumer),
