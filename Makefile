@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 LABBUS := $(VENV)/bin/labbus
 
-.PHONY: setup services demo test bench bench-stages bench-convergence down lint
+.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: setup
 
 bench-stages: setup
 	$(VENV)/bin/python tests/bench/bench_stages.py
+
+bench-faust-patches: setup
+	$(VENV)/bin/python tests/bench/bench_faust_patches.py
 
 bench-convergence: $(VENV)/.installed
 	$(VENV)/bin/python tests/bench/bench_convergence.py

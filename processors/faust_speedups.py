@@ -1,9 +1,10 @@
 """Lower per-event cost for faust-streaming apps on small machines: a transport, a schema and a
-monitor, each found with py-spy, and each kept only because the paired stage benchmark
-(tests/bench/bench_faust_patches.py; README, Benchmarks) measures a difference against stock
-faust-streaming 0.15.3. They copy or override private faust code, so pyproject.toml pins faust to
-the tested minor version and tests/unit/test_faust_speedups.py fails, naming the function, when
-the source of any upstream function listed in UPSTREAM_SOURCES changes.
+monitor, each found with py-spy, and each kept only because paired benchmarks measure a
+difference against stock faust-streaming 0.15.3 (tests/bench/bench_faust_patches.py, the
+validator stage; for the fetch wake-up, tests/bench/bench_pipeline.py; README, Benchmarks).
+They copy or override private faust code, so pyproject.toml pins faust to the tested minor
+version and tests/unit/test_faust_speedups.py fails, naming the function, when the source of any
+upstream function listed in UPSTREAM_SOURCES changes.
 
 The transport is faust's aiokafka driver with a different delivery loop and a cheaper getmany,
 registered as the `labbus://` broker scheme (entry point `faust.transports` in pyproject.toml),
