@@ -40,6 +40,14 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
         fetch_max_wait_ms=100,
+        # A member that dies without leaving the group (kill -9, a lost host) holds its
+        # partitions until the broker has missed its heartbeats for the session timeout, so a
+        # restarted process works again about that long after a crash. 10 s with a heartbeat
+        # every 3 s (aiokafka's defaults, stated here so that they hold whatever its defaults
+        # become; faust's are 60 s, see processors/validator.py) tolerates an event loop busy for
+        # a few seconds on a loaded machine; the broker accepts 6 s to 30 min.
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

@@ -22,6 +22,7 @@ from aiokafka import TopicPartition
 from labbus.events import kafka, metrics
 from labbus.events.codec import Codec, DecodeError, default_codec
 from labbus.events.config import Config
+from labbus.events.dead_letter import dead_letter
 from labbus.events.model import MeasurementRecorded
 from labbus.events.topics import (
     DEAD_LETTER,
@@ -32,12 +33,13 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.processors import validation
-from labbus.events.dead_letter import dead_letter
 from labbus.processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
 BATCH_MAX = 5000  # readings validated together at most
 STALL_S = 0.05  # a partial batch that gets no new reading for this long is decided anyway
+SESSION_TIMEOUT_S = 10.0  # a crashed validator's partitions move after this (faust: 60 s)
+HEARTBEAT_INTERVAL_S = 3.0
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,8 @@ class Validator:
             out = validation.rejected(reading, why, now_us, PROCESS,
                                       purpose=f"duplicate@{msg.partition}:{msg.offset}")
         else:
-            why = validation.check(reading, now_us, self.cfg.max_clock_skew_s)
+            why = validation.check(reading, now_us, self.cfg.max_clock_skew_s,
+                                   self.cfg.max_reading_age_days)
             if why is None:
                 out = validation.validated(reading, now_us, PROCESS)
                 encoded = self.codec.encode_plain(validation.VALIDATED, out)
@@ -295,6 +298,14 @@ def build_app(cfg: Config) -> faust.App:
         stream_buffer_maxsize=8192,
         Monitor=LeanMonitor,
         producer_acks=-1,
+        # Recovery after a crash (kill -9): the group waits for a dead member's session to expire
+        # before its partitions move, 60 s with faust's defaults. The same 10 s session and 3 s
+        # heartbeat as every other labbus consumer (events/kafka.py consumer()).
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        # Static membership when LABBUS_GROUP_INSTANCE_ID names this process: a restart with
+        # the same name takes its partitions back without waiting for the session timeout.
+        consumer_group_instance_id=cfg.group_instance_id or None,
     )
     raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED),
                     schema=RawSchema(key_type=bytes, value_type=bytes))
