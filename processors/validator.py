@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import faust
@@ -22,10 +21,9 @@ from aiokafka import TopicPartition
 from labbus.events import kafka, metrics
 from labbus.events.codec import Codec, DecodeError, default_codec
 from labbus.events.config import Config
-from labbus.events.dead_letter import dead_letter
 from labbus.events.model import MeasurementRecorded
+from labbus.events.runtime import Record, Step
 from labbus.events.topics import (
-    DEAD_LETTER,
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
@@ -43,15 +41,6 @@ HEARTBEAT_INTERVAL_S = 3.0
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)  # not frozen: one is made per reading, and frozen costs 4x
-class Incoming:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 class Validator:
     """Turns one incoming message into exactly one outgoing message: (topic, encoded event)."""
 
@@ -61,9 +50,9 @@ class Validator:
         self.windows: dict[int, validation.DedupWindow] = defaultdict(validation.DedupWindow)
         self.validated_topic = topic_name(cfg, MEASUREMENTS_VALIDATED)
         self.rejected_topic = topic_name(cfg, MEASUREMENTS_REJECTED)
-        self.dead_letter_topic = topic_name(cfg, DEAD_LETTER)
+        self.step = Step(cfg, PROCESS, codec=self.codec)  # the runtime's dead-letter policy
 
-    def handle(self, msg: Incoming, now_us: int) -> tuple[str, bytes, str | None]:
+    def handle(self, msg: Record, now_us: int) -> tuple[str, bytes, str | None]:
         """(topic, encoded event, rejection or dead-letter code or None)."""
         try:
             event_type, reading = self.codec.decode_record(msg.value, plain=True)
@@ -90,12 +79,10 @@ class Validator:
             out = validation.rejected(reading, why, now_us, PROCESS)
         return self.rejected_topic, self.codec.encode_plain(validation.REJECTED, out), why.code
 
-    def _dead(self, msg: Incoming, exc: Exception,
+    def _dead(self, msg: Record, exc: Exception,
               kind: str | None = None) -> tuple[str, bytes, str | None]:
-        letter = dead_letter(topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                             key=msg.key, value=msg.value, error=exc, failed_by=PROCESS,
-                             error_type=kind)
-        return self.dead_letter_topic, self.codec.encode(letter), letter.error_type
+        out = self.step.dead_letter(msg, exc, kind)
+        return out.topic, out.value, out.reason
 
 
 class PartitionBatches:
@@ -371,7 +358,7 @@ def validate_batch(validator: Validator, producer, batch) -> PartitionBatches:
     for event in batch:
         m = event.message
         topic, value, code = validator.handle(
-            Incoming(m.topic, m.partition, m.offset, m.key, m.value), now_us)
+            Record(m.topic, m.partition, m.offset, m.key, m.value), now_us)
         out.add(topic, m.partition, m.key, value, code)
     return out
 
