@@ -28,6 +28,7 @@ import time
 from labbus.events import kafka, metrics
 from labbus.events.codec import DecodeError, default_codec
 from labbus.events.config import Config
+from labbus.events.dead_letter import dead_letter
 from labbus.events.model import (
     DeadLetter,
     Event,
@@ -36,9 +37,15 @@ from labbus.events.model import (
     RobotRunFinished,
     WellColourMeasured,
 )
-from labbus.events.topics import CATALOG, COLOUR_READINGS, DEAD_LETTER, EXPERIMENTS, ROBOT_RUNS, topic_name
+from labbus.events.topics import (
+    CATALOG,
+    COLOUR_READINGS,
+    DEAD_LETTER,
+    EXPERIMENTS,
+    ROBOT_RUNS,
+    topic_name,
+)
 from labbus.processors.campaign import Campaigns
-from labbus.events.dead_letter import dead_letter
 
 PROCESS = "experiment"
 INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
