@@ -11,6 +11,7 @@ import pytest
 from labbus.deploy.local import services
 from labbus.events.topics import COLOUR_READINGS, ROBOT_RUNS
 from tests.conftest import run, wait_for
+from tests.integration import test_view_contract as views  # not its classes: no re-run
 from tests.integration.test_runtime_contract import (
     SPECS,
     encoded,
@@ -18,8 +19,6 @@ from tests.integration.test_runtime_contract import (
     output_ids,
     publish,
 )
-from tests.integration.test_view_contract import TestPostgresView, stream
-from tests.integration.test_view_contract import publish as publish_validated
 
 READER = next(s for s in SPECS if s.process == "agent-reader")
 assert (READER.source, READER.sink) == (ROBOT_RUNS, COLOUR_READINGS)
@@ -29,10 +28,10 @@ def test_agent_and_projector_ride_through_a_broker_outage(cfg, processes):
     if cfg.explicitly_set("kafka_bootstrap"):
         pytest.skip("Kafka is external (LABBUS_KAFKA_BOOTSTRAP); not stopped here")
     tag = f"outage-{uuid.uuid4().hex[:6]}"
-    view = TestPostgresView()
+    view = views.TestPostgresView()
     before = inputs(READER, tag, 20)
     run(publish(cfg, READER, encoded(before)))
-    run(publish_validated(cfg, stream(tag + "-before", 500)))
+    run(views.publish(cfg, views.stream(tag + "-before", 500)))
     reader = processes.start("agent", "reader")
     projector = processes.start("project", "postgres")
     wait_for(lambda: {READER.output_id(e) for e in before} <= set(output_ids(cfg, READER)), 60,
@@ -46,7 +45,7 @@ def test_agent_and_projector_ride_through_a_broker_outage(cfg, processes):
 
     after = inputs(READER, tag, 20, start=20)
     run(publish(cfg, READER, encoded(after)))
-    run(publish_validated(cfg, stream(tag + "-after", 500)))
+    run(views.publish(cfg, views.stream(tag + "-after", 500)))
     wanted = {READER.output_id(e) for e in before + after}
     wait_for(lambda: wanted <= set(output_ids(cfg, READER)), 120, "readings after the outage")
     wait_for(lambda: view.rows(cfg, tag + "-after") >= 500, 120, "rows after the outage")

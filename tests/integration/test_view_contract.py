@@ -105,7 +105,7 @@ class ViewContract:
 
     def test_replaying_a_batch_is_a_no_op(self, cfg):
         tp = private_tp(cfg)
-        prefix = f"replay-{self.process}"
+        prefix = f"replay-{self.process}-{uuid.uuid4().hex[:6]}"
         batch = positioned(tp, range(10), prefix)
 
         async def scenario():
@@ -125,7 +125,7 @@ class ViewContract:
 
     def test_rows_and_positions_are_written_together_or_not_at_all(self, cfg):
         tp = private_tp(cfg)
-        prefix = f"atomic-{self.process}"
+        prefix = f"atomic-{self.process}-{uuid.uuid4().hex[:6]}"
 
         async def scenario():
             view = self.make_view(cfg)
@@ -169,7 +169,7 @@ class ViewContract:
         run(scenario())
 
     def test_kill_9_mid_stream_leaves_the_view_equal_to_the_log(self, cfg, processes):
-        prefix, n = f"kill-{self.process}", 12_000
+        prefix, n = f"kill-{self.process}-{uuid.uuid4().hex[:6]}", 12_000
         run(publish(cfg, stream(prefix, n)))
         for threshold in (n // 4, n // 2):
             proc = processes.start("project", self.process, "--batch", "300")
@@ -183,7 +183,7 @@ class ViewContract:
 
     def test_an_unwritable_event_is_dead_lettered_once_and_the_rest_projected(self, cfg,
                                                                              processes):
-        prefix, n = f"poison-{self.process}", 400
+        prefix, n = f"poison-{self.process}-{uuid.uuid4().hex[:6]}", 400
         poison = {57, 58, 301}
         run(publish(cfg, stream(prefix, n, poison)))
         proc = processes.start("project", self.process)
@@ -207,7 +207,7 @@ class ViewContract:
         assert proc.poll() is None, "the projector stopped"
 
     def test_a_database_outage_is_ridden_through(self, cfg, processes):
-        prefix, n = f"outage-{self.process}", 3000
+        prefix, n = f"outage-{self.process}-{uuid.uuid4().hex[:6]}", 3000
         proxy = Proxy(*self.address(cfg))
         try:
             run(publish(cfg, stream(prefix, n)))
