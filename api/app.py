@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Annotated
+from typing import Annotated, Literal
 
 import asyncpg
 from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from pydantic import BeforeValidator
 from pymongo import AsyncMongoClient
 
-from labbus.api import cursor, errors, models
+from labbus.api import cursor, errors, models, series
 from labbus.events import labware
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
@@ -194,8 +194,18 @@ def create_app(cfg: Config) -> FastAPI:
                      "total_measurements": summary.get("total_measurements", 0)})
         return body
 
-    @app.get("/devices/{device_id}/measurements", summary="Validated measurements of a device",
-             operation_id="device_measurements", response_model=models.MeasurementPage,
+    @app.get("/devices/{device_id}/measurements",
+             summary="Validated measurements of a device, raw or bucketed",
+             description="Without `bucket`: the raw readings, cursor-paginated in "
+                         "(measured_at, measurement_id) order. With `bucket` (and `metric`, "
+                         "`from`, `to`): one aggregate per bucket, computed in PostgreSQL; "
+                         "buckets are aligned to the Unix epoch (1m buckets start on whole "
+                         "minutes, 1d at UTC midnight), every bucket from the one holding "
+                         "`from` to the one holding the last instant before `to` is answered, "
+                         "an empty one with count 0 and value null (0 for agg=count); at most "
+                         f"{series.MAX_BUCKETS:,} buckets per request.",
+             operation_id="device_measurements",
+             response_model=models.MeasurementPage | models.BucketSeries,
              responses=errors.responses(400, 404, 422, 503))
     async def device_measurements(
         request: Request,
@@ -207,18 +217,48 @@ def create_app(cfg: Config) -> FastAPI:
             description="Exclusive; RFC 3339, e.g. 2026-03-01T13:00:00+01:00.")] = None,
         limit: Limit = 100,
         cursor_: Cursor = None,
+        bucket: Annotated[str | None, Query(
+            pattern=series.BUCKET_PATTERN, max_length=6,
+            description="Bucket width: a whole number and s, m, h or d (30s, 1m, 1h, 1d). "
+                        "Needs `metric`, `from` and `to`; `limit` and `cursor` do not apply."
+        )] = None,
+        agg: Annotated[Literal["avg", "min", "max", "count", "p95"] | None, Query(
+            description="Aggregate per bucket (with `bucket`; default avg): p95 is the 95th "
+                        "percentile, interpolated (PostgreSQL percentile_cont).")] = None,
     ) -> dict:
         from_, to = _utc(from_), _utc(to)
         if from_ and to and from_ > to:
             raise HTTPException(400, "'from' must not be after 'to'")
-        after_t, after_id = _EARLIEST, uuid.UUID(int=0)
-        if cursor_:
-            after_t, after_id = MEASUREMENTS_KEY.decode(cursor_)
+        grid = None
+        if bucket is not None:
+            missing = [n for n, v in (("metric", metric), ("from", from_), ("to", to))
+                       if v is None]
+            if missing:
+                raise HTTPException(400, f"bucket={bucket} needs {' and '.join(missing)}: a "
+                                         "bucketed series is one metric over from..to")
+            if cursor_:
+                raise HTTPException(400, "bucketed series are not paginated: leave out cursor")
+            try:
+                grid = series.grid(from_, to, series.parse_bucket(bucket))
+            except series.SeriesError as exc:
+                raise HTTPException(400, str(exc)) from None
+        elif agg is not None:
+            raise HTTPException(400, f"agg={agg} needs bucket (e.g. bucket=1m)")
         pg = request.app.state.pg
         if _unstorable(device_id) or not await pg.fetchval(
                 "SELECT 1 FROM devices WHERE device_id = $1 UNION ALL "
                 "SELECT 1 FROM measurements WHERE device_id = $1 LIMIT 1", device_id):
             raise HTTPException(404, f"no device {device_id!r}")
+        if grid is not None:
+            agg = agg or "avg"
+            rows = [] if _unstorable(metric) or grid.count == 0 else await pg.fetch(
+                series.QUERIES[agg], device_id, metric, from_, to,
+                series.micros(grid.stride))
+            return {"metric": metric, "bucket": bucket, "agg": agg,
+                    "items": series.fill(grid, agg, rows)}
+        after_t, after_id = _EARLIEST, uuid.UUID(int=0)
+        if cursor_:
+            after_t, after_id = MEASUREMENTS_KEY.decode(cursor_)
         if _unstorable(metric):
             return {"items": [], "next_cursor": None}
         rows = await pg.fetch(
