@@ -74,6 +74,13 @@ def _rfc3339(value):
     return _EARLIEST if year == 0 else _utc(parsed)
 
 
+async def _known_device(pg: asyncpg.Pool, device_id: str) -> bool:
+    """Registered, or with readings (a reading may arrive before its device's registration)."""
+    return not _unstorable(device_id) and bool(await pg.fetchval(
+        "SELECT 1 FROM devices WHERE device_id = $1 UNION ALL "
+        "SELECT 1 FROM measurements WHERE device_id = $1 LIMIT 1", device_id))
+
+
 def _unstorable(value: str | None) -> bool:
     """PostgreSQL text cannot hold NUL: no stored id or value contains one."""
     return value is not None and "\x00" in value
@@ -122,6 +129,36 @@ def _device(row: asyncpg.Record) -> dict:
             "attributes": row["attributes"], "registered_at": row["registered_at"]}
 
 
+class Observe:
+    """Counts and times every request (`labbus_api_requests_total`, `_request_seconds`) by
+    route. A plain ASGI middleware: Starlette's `BaseHTTPMiddleware` (`@app.middleware`) cost
+    about a tenth of a bucketed query's time in the query benchmark."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observed_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        except Exception:
+            REQUESTS.labels(_scope_route(scope), "500").inc()
+            raise
+        LATENCY.labels(_scope_route(scope)).observe(time.perf_counter() - started)
+        REQUESTS.labels(_scope_route(scope), str(status)).inc()
+
+
 def create_app(cfg: Config) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -140,17 +177,7 @@ def create_app(cfg: Config) -> FastAPI:
                               "validated measurements, colour-mixing experiments and their "
                               "plates. Cursor-paginated; times are UTC.")
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:
-            REQUESTS.labels(_route(request), "500").inc()
-            raise
-        LATENCY.labels(_route(request)).observe(time.perf_counter() - started)
-        REQUESTS.labels(_route(request), str(response.status_code)).inc()
-        return response
+    app.add_middleware(Observe)
 
     errors.install(app)
 
@@ -245,17 +272,19 @@ def create_app(cfg: Config) -> FastAPI:
         elif agg is not None:
             raise HTTPException(400, f"agg={agg} needs bucket (e.g. bucket=1m)")
         pg = request.app.state.pg
-        if _unstorable(device_id) or not await pg.fetchval(
-                "SELECT 1 FROM devices WHERE device_id = $1 UNION ALL "
-                "SELECT 1 FROM measurements WHERE device_id = $1 LIMIT 1", device_id):
-            raise HTTPException(404, f"no device {device_id!r}")
         if grid is not None:
             agg = agg or "avg"
-            rows = [] if _unstorable(metric) or grid.count == 0 else await pg.fetch(
-                series.QUERIES[agg], device_id, metric, from_, to,
-                series.micros(grid.stride))
-            return {"metric": metric, "bucket": bucket, "agg": agg,
-                    "items": series.fill(grid, agg, rows)}
+            storable = not (_unstorable(device_id) or _unstorable(metric))
+            rows = [] if not storable or grid.count == 0 else await pg.fetch(
+                series.QUERIES[agg], device_id, metric, from_, to, series.micros(grid.stride))
+            if not rows and not await _known_device(pg, device_id):  # rows prove the device
+                raise HTTPException(404, f"no device {device_id!r}")
+            # written here rather than through the response model: the hot path of time-series
+            # reads (the body is the BucketSeries the route declares; tests check it)
+            return Response(series.to_json(metric, bucket, agg, grid, rows),
+                            media_type="application/json")
+        if not await _known_device(pg, device_id):
+            raise HTTPException(404, f"no device {device_id!r}")
         after_t, after_id = _EARLIEST, uuid.UUID(int=0)
         if cursor_:
             after_t, after_id = MEASUREMENTS_KEY.decode(cursor_)
@@ -573,9 +602,8 @@ async def _mongo_summary(db, experiment_id: str) -> dict | None:
                      for run_id, r in (doc.get("runs") or {}).items()}}
 
 
-def _route(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+def _scope_route(scope) -> str:
+    return getattr(scope.get("route"), "path", "unmatched")
 
 
 def _json_loads(text: str):

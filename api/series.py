@@ -13,6 +13,8 @@ before `to` is answered, in order; an empty one has count 0 and value null (0 fo
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -129,3 +131,19 @@ def fill(g: Grid, agg: str, rows) -> list[dict]:
         else:
             items.append({"start": start, "count": r["n"], "value": r["value"]})
     return items
+
+
+def to_json(metric: str, bucket: str, agg: str, g: Grid, rows) -> str:
+    """The BucketSeries body (api/models.py), serialized directly."""
+    items = [
+        {"start": b["start"].isoformat(), "count": b["count"], "value": _finite(b["value"])}
+        for b in fill(g, agg, rows)
+    ]
+    return json.dumps(
+        {"metric": metric, "bucket": bucket, "agg": agg, "items": items}, separators=(",", ":")
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: null, as the response models write them."""
+    return value if value is None or math.isfinite(value) else None
