@@ -35,6 +35,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -99,9 +100,30 @@ def parse_hey(output: str) -> dict:
     }
 
 
-def run_hey(hey: str, url: str, *args: str) -> dict:
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_hey(hey: str, url: str, *args: str, api_pid: int = 0, pg_pids=lambda: []) -> dict:
+    """One hey run; with the CPU seconds the API worker and the PostgreSQL backends of the
+    bench database spent per request (a figure other users of the machine move less)."""
+    pids = pg_pids()
+    before = cpu_seconds([api_pid]), cpu_seconds(pids)
     out = subprocess.run([hey, *args, url], capture_output=True, text=True, check=True).stdout
-    return parse_hey(out)
+    pids_after = pg_pids()
+    after = cpu_seconds([api_pid]), cpu_seconds(pids_after)
+    r = parse_hey(out)
+    n = sum(int(v) for v in r["codes"].values()) or 1
+    r["api_us"] = (after[0] - before[0]) / n * 1e6
+    r["pg_us"] = (after[1] - before[1]) / n * 1e6 if pids == pids_after else float("nan")
+    return r
 
 
 async def load(dsn: str, readings: int, devices: int, every_s: int, end: datetime) -> datetime:
@@ -137,6 +159,28 @@ async def load(dsn: str, readings: int, devices: int, every_s: int, end: datetim
     finally:
         await con.close()
     return start
+
+
+async def backend_pids(dsn: str, database: str) -> list[int]:
+    """The PostgreSQL backends serving the bench database, except this query's own."""
+    con = await asyncpg.connect(dsn)
+    try:
+        rows = await con.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+        return sorted(r["pid"] for r in rows)
+    finally:
+        await con.close()
+
+
+async def stored_range(dsn: str) -> tuple[datetime, datetime]:
+    con = await asyncpg.connect(dsn)
+    try:
+        row = await con.fetchrow("SELECT min(measured_at), max(measured_at) FROM measurements")
+        return row[0], row[1]
+    finally:
+        await con.close()
 
 
 async def sizes(dsn: str) -> list[dict]:
@@ -185,12 +229,18 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=20, help="Seconds per hey run.")
     ap.add_argument("--concurrency", default="4,8,16", help="hey -c values (closed loop).")
     ap.add_argument("--keep", action="store_true", help="Keep the database (for EXPLAIN by hand).")
+    ap.add_argument(
+        "--reuse",
+        metavar="DATABASE",
+        help="Measure a database kept by an earlier --keep run (no load); kept.",
+    )
     args = ap.parse_args()
 
     base = config.load()
     hey = hey_binary(base.home)
-    name = f"labbus_bench_query_{uuid.uuid4().hex[:6]}"
-    dsn = postgres.create_database(base, name)
+    name = args.reuse or f"labbus_bench_query_{uuid.uuid4().hex[:6]}"
+    dsn = postgres.create_database(base, name)  # no-op for an existing one
+    args.keep = args.keep or bool(args.reuse)
     api_dsn = postgres.with_database(base.postgres_api_dsn, name)
     print(
         f"database {name}; cpu count {os.cpu_count()}, load average "
@@ -198,8 +248,11 @@ def main() -> None:
     )
     proc = None
     try:
-        end = datetime.now(UTC).replace(second=0, microsecond=0)
-        start = asyncio.run(load(dsn, args.readings, args.devices, args.every, end))
+        if args.reuse:
+            start, end = asyncio.run(stored_range(dsn))
+        else:
+            end = datetime.now(UTC).replace(second=0, microsecond=0)
+            start = asyncio.run(load(dsn, args.readings, args.devices, args.every, end))
         table = asyncio.run(sizes(dsn))
         total_rows = sum(r["rows"] for r in table)
         print(f"\n{total_rows:,} rows in {len(table)} partitions (reltuples):")
@@ -250,21 +303,30 @@ def main() -> None:
         assert len(counts) == 60 and sum(counts) == 3600 // args.every, (len(counts), sum(counts))
         print(f"\nGET {url.removeprefix(base_url)}\n  -> 60 buckets, {sum(counts)} readings")
         run_hey(hey, url, "-z", "5s", "-c", "8")  # warm-up: statement caches, pool, buffers
+
+        def backends() -> list[int]:
+            return asyncio.run(backend_pids(dsn, name))
+
+        cpu = {"api_pid": proc.pid, "pg_pids": backends}
         results = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", str(c))
+            r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", str(c), **cpu)
             results.append((f"closed loop, {c} connections", r))
-        r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", "10", "-q", "100")
+        r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", "10", "-q", "100", **cpu)
         results.append(("open loop, 1,000 req/s (10 x 100)", r))
         print(
             f"\nhey, {args.duration} s each, one uvicorn worker "
             f"(load average now {os.getloadavg()[0]:.2f}):"
         )
-        print(f"  {'run':38} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  statuses")
+        print(
+            f"  {'run':38} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+            f"{'API µs':>8} {'PG µs':>7}  statuses (CPU per request)"
+        )
         for label, r in results:
             print(
                 f"  {label:38} {r['rps']:8,.0f} {r['p50']:8.1f} {r['p90']:8.1f} "
-                f"{r['p99']:8.1f}  {r['codes']} {r['errors'][:80]}"
+                f"{r['p99']:8.1f} {r['api_us']:8.0f} {r['pg_us']:7.0f}  {r['codes']} "
+                f"{r['errors'][:80]}"
             )
         best = max(r["rps"] for _, r in results)
         met = [label for label, r in results if r["rps"] >= 1000 and r["p99"] < 25]
