@@ -22,7 +22,7 @@ import pytest
 from aiokafka import TopicPartition
 from fastapi.testclient import TestClient
 
-from labbus.api import series
+from labbus.api import models, series
 from labbus.api.app import create_app
 from labbus.deploy.local import postgres
 from labbus.events import config
@@ -205,6 +205,20 @@ def test_bucketed_aggregates_equal_brute_force(seeded, agg, bucket):
         expected = brute_force(rows, DEVICE, "ph", from_, to, stride, agg)
         assert sum(b["count"] for b in expected) > 0
         same(body["items"], expected)
+
+
+def test_the_bucketed_body_is_the_declared_bucket_series(seeded):
+    """The bucketed answer is written without the response model (api/series.to_json): it must
+    still be exactly the BucketSeries the OpenAPI declares."""
+    api, _ = seeded
+    r = api.get(f"/devices/{DEVICE}/measurements",
+                params={"metric": "ph", "bucket": "1m", **H})
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == set(models.BucketSeries.model_fields)
+    assert body["agg"] == "avg"  # the default
+    assert all(set(b) == set(models.Bucket.model_fields) for b in body["items"])
+    assert models.BucketSeries.model_validate(body).model_dump(mode="json")["items"][0]["start"]
 
 
 def test_from_is_inclusive_and_to_exclusive_at_a_reading(seeded):
