@@ -7,7 +7,7 @@ LABBUS := $(VENV)/bin/labbus
 # keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
 ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence down lint
+.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-stages: setup
 
 bench-faust-patches: setup
 	$(VENV)/bin/python tests/bench/bench_faust_patches.py
+
+bench-query: setup
+	$(VENV)/bin/python tests/bench/bench_query.py
 
 bench-convergence: $(VENV)/.installed
 	$(VENV)/bin/python tests/bench/bench_convergence.py

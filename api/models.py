@@ -63,6 +63,22 @@ class MeasurementPage(BaseModel):
     next_cursor: str | None = NEXT_CURSOR
 
 
+class Bucket(BaseModel):
+    start: datetime = Field(description="Start of the bucket (inclusive); it lasts `bucket`.")
+    count: int = Field(description="Readings in the bucket (within from..to).")
+    value: float | None = Field(description="The aggregate of the bucket's readings; null for "
+                                            "an empty bucket (0 for agg=count).")
+
+
+class BucketSeries(BaseModel):
+    """A bucketed series: every bucket of from..to in order, empty ones included."""
+
+    metric: str
+    bucket: str = Field(description="The bucket width as asked, e.g. 1m.")
+    agg: str = Field(description="avg, min, max, count or p95.")
+    items: list[Bucket]
+
+
 class Experiment(BaseModel):
     experiment_id: str
     status: str = Field(description="running, completed, failed or rejected.")

@@ -334,6 +334,50 @@ def project_mongo(metrics_port: int | None, batch: int) -> None:
     _run_process("projector-mongo", metrics_port, batch=batch)
 
 
+@main.group()
+def db() -> None:
+    """PostgreSQL read-model upkeep (writer role, LABBUS_POSTGRES_DSN)."""
+
+
+@db.command("partitions")
+@click.option("--ahead", default=7, show_default=True, type=click.IntRange(0, 366),
+              help="Days ahead of today to create partitions for.")
+@click.option("--retention-days", type=click.IntRange(1, 36_500), default=None,
+              help="Days of readings to keep (default LABBUS_MEASUREMENT_RETENTION_DAYS).")
+@click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+def db_partitions(ahead: int, retention_days: int | None, dry_run: bool) -> None:
+    """Create the daily partitions of `measurements` ahead, move rows of partitioned days out of
+    the default partition, drop the partitions older than the retention (the PostgreSQL
+    projector does the same at start and hourly)."""
+    from labbus.events.db import connect_pool
+    from labbus.projections import partitions
+    from labbus.projections.migrate import migrate
+
+    cfg = _cfg()
+    keep = retention_days or cfg.measurement_retention_days
+
+    async def go() -> partitions.Report:
+        pool = await connect_pool(cfg.postgres_dsn, "LABBUS_POSTGRES_DSN")
+        try:
+            async with pool.acquire() as con:
+                await migrate(con)
+                return await partitions.maintain(con, keep, ahead=ahead, dry_run=dry_run,
+                                                 echo=click.echo)
+        finally:
+            await pool.close()
+
+    click.echo(f"measurements: daily partitions, {ahead} days ahead, keeping {keep} days"
+               + (" (dry run)" if dry_run else ""))
+    try:
+        report = asyncio.run(go())
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from None
+    would = "would be " if dry_run else ""
+    click.echo(f"{len(report.created)} partitions {would}created, {len(report.dropped)} "
+               f"{would}dropped, {report.deleted_from_default:,} rows {would}deleted from the "
+               f"default partition; {report.partitions} daily partitions now")
+
+
 @main.command("api")
 @click.option("--host", default=None, help="Bind address (default LABBUS_API_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default LABBUS_API_PORT).")

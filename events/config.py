@@ -56,6 +56,11 @@ SETTINGS: dict[str, Setting] = {
                                     "Readings whose device timestamp is older than this many days "
                                     "are rejected (whole days, 1 to 3650000; timestamps the read "
                                     "models cannot hold are rejected whatever this says)."),
+    "measurement_retention_days": Setting(
+        "LABBUS_MEASUREMENT_RETENTION_DAYS", "365",
+        "Days of readings PostgreSQL keeps (today counts as one, 1 to 36500): older daily "
+        "partitions of `measurements` are dropped by the projector's hourly maintenance and "
+        "`labbus db partitions`."),
     "group_instance_id": Setting("LABBUS_GROUP_INSTANCE_ID", "",
                                  "Static consumer-group membership (Kafka KIP-345) for the "
                                  "validator: a name unique to this process and stable across "
@@ -84,6 +89,7 @@ class Config:
     log_level: str
     max_clock_skew_s: float
     max_reading_age_days: int
+    measurement_retention_days: int
     group_instance_id: str
     deck_layout: DeckLayout = DEFAULT_DECK
     explicit: frozenset[str] = frozenset()
@@ -170,6 +176,8 @@ def load(environ: dict[str, str] | None = None) -> Config:
         max_clock_skew_s=_float("max_clock_skew_s", raw["max_clock_skew_s"]),
         max_reading_age_days=_int("max_reading_age_days", raw["max_reading_age_days"],
                                   1, 3_650_000),
+        measurement_retention_days=_int("measurement_retention_days",
+                                        raw["measurement_retention_days"], 1, 36_500),
         group_instance_id=_instance_id("group_instance_id", raw["group_instance_id"]),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),

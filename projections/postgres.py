@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from datetime import UTC, datetime
 
@@ -21,6 +23,7 @@ from labbus.events.topics import (
     ROBOT_RUNS,
     topic_name,
 )
+from labbus.projections import partitions
 from labbus.projections.migrate import migrate
 
 INSERT_MEASUREMENTS = """
@@ -32,7 +35,7 @@ SELECT m.id, m.device_id, m.metric, m.value, m.unit,
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::bigint[],
             $7::uuid[], $8::int[], $9::bigint[])
      AS m(id, device_id, metric, value, unit, measured_us, event_id, part, off)
-ON CONFLICT (measurement_id) DO NOTHING
+ON CONFLICT (measurement_id, measured_at) DO NOTHING
 """
 
 UPSERT_DEVICES = """
@@ -82,6 +85,7 @@ class PostgresProjection:
         self.dsn = dsn or cfg.postgres_dsn
         self.pool: asyncpg.Pool | None = None
         self.fence = Fence()
+        self.maintenance: asyncio.Task | None = None
 
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
@@ -92,8 +96,16 @@ class PostgresProjection:
                                        server_settings={"synchronous_commit": "off"})
         async with self.pool.acquire() as con:
             await migrate(con)
+            # partitions for today and the days ahead before the first row arrives; then hourly
+            await partitions.maintain(con, self.cfg.measurement_retention_days)
+        self.maintenance = asyncio.create_task(partitions.run_periodically(
+            self.pool, self.cfg.measurement_retention_days, first_delay=partitions.INTERVAL_S))
 
     async def stop(self) -> None:
+        if self.maintenance is not None:
+            self.maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.maintenance
         if self.pool is not None:
             await self.pool.close()
 

@@ -8,6 +8,8 @@ def test_defaults():
     assert cfg.kafka_bootstrap == "127.0.0.1:19092" and cfg.api_port == 8000
     assert cfg.max_reading_age_days == 3650
     assert load({"LABBUS_MAX_READING_AGE_DAYS": "30"}).max_reading_age_days == 30
+    assert cfg.measurement_retention_days == 365
+    assert load({"LABBUS_MEASUREMENT_RETENTION_DAYS": "30"}).measurement_retention_days == 30
 
 
 @pytest.mark.parametrize("env,variable", [
@@ -25,6 +27,9 @@ def test_defaults():
     ({"LABBUS_MAX_READING_AGE_DAYS": "1.5"}, "LABBUS_MAX_READING_AGE_DAYS"),
     ({"LABBUS_MAX_READING_AGE_DAYS": "99999999"}, "LABBUS_MAX_READING_AGE_DAYS"),
     ({"LABBUS_GROUP_INSTANCE_ID": "pod 1"}, "LABBUS_GROUP_INSTANCE_ID"),
+    ({"LABBUS_MEASUREMENT_RETENTION_DAYS": "0"}, "LABBUS_MEASUREMENT_RETENTION_DAYS"),
+    ({"LABBUS_MEASUREMENT_RETENTION_DAYS": "a year"}, "LABBUS_MEASUREMENT_RETENTION_DAYS"),
+    ({"LABBUS_MEASUREMENT_RETENTION_DAYS": "36501"}, "LABBUS_MEASUREMENT_RETENTION_DAYS"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
