@@ -126,7 +126,7 @@ class SimDevice:
             try:
                 await self._session(ch, stop, insecure)
                 backoff = 0.2
-            except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any broken session: reconnect
                 code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(
                     exc).__name__
                 self.stats.errors[code] += 1
