@@ -75,3 +75,37 @@ def test_a_good_registration_keeps_unbounded_ranges_unbounded():
     specs = server.check_registration(_req(min=0.0))
     assert specs == [{"metric": "ph", "unit": "pH", "min": 0.0, "max": None,
                       "expected_interval_s": 1.0}]
+
+
+async def test_acks_follow_the_broker_in_stream_order_and_stop_at_a_refusal():
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    entry = server.DeviceEntry("dev-1", "balance", "m", "lab", {}, [], 1)
+    stream = server.DeviceStream("dev-1", None, asyncio.Semaphore(8),
+                                 failed=loop.create_future(), entry=entry)
+    futures = {seq: loop.create_future() for seq in (1, 2, 3, 4)}
+    for seq, fut in futures.items():
+        stream.pending.append((seq, fut, "t"))
+        fut.add_done_callback(stream.delivered)
+
+    def acks() -> list[list[int]]:
+        out = []
+        while not stream.out.empty():
+            message, slots = stream.out.get_nowait()
+            assert slots == len(message.ack.sequences)
+            out.append(list(message.ack.sequences))
+        return out
+
+    futures[2].set_result(None)  # the broker acknowledged 2 before 1: nothing yet
+    await asyncio.sleep(0)
+    assert acks() == []
+    futures[1].set_result(None)
+    await asyncio.sleep(0)
+    assert acks() == [[1, 2]] and entry.last_acked == 2
+    futures[4].set_result(None)
+    futures[3].set_exception(ConnectionError("broker gone"))
+    await asyncio.sleep(0)
+    assert acks() == []  # 3 was refused: neither it nor 4 behind it is acknowledged
+    assert isinstance(stream.failed.result(), ConnectionError)
+    assert [seq for seq, _, _ in stream.pending] == [3, 4]
