@@ -7,7 +7,7 @@ LABBUS := $(VENV)/bin/labbus
 # keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
 ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query down lint
+.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query bench-gateway protos down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench-query: setup
 
 bench-convergence: $(VENV)/.installed
 	$(VENV)/bin/python tests/bench/bench_convergence.py
+
+bench-gateway: setup
+	$(VENV)/bin/python tests/bench/bench_gateway.py --devices 1000 --rate 5
+
+# regenerate the gateway's checked-in stubs from producers/gateway/labbus_gateway.proto
+protos: $(VENV)/.installed
+	$(VENV)/bin/python -m labbus.producers.gateway.protos
 
 down:
 	$(LABBUS) services down

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 
 import click
 
@@ -155,12 +156,26 @@ def agent() -> None:
               help="Share of bad readings: wrong unit, out of range, future timestamp, "
                    "duplicate event id, undecodable bytes (in turn).")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
+@click.option("--grpc", "use_grpc", is_flag=True,
+              help="Connect each device to the gRPC gateway (mutual TLS, a certificate per "
+                   "device from the local CA) instead of writing to Kafka; --rate is then "
+                   "readings per second per device.")
+@click.option("--target", default=None, metavar="HOST:PORT",
+              help="--grpc: the gateway (default LABBUS_GATEWAY_HOST:LABBUS_GATEWAY_PORT).")
+@click.option("--insecure", is_flag=True, help="--grpc: plain text (a loopback gateway only).")
+@click.option("--duration", default=0.0, help="--grpc: stop after this many seconds (0 = never).")
 @metrics_option
 def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: int,
+              use_grpc: bool, target: str | None, insecure: bool, duration: float,
               metrics_port: int | None) -> None:
     """A simulated instrument fleet publishing DeviceRegistered and MeasurementRecorded."""
     from labbus.producers import sim
 
+    if use_grpc:
+        if bad_fraction:
+            raise click.UsageError("--bad-fraction is not supported with --grpc")
+        _grpc_sim(devices, rate, count, seed, target, insecure, duration, metrics_port)
+        return
     cfg = _cfg()
     _start_process("agent", cfg, metrics_port)
     try:
@@ -182,6 +197,44 @@ def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: 
             summary = await sim.publish(cfg, simulator, 0, rate, None, stop)
         click.echo(f"registered {summary.registered} devices, sent {summary.readings} readings "
                    f"({summary.good} good, bad: {dict(summary.bad) or 'none'})")
+
+    _run_until_signal(go)
+
+
+def _grpc_sim(devices: int, rate: float, count: int, seed: int, target: str | None,
+              insecure: bool, duration: float, metrics_port: int | None) -> None:
+    from labbus.producers.gateway import devices as dev
+    from labbus.producers.gateway import pki
+
+    cfg = _cfg()
+    _start_process("agent", cfg, metrics_port)
+    stats = dev.Stats()
+    fleet = dev.make_fleet(devices, rate, stats, seed=seed)
+
+    async def go(stop: asyncio.Event) -> None:
+        async def watch() -> None:
+            started = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(1.0)
+                if count and stats.readings >= count:
+                    for d in fleet:
+                        d.paused = True
+                    if stats.unacked(fleet) == 0:
+                        stop.set()
+                if duration and time.monotonic() - started >= duration:
+                    stop.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await dev.run_fleet(cfg, fleet, stop, target, insecure)
+        except pki.PkiError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            watcher.cancel()
+        click.echo(f"{devices} devices: sent {stats.readings} readings "
+                   f"({stats.acked} messages acknowledged, {stats.resent} re-sent, "
+                   f"{stats.reconnects} reconnects, {stats.commands_completed} commands "
+                   f"completed, errors: {dict(stats.errors) or 'none'})")
 
     _run_until_signal(go)
 
@@ -229,6 +282,75 @@ def process_validate(metrics_port: int | None) -> None:
 def process_experiment(metrics_port: int | None) -> None:
     """Run colour-mixing campaigns: propose recipes, request robot runs, score readings."""
     _run_process("experiment", metrics_port)
+
+
+# -- the gRPC gateway and device certificates ------------------------------------------------
+@main.group()
+def gateway() -> None:
+    """Ingress for instruments that cannot run a Kafka client."""
+
+
+@gateway.command("grpc")
+@click.option("--host", default=None, help="Bind address (default LABBUS_GATEWAY_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default LABBUS_GATEWAY_PORT).")
+@click.option("--insecure", is_flag=True,
+              help="Plain text, no certificates: callers name themselves in metadata. Refused "
+                   "unless the bind address is loopback.")
+@click.option("--name", default="gateway-0", show_default=True,
+              help="This gateway's name (in heartbeats and logs).")
+@metrics_option
+def gateway_grpc(host: str | None, port: int | None, insecure: bool, name: str,
+                 metrics_port: int | None) -> None:
+    """The gRPC gateway: devices register, stream readings and answer commands over mTLS."""
+    from labbus.producers.gateway import pki, server
+
+    cfg = _cfg()
+    if insecure and not server.is_loopback(host or cfg.gateway_host):
+        raise click.ClickException(
+            f"refusing --insecure on {host or cfg.gateway_host}: plain text is allowed only on "
+            "a loopback address (127.0.0.1, ::1, localhost)")
+    _start_process("gateway-grpc", cfg, metrics_port)
+    try:
+        _run_until_signal(lambda stop: server.serve(cfg, stop, insecure=insecure, host=host,
+                                                    port=port, name=name))
+    except pki.PkiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def devices() -> None:
+    """The device certificate authority (files under LABBUS_HOME/pki)."""
+
+
+@devices.command("init-ca")
+@click.option("--host", "hosts", multiple=True,
+              help="Another name or address of the gateway for its certificate (repeatable).")
+@click.option("--force", is_flag=True, help="Replace an existing CA (every certificate it "
+                                            "signed stops working).")
+def devices_init_ca(hosts: tuple[str, ...], force: bool) -> None:
+    """Create the device CA and the gateway's server certificate (kept when they exist)."""
+    from labbus.producers.gateway import pki
+
+    p = pki.init_ca(_cfg().pki_dir, hosts, force)
+    click.echo(f"CA          {p.ca_cert}\ngateway     {p.server_cert}")
+
+
+@devices.command("issue-cert")
+@click.argument("device_id")
+@click.option("--role", type=click.Choice(["device", "operator"]), default="device",
+              show_default=True, help="device: registers and streams as DEVICE_ID; operator: "
+                                      "sends commands and queries.")
+@click.option("--days", default=825, show_default=True, help="Validity.")
+@click.option("--force", is_flag=True, help="Replace an existing certificate.")
+def devices_issue_cert(device_id: str, role: str, days: int, force: bool) -> None:
+    """Sign a client certificate whose subject CN is DEVICE_ID."""
+    from labbus.producers.gateway import pki
+
+    try:
+        cert, key = pki.issue_cert(_cfg().pki_dir, device_id, role, days, force)
+    except pki.PkiError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"certificate {cert}\nkey         {key}")
 
 
 # -- experiments ----------------------------------------------------------------------------------

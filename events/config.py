@@ -67,6 +67,21 @@ SETTINGS: dict[str, Setting] = {
                                  "its restarts (e.g. a StatefulSet pod name); a restarted "
                                  "process gets its partitions back at once instead of after the "
                                  "session timeout. Empty: dynamic membership."),
+    "pki_dir": Setting("LABBUS_PKI_DIR", "",
+                       "The device certificate authority's files (`labbus devices`); empty = "
+                       "LABBUS_HOME/pki."),
+    "gateway_host": Setting("LABBUS_GATEWAY_HOST", "127.0.0.1",
+                            "gRPC instrument gateway bind address (plain text, `--insecure`, "
+                            "only on loopback)."),
+    "gateway_port": Setting("LABBUS_GATEWAY_PORT", "50051", "gRPC instrument gateway port."),
+    "gateway_max_inflight": Setting("LABBUS_GATEWAY_MAX_INFLIGHT", "256",
+                                    "Messages of one device stream the gateway holds until the "
+                                    "broker acknowledges them; at the limit it stops reading "
+                                    "that stream (gRPC flow control pushes back on the device)."),
+    "gateway_command_lookback_s": Setting("LABBUS_GATEWAY_COMMAND_LOOKBACK_S", "3600",
+                                          "At start the gateway reads this many seconds of "
+                                          "lab.commands back to find commands still open; a "
+                                          "command should expire sooner than this."),
     "deck_layout": Setting("LABBUS_DECK_LAYOUT", "",
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
@@ -91,6 +106,11 @@ class Config:
     max_reading_age_days: int
     measurement_retention_days: int
     group_instance_id: str
+    pki_dir: Path
+    gateway_host: str
+    gateway_port: int
+    gateway_max_inflight: int
+    gateway_command_lookback_s: int
     deck_layout: DeckLayout = DEFAULT_DECK
     explicit: frozenset[str] = frozenset()
 
@@ -179,6 +199,13 @@ def load(environ: dict[str, str] | None = None) -> Config:
         measurement_retention_days=_int("measurement_retention_days",
                                         raw["measurement_retention_days"], 1, 36_500),
         group_instance_id=_instance_id("group_instance_id", raw["group_instance_id"]),
+        pki_dir=(Path(raw["pki_dir"]).expanduser().resolve() if raw["pki_dir"].strip()
+                 else Path(raw["home"]).expanduser().resolve() / "pki"),
+        gateway_host=raw["gateway_host"],
+        gateway_port=_int("gateway_port", raw["gateway_port"], 1, 65535),
+        gateway_max_inflight=_int("gateway_max_inflight", raw["gateway_max_inflight"], 1, 100_000),
+        gateway_command_lookback_s=_int("gateway_command_lookback_s",
+                                        raw["gateway_command_lookback_s"], 1, 90 * 86400),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )

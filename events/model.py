@@ -89,6 +89,114 @@ class DeviceRegistered(Event):
     location: str
     metrics: list[str]
     attributes: dict[str, str] = field(default_factory=dict)
+    # v2: [{"metric", "unit", "min", "max", "expected_interval_s"}]; v1 data decodes as []
+    specs: list[dict] = field(default_factory=list)
+    spec_version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpecChanged(Event):
+    TYPE: ClassVar[str] = "lab.device.DeviceSpecChanged"
+    device_id: str
+    spec_version: int
+    previous_specs: list[dict]
+    specs: list[dict]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHeartbeat(Event):
+    TYPE: ClassVar[str] = "lab.device.DeviceHeartbeat"
+    device_id: str
+    gateway: str
+
+
+DEVICE_STATUSES = ("ONLINE", "OFFLINE", "MAINTENANCE", "ERROR")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatusChanged(Event):
+    TYPE: ClassVar[str] = "lab.device.DeviceStatusChanged"
+    device_id: str
+    status: str  # one of DEVICE_STATUSES
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRejected(Event):
+    TYPE: ClassVar[str] = "lab.device.DeviceRejected"
+    device_id: str
+    identity: str | None
+    rpc: str
+    reason_code: str
+    reason: str
+    peer: str
+
+
+# -- commands to devices (keyed by device id, so one device's commands stay in order) ----------
+
+@dataclass(frozen=True, slots=True)
+class CommandIssued(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandIssued"
+    command_id: str
+    device_id: str
+    idempotency_key: str
+    command_type: str
+    payload_json: str
+    expires_at: datetime
+    issued_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAccepted(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandAccepted"
+    command_id: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandStarted(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandStarted"
+    command_id: str
+    device_id: str
+    progress: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandCompleted(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandCompleted"
+    command_id: str
+    device_id: str
+    result_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandFailed(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandFailed"
+    command_id: str
+    device_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRejected(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandRejected"
+    command_id: str
+    device_id: str
+    reason_code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandTimedOut(Event):
+    TYPE: ClassVar[str] = "lab.command.CommandTimedOut"
+    command_id: str
+    device_id: str
+    expires_at: datetime
+
+
+# The final states of a command: after one of these nothing more happens to it.
+COMMAND_FINAL = ("lab.command.CommandCompleted", "lab.command.CommandFailed",
+                 "lab.command.CommandRejected", "lab.command.CommandTimedOut")
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +400,10 @@ class ExperimentFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
-    for cls in (DeviceRegistered, MeasurementRecorded, MeasurementValidated,
-                MeasurementRejected, DeadLetter,
+    for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
+                DeviceRejected, CommandIssued, CommandAccepted, CommandStarted, CommandCompleted,
+                CommandFailed, CommandRejected, CommandTimedOut, MeasurementRecorded,
+                MeasurementValidated, MeasurementRejected, DeadLetter,
                 ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,
                 RobotRunRequested, RobotRunStarted, RobotCommandExecuted, WellDispensed,
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,

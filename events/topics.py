@@ -45,6 +45,28 @@ DEAD_LETTER = TopicSpec(
     retention_ms=30 * DAY_MS,
     description="Undecodable or unprocessable messages with their original bytes and the error.")
 
+DEVICE_CHANGES = TopicSpec(
+    "lab.devices.changes", 3, "device_id", ("lab.device.DeviceSpecChanged",), retention_ms=-1,
+    description="Spec versions of devices: a re-registration with different specs is a new "
+                "version, never a silent overwrite. Kept forever (lab.devices is compacted).")
+DEVICE_STATUS = TopicSpec(
+    "lab.devices.status", 6, "device_id",
+    ("lab.device.DeviceHeartbeat", "lab.device.DeviceStatusChanged"),
+    description="Heartbeats and status changes (ONLINE/OFFLINE/MAINTENANCE/ERROR), one device's "
+                "in order.")
+DEVICE_REJECTED = TopicSpec(
+    "lab.devices.rejected", 3, "device_id", ("lab.device.DeviceRejected",),
+    retention_ms=30 * DAY_MS,
+    description="Requests the gateway refused: identity, permission, malformed input; the reason.")
+COMMANDS = TopicSpec(
+    "lab.commands", 6, "device_id",
+    ("lab.command.CommandIssued", "lab.command.CommandAccepted", "lab.command.CommandStarted",
+     "lab.command.CommandCompleted", "lab.command.CommandFailed", "lab.command.CommandRejected",
+     "lab.command.CommandTimedOut"),
+    retention_ms=30 * DAY_MS,
+    description="Commands to devices and every status they pass through. Keyed by device, so one "
+                "device's commands and their statuses stay in order.")
+
 EXPERIMENTS = TopicSpec(
     "lab.experiments", 3, "experiment_id",
     ("lab.experiment.ExperimentRequested", "lab.experiment.ExperimentRejected",
@@ -66,6 +88,7 @@ COLOUR_READINGS = TopicSpec(
 
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
+    DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS,
     EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
 )
 

@@ -23,8 +23,19 @@ from labbus.events.codec import (
 from labbus.events.model import (
     ENVELOPE_FIELDS,
     EVENT_TYPES,
+    CommandAccepted,
+    CommandCompleted,
+    CommandFailed,
+    CommandIssued,
+    CommandRejected,
+    CommandStarted,
+    CommandTimedOut,
     DeadLetter,
+    DeviceHeartbeat,
     DeviceRegistered,
+    DeviceRejected,
+    DeviceSpecChanged,
+    DeviceStatusChanged,
     ExperimentCompleted,
     ExperimentFailed,
     ExperimentRejected,
@@ -48,6 +59,7 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 SAMPLES = [
     DeviceRegistered.create(source="s", subject="d1", sequence=1, device_id="d1",
+                            schema_version=2,
                             device_type="thermometer", model="m", location="lab",
                             metrics=["temperature"], attributes={"a": "b"}),
     MeasurementRecorded.create(source="s", subject="d1", sequence=2, occurred_at=T0,
@@ -63,6 +75,37 @@ SAMPLES = [
                       source_partition=0, source_offset=1, original_key=b"k",
                       original_value=b"\x00\x01", error_type="corrupt_payload", error="bad",
                       failed_by="validator"),
+]
+
+_SPEC = {"metric": "temperature", "unit": "degC", "min": -20.0, "max": 150.0,
+         "expected_interval_s": 0.2}
+_CMD = dict(command_id="c-1", device_id="d1")
+SAMPLES += [
+    DeviceRegistered.create(source="gw", subject="d2", sequence=1, device_id="d2",
+                            schema_version=2,
+                            device_type="ph-meter", model="m", location="lab", metrics=["ph"],
+                            specs=[_SPEC, dict(_SPEC, metric="ph", unit="pH", min=None, max=None)],
+                            spec_version=3),
+    DeviceSpecChanged.create(source="gw", subject="d2", sequence=2, device_id="d2",
+                             spec_version=2, previous_specs=[_SPEC],
+                             specs=[dict(_SPEC, max=200.0)]),
+    DeviceHeartbeat.create(source="gw", subject="d2", sequence=3, device_id="d2", gateway="gw-0"),
+    DeviceStatusChanged.create(source="gw", subject="d2", sequence=4, device_id="d2",
+                               status="MAINTENANCE", reason="calibrating"),
+    DeviceRejected.create(source="gw", subject="d3", sequence=0, device_id="d3", identity="d2",
+                          rpc="/labbus.gateway.v1.Gateway/StreamData",
+                          reason_code="identity_mismatch", reason="d2 may not act as d3",
+                          peer="ipv4:127.0.0.1:5555"),
+    CommandIssued.create(source="cli", subject="d1", sequence=1, idempotency_key="k-1",
+                         command_type="tare", payload_json='{"x": 1}', expires_at=T0,
+                         issued_by="operator", **_CMD),
+    CommandAccepted.create(source="gw", subject="d1", sequence=2, **_CMD),
+    CommandStarted.create(source="gw", subject="d1", sequence=3, progress=0.5, **_CMD),
+    CommandCompleted.create(source="gw", subject="d1", sequence=4, result_json="{}", **_CMD),
+    CommandFailed.create(source="gw", subject="d1", sequence=5, error="jammed", **_CMD),
+    CommandRejected.create(source="p", subject="d1", sequence=6, reason_code="offline",
+                           reason="device d1 is offline", **_CMD),
+    CommandTimedOut.create(source="p", subject="d1", sequence=7, expires_at=T0, **_CMD),
 ]
 
 _RECIPES = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
@@ -209,6 +252,33 @@ def test_data_written_with_a_previous_schema_version_still_decodes(tmp_path):
     kind, record = new.decode_record(old_bytes)
     assert kind == name and record["quality"] == "unknown" and record["value"] == 21.25
     assert record["schema_version"] == 1
+
+
+def test_device_registered_v1_bytes_decode_through_v2_with_empty_specs():
+    """Registrations written before measurement specs existed (the kept v1 schema) still decode:
+    specs [] and spec_version 1, the defaults."""
+    v1_path = SCHEMAS_DIR / "previous" / DeviceRegistered.TYPE / "v1.avsc"
+    v1 = json.loads(v1_path.read_text())
+    assert "specs" not in [f["name"] for f in v1["fields"]]
+    codec = default_codec()
+    old = SAMPLES[0]  # written by a v1 producer: no specs field on the wire
+    record = {f: getattr(old.envelope, f) for f in ENVELOPE_FIELDS}
+    record.update(schema_version=1, device_id="d1", device_type="thermometer", model="m",
+                  location="lab", metrics=["temperature"], attributes={"a": "b"})
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    (v1_entry,) = [e for e in codec.writers.values() if e.path == v1_path]
+    buf.write(v1_entry.fingerprint)
+    schemaless_writer(buf, parse_schema(v1), record)
+    event = codec.decode(buf.getvalue())
+    assert isinstance(event, DeviceRegistered)
+    assert event.specs == [] and event.spec_version == 1
+    assert event.metrics == ["temperature"] and event.envelope.schema_version == 1
+    assert codec.schema(DeviceRegistered.TYPE).version == 2
+    # and new bytes carry the specs
+    new = codec.decode(codec.encode(SAMPLES[5]))
+    assert new.specs[0]["max"] == 150.0 and new.specs[1]["min"] is None
+    assert new.spec_version == 3
 
 
 def _compatible(reader: dict, writer: dict) -> bool:

@@ -1,0 +1,201 @@
+"""The device certificate authority: a local CA that signs the gateway's server certificate and
+one client certificate per device (`labbus devices init-ca`, `labbus devices issue-cert ID`).
+
+Files, under LABBUS_PKI_DIR (default `LABBUS_HOME/pki/`; keys mode 0600):
+
+    ca.pem, ca.key                  the CA (EC P-256, 10 years)
+    gateway.pem, gateway.key        the gateway's server certificate (SAN: localhost, 127.0.0.1
+                                    and any --host given to init-ca)
+    devices/ID.pem, devices/ID.key  a client certificate: subject CN = ID, OU = its role
+
+The device id is the certificate's subject CN. Its OU is its role: `device` (may register,
+stream and answer commands, as itself only) or `operator` (may send commands and query).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROLES = ("device", "operator")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class PkiError(RuntimeError):
+    """A missing CA, a bad id: the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "gateway.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "gateway.key"
+
+    def client_cert(self, name: str) -> Path:
+        return self.root / "devices" / f"{name}.pem"
+
+    def client_key(self, name: str) -> Path:
+        return self.root / "devices" / f"{name}.key"
+
+
+def paths(root: Path) -> Paths:
+    """The PKI in a directory (Config.pki_dir)."""
+    return Paths(Path(root))
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())  # fast handshakes for a thousand devices
+
+
+def _write_key(path: Path, key) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _name(cn: str, ou: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "labbus")]
+    if ou:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
+
+
+def _load_ca(p: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if not p.ca_cert.exists() or not p.ca_key.exists():
+        raise PkiError(f"no device CA in {p.root}; create it with `labbus devices init-ca`")
+    cert = x509.load_pem_x509_certificate(p.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(p.ca_key.read_bytes(), password=None)
+    return cert, key
+
+
+def _sign(ca_cert, ca_key, subject: x509.Name, public_key, days: int, usage,
+          sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject).issuer_name(ca_cert.subject).public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   ca_key.public_key()), critical=False))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def init_ca(root: Path, hosts: tuple[str, ...] = (), force: bool = False) -> Paths:
+    """Create the CA and the gateway's server certificate; an existing CA is kept unless
+    `force` (which invalidates every certificate it signed)."""
+    p = paths(root)
+    if force or not (p.ca_cert.exists() and p.ca_key.exists()):
+        key = _key()
+        now = dt.datetime.now(dt.UTC)
+        subject = _name("labbus device CA")
+        cert = (x509.CertificateBuilder()
+                .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True,
+                    content_commitment=False, key_encipherment=False, data_encipherment=False,
+                    key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
+                .sign(key, hashes.SHA256()))
+        _write_key(p.ca_key, key)
+        _write_cert(p.ca_cert, cert)
+        force = True  # the server certificate must come from this CA
+    if force or not p.server_cert.exists() or hosts:
+        issue_server_cert(root, hosts)
+    return p
+
+
+def issue_server_cert(root: Path, hosts: tuple[str, ...] = ()) -> Paths:
+    p = paths(root)
+    ca_cert, ca_key = _load_ca(p)
+    sans: list[x509.GeneralName] = []
+    for host in ("localhost", "127.0.0.1", "::1", *hosts):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    key = _key()
+    cert = _sign(ca_cert, ca_key, _name("labbus-gateway", "gateway"), key.public_key(), 825,
+                 ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    _write_key(p.server_key, key)
+    _write_cert(p.server_cert, cert)
+    return p
+
+
+def issue_cert(root: Path, name: str, role: str = "device", days: int = 825,
+               force: bool = False) -> tuple[Path, Path]:
+    """A client certificate with subject CN = `name`; returns (cert, key). An existing one is
+    kept unless `force`."""
+    if not ID_PATTERN.match(name):
+        raise PkiError(f"{name!r} is not a valid id: 1-128 letters, digits, '.', '_' or '-', "
+                       "starting with a letter or digit")
+    if role not in ROLES:
+        raise PkiError(f"role {role!r}: use one of {', '.join(ROLES)}")
+    p = paths(root)
+    cert_path, key_path = p.client_cert(name), p.client_key(name)
+    if not force and cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    ca_cert, ca_key = _load_ca(p)
+    key = _key()
+    cert = _sign(ca_cert, ca_key, _name(name, role), key.public_key(), days,
+                 ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str  # the subject CN: the device id
+    role: str  # the subject OU
+
+
+@lru_cache(maxsize=4096)
+def identity_of_pem(pem: bytes) -> Identity:
+    """The identity a (verified) client certificate states."""
+    cert = x509.load_pem_x509_certificate(pem)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return Identity(str(cns[0].value) if cns else "", str(ous[0].value) if ous else "")
