@@ -240,7 +240,7 @@ def process_experiment(metrics_port: int | None) -> None:
 
     cfg = _cfg()
     _start_process("experiment", cfg, metrics_port)
-    _run_until_signal(lambda stop: experiment.run(cfg, stop))
+    experiment.run(cfg)
 
 
 # -- experiments ----------------------------------------------------------------------------------

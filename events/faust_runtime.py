@@ -1,0 +1,255 @@
+"""The faust driver for stateful processors: state in faust Tables backed by changelog topics.
+
+    record ──Step.decode──► event ──handler(state, event, record, shared)──► (new state, outputs)
+       │                                                                         │
+       └─ undecodable, or the handler raised ──► DeadLetter (once)               ▼
+                   outputs produced through Deliveries (idempotent, acks=all), acknowledged
+                   ──► then the Table (and the GlobalTable) updated and the changelog flushed
+                   ──► then the faust event acked, so faust commits its offset only after all that
+
+A processor is its input topics (all co-partitioned: same key, same partition count), a plain
+handler and the names of its tables; this module builds the faust app around them:
+
+- a **Table keyed by the input key** (the aggregate id): `handler` gets that key's value (None
+  when there is none) and returns the new value (None deletes the key; return the same object
+  to leave it as it is). Values must be JSON-able; the handler must not modify the value it was
+  given. Table partition p lives on the worker that owns input partition p: two workers share the
+  partitions and every key is decided by exactly one of them; a restarted worker recovers its
+  partitions from the changelog (compacted), not from the input topics.
+- optionally a **GlobalTable** every worker reads in full (e.g. learning shared across
+  aggregates), passed to the handler as `Shared`: reads see the table plus this event's writes,
+  writes reach the table only with the state. A worker writes only keys of its own partitions,
+  which keeps one writer per key (see processors/experiment.py).
+
+Processing guarantee: at-least-once (faust's default; README "Guarantees"). A crash between the
+outputs' acks and the changelog's leaves the input uncommitted: it is handled again on restart
+against the state before it and re-emits the same events with the same ids (handlers derive ids
+from their inputs), which id-keyed consumers drop. An input handled again against a state that
+already holds it (changelog written, offset not yet committed) must decide nothing new: handlers
+are idempotent per input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faust
+import mode
+
+from labbus.events import kafka, metrics
+from labbus.events.codec import Codec, DecodeError
+from labbus.events.config import Config
+from labbus.events.model import Event
+from labbus.events.runtime import Backoff, Deliveries, Outgoing, Record, Step, retrying
+from labbus.events.topics import TopicSpec, group_id, topic_name
+
+log = logging.getLogger(__name__)
+
+
+class Shared:
+    """A GlobalTable as one event's handler sees it: the table plus this event's own writes,
+    which reach the table only once the event's outputs are acknowledged (`apply`). Any mapping
+    will do as the table (a dict in unit tests)."""
+
+    def __init__(self, table: Any = None) -> None:
+        self.table = {} if table is None else table
+        self.writes: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self.writes:
+            return self.writes[key]
+        return self.table.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.writes or key in self.table
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.writes[key] = value
+
+    def apply(self) -> bool:
+        """Write the staged values into the table; True when there were any."""
+        for key, value in self.writes.items():
+            self.table[key] = value
+        wrote = bool(self.writes)
+        self.writes = {}
+        return wrote
+
+
+_MISSING = object()
+
+# handler(state or None, event, record, shared) -> (new state, events to emit)
+StatefulHandler = Callable[[Any, Event, Record, Shared], tuple[Any, Iterable[Event]]]
+
+
+def data_dir(cfg: Config, process: str) -> Path:
+    """faust's data directory (in-memory tables keep nothing there): under LABBUS_HOME."""
+    return cfg.home / "faust" / group_id(cfg, process)
+
+
+def record_of(message: Any) -> Record:
+    """A faust Message as a Record (faust keeps the log time in seconds; Record in ms)."""
+    ts = message.timestamp
+    return Record(message.topic, message.partition, message.offset, message.key, message.value,
+                  round(ts * 1000) if ts is not None else 0)
+
+
+class Decided:
+    """What one record led to: outputs, and the state to write once they are acknowledged."""
+
+    __slots__ = ("outputs", "key", "state", "new_state", "shared")
+
+    def __init__(self, outputs: list[Outgoing], key: str | None = None, state: Any = None,
+                 new_state: Any = None, shared: Shared | None = None) -> None:
+        self.outputs = outputs
+        self.key = key
+        self.state = state
+        self.new_state = new_state
+        self.shared = shared
+
+
+def decide(step: Step, handler: StatefulHandler, rec: Record, table: Any,
+           shared_table: Any = None) -> Decided:
+    """Decode, look up the key's state, run the handler: the dead-letter policy of `Step`
+    (undecodable input or a handler that raised: one dead letter, state unchanged)."""
+    try:
+        event = step.decode(rec)
+    except DecodeError as exc:
+        return Decided([step.dead_letter(rec, exc)])
+    if event is None:
+        return Decided([])
+    key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
+    state = table.get(key)
+    shared = Shared(shared_table) if shared_table is not None else Shared()
+    try:
+        new_state, events = handler(state, event, rec, shared)
+        outputs = [step.encode(e) for e in events]
+    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the process
+        log.exception("handler failed; dead-lettering the input",
+                      extra={"topic": rec.topic, "partition": rec.partition,
+                             "offset": rec.offset})
+        return Decided([step.dead_letter(rec, exc, "processing_error")])
+    return Decided(outputs, key, state, new_state, shared)
+
+
+def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: StatefulHandler,
+              *, accepts: Collection[str] | None = None, table: str = "state",
+              shared_table: str | None = None, codec: Codec | None = None,
+              **settings: Any) -> faust.App:
+    """A faust app running `handler` over `inputs` with its state in Table `table` (and, when
+    named, a GlobalTable `shared_table`). `settings` override faust settings."""
+    partitions = {spec.partitions for spec in inputs}
+    if len(partitions) != 1:
+        raise ValueError(f"inputs of {process} are not co-partitioned: {partitions}")
+    (n_partitions,) = partitions
+    datadir = data_dir(cfg, process)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = dict(
+        broker=f"labbus://{cfg.kafka_bootstrap}",  # processors/faust_speedups.py (entry point)
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        datadir=str(datadir),
+        web_enabled=False,
+        topic_allow_declare=True,  # the tables' changelog topics (inputs exist already)
+        topic_disable_leader=True,  # no leader-only work; its topic would be one more to await
+        topic_partitions=n_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        broker_session_timeout=10.0,  # a killed worker's partitions move on within ~10 s
+        broker_heartbeat_interval=1.0,
+        producer_acks=-1,
+        processing_guarantee="at_least_once",
+    )
+    options.update(settings)
+    app = faust.App(group_id(cfg, process), **options)
+    step = Step(cfg, process, accepts, codec)
+    source = app.topic(*(topic_name(cfg, spec) for spec in inputs), key_type=bytes,
+                       value_type=bytes)
+    # Compacted changelogs, cleaned often: a worker's recovery reads about one record per key
+    # plus what was written since the last cleaning, not every update ever made.
+    changelog = {"segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1",
+                 "delete.retention.ms": "60000"}
+    states = app.Table(table, default=None, partitions=n_partitions, key_type=str,
+                       key_serializer="json", value_serializer="json",
+                       extra_topic_configs=changelog)
+    shared = None
+    if shared_table is not None:
+        shared = app.GlobalTable(shared_table, default=None, partitions=n_partitions,
+                                 key_type=str, key_serializer="json", value_serializer="json",
+                                 extra_topic_configs=changelog)
+    ready = asyncio.Event()
+
+    @app.service
+    class OutputProducer(mode.Service):
+        """labbus's idempotent acks=all producer, created inside faust's event loop."""
+
+        producer = None
+
+        async def on_start(self) -> None:
+            OutputProducer.producer = kafka.producer(cfg)
+            await retrying(OutputProducer.producer.start, Backoff(process, "kafka"))
+            ready.set()
+
+        async def on_stop(self) -> None:
+            await OutputProducer.producer.stop()
+
+    @app.agent(source, name=f"{process}-handler")
+    async def run_handler(stream):
+        await ready.wait()
+        stream.enable_acks = False  # acked below, once outputs and state are durable
+        backoff = Backoff(process, "kafka")
+        async for _ in stream:
+            event = stream.current_event
+            started = time.perf_counter()
+            rec = record_of(event.message)
+            metrics.EVENTS_IN.labels(process, rec.topic).inc()
+            decided = decide(step, handler, rec, states, shared)
+            if decided.outputs:
+                await retrying(lambda d=decided: _deliver(OutputProducer.producer, process, d),
+                               backoff)
+            wrote = False
+            if decided.key is not None and decided.new_state is not decided.state:
+                if decided.new_state is None:
+                    states.pop(decided.key, None)
+                else:
+                    states[decided.key] = decided.new_state
+                wrote = True
+            if decided.shared is not None and shared is not None:
+                wrote = decided.shared.apply() or wrote
+            if wrote:
+                await app.producer.flush()  # the changelog on the broker before the offset
+            event.ack()
+            metrics.PROCESSING_SECONDS.labels(process).observe(time.perf_counter() - started)
+            metrics.record_lag(process, rec.topic, rec.partition, rec.offset + 1,
+                               app.consumer.highwater(event.message.tp))
+
+    app.labbus_tables = (states, shared)  # for tests and tools
+    return app
+
+
+async def _deliver(producer: Any, process: str, decided: Decided) -> None:
+    sent = Deliveries(producer, process)
+    for out in decided.outputs:
+        await sent.send(out)
+    await sent.acked()
+
+
+def run(app: faust.App, cfg: Config) -> None:
+    """Run the app's worker until SIGINT/SIGTERM (topics of the catalog created first)."""
+    from faust.worker import Worker
+
+    asyncio.run(kafka.ensure_topics(cfg))
+    worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
+                    override_logging=False)
+    worker.execute_from_commandline()
