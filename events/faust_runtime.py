@@ -32,6 +32,7 @@ are idempotent per input.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -87,6 +88,106 @@ class Shared:
 
 
 _MISSING = object()
+
+
+async def _read_to(consumer: Any, ends: dict) -> bool:
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True
+
+CHANGELOG_CONFIGS = {  # compacted and cleaned often: a reader reads ~one record per live key
+    "cleanup.policy": "compact", "segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": "60000", "min.insync.replicas": "1"}
+
+
+class SharedLog:
+    """A table every worker holds in full: a compacted topic, read from the beginning at start
+    (compaction keeps it to about one record per key) and followed from then on; each worker
+    writes only keys nobody else writes (the experiment processor puts its partition in them).
+
+    faust's GlobalTable is the same idea, but written from a stream it stopped the stream: with
+    faust-streaming 0.15.3 the agent received no further events after the first write (with
+    and without `synchronize_all_active_partitions`), so labbus keeps this one itself."""
+
+    def __init__(self, cfg: Config, topic: str, partitions: int) -> None:
+        self.cfg = cfg
+        self.topic = topic
+        self.partitions = partitions
+        self.values: dict[str, Any] = {}
+        self.own: dict[str, Any] = {}  # written here, not yet read back
+        self.ready = asyncio.Event()  # read to the end offsets found at start
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        """A local write: visible at once; its record reaches the topic through `outgoing`."""
+        self.values[key] = value
+        self.own[key] = value
+
+    def outgoing(self, writes: dict[str, Any]) -> list[Outgoing]:
+        return [Outgoing(self.topic, json.dumps(k).encode(),
+                         json.dumps(v, separators=(",", ":")).encode())
+                for k, v in writes.items()]
+
+    async def create(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import TopicAlreadyExistsError
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap)
+        await admin.start()
+        try:
+            if self.topic not in set(await admin.list_topics()):
+                try:
+                    await admin.create_topics([NewTopic(self.topic, self.partitions, 1,
+                                                        topic_configs=CHANGELOG_CONFIGS)])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            await admin.close()
+
+    async def follow(self, stopping: Callable[[], bool]) -> None:
+        from aiokafka import TopicPartition
+
+        await retrying(self.create, Backoff("shared", "kafka"))
+        consumer = kafka.consumer(self.cfg, group=None)
+        await retrying(consumer.start, Backoff("shared", "kafka"))
+        try:
+            tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            started = time.monotonic()
+            n = 0
+            while not stopping():
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for r in records:
+                        n += 1
+                        self.read(json.loads(r.key), None if r.value is None
+                                  else json.loads(r.value))
+                if not self.ready.is_set() and await _read_to(consumer, ends):
+                    log.info("shared table read", extra={
+                        "topic": self.topic, "records": n, "keys": len(self.values),
+                        "seconds": round(time.monotonic() - started, 2)})
+                    self.ready.set()
+        finally:
+            await consumer.stop()
+
+    def read(self, key: str, value: Any) -> None:
+        """A record read from the topic."""
+        if key in self.own:  # our own write: keep it until its record comes back
+            if self.own[key] == value:
+                del self.own[key]
+            return
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
 
 # handler(state or None, event, record, shared) -> (new state, events to emit)
 StatefulHandler = Callable[[Any, Event, Record, Shared], tuple[Any, Iterable[Event]]]
@@ -155,7 +256,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
     datadir = data_dir(cfg, process)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = dict(
-        broker=f"labbus://{cfg.kafka_bootstrap}",  # processors/faust_speedups.py (entry point)
+        broker=f"kafka://{cfg.kafka_bootstrap}",  # stock faust
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -181,74 +282,102 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
     changelog = {"segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1",
                  "delete.retention.ms": "60000"}
     states = app.Table(table, default=None, partitions=n_partitions, key_type=str,
-                       key_serializer="json", value_serializer="json",
-                       extra_topic_configs=changelog)
+                       extra_topic_configs=changelog)  # keys and values as JSON
     shared = None
     if shared_table is not None:
-        shared = app.GlobalTable(shared_table, default=None, partitions=n_partitions,
-                                 key_type=str, key_serializer="json", value_serializer="json",
-                                 extra_topic_configs=changelog)
-    ready = asyncio.Event()
+        shared = SharedLog(cfg, f"{group_id(cfg, process)}-{shared_table}-changelog",
+                           n_partitions)
 
-    @app.service
-    class OutputProducer(mode.Service):
-        """labbus's idempotent acks=all producer, created inside faust's event loop."""
+        @app.service
+        class FollowShared(mode.Service):
+            """Reads the shared table in full, then follows it."""
 
-        producer = None
+            @mode.Service.task
+            async def _follow(self) -> None:
+                await shared.follow(lambda: self.should_stop)
 
-        async def on_start(self) -> None:
-            OutputProducer.producer = kafka.producer(cfg)
-            await retrying(OutputProducer.producer.start, Backoff(process, "kafka"))
-            ready.set()
-
-        async def on_stop(self) -> None:
-            await OutputProducer.producer.stop()
+    busy: dict[str, Any] = {"stage": None}
 
     @app.agent(source, name=f"{process}-handler")
     async def run_handler(stream):
-        await ready.wait()
         stream.enable_acks = False  # acked below, once outputs and state are durable
+        busy.update(stage="output producer started", since=time.monotonic())
+        producer = kafka.producer(cfg)  # labbus's idempotent acks=all producer, in faust's loop
+        await retrying(producer.start, Backoff(process, "kafka"))
+        if shared is not None:
+            busy.update(stage="shared table read")
+            await shared.ready.wait()
+        busy.update(stage=None)
+        log.info("handler started")
+        try:
+            await _handle_stream(stream, producer)
+        finally:
+            await producer.stop()
+
+    async def _handle_stream(stream, producer) -> None:
         backoff = Backoff(process, "kafka")
         async for _ in stream:
             event = stream.current_event
             started = time.perf_counter()
             rec = record_of(event.message)
+            busy.update(stage="decide", since=time.monotonic(), at=(rec.topic, rec.partition,
+                                                                   rec.offset))
             metrics.EVENTS_IN.labels(process, rec.topic).inc()
             decided = decide(step, handler, rec, states, shared)
-            if decided.outputs:
-                await retrying(lambda d=decided: _deliver(OutputProducer.producer, process, d),
-                               backoff)
-            wrote = False
+            outputs = decided.outputs
+            writes = decided.shared.writes if decided.shared is not None else {}
+            if shared is not None and writes:
+                outputs = outputs + shared.outgoing(writes)
+            if outputs:
+                busy.update(stage="outputs acked", since=time.monotonic())
+                await retrying(lambda o=outputs: _deliver(producer, process, o), backoff)
+            if shared is not None and writes:
+                decided.shared.apply()  # into the local copy (its records are on the broker)
             if decided.key is not None and decided.new_state is not decided.state:
                 if decided.new_state is None:
                     states.pop(decided.key, None)
                 else:
                     states[decided.key] = decided.new_state
-                wrote = True
-            if decided.shared is not None and shared is not None:
-                wrote = decided.shared.apply() or wrote
-            if wrote:
+                busy.update(stage="changelog flushed", since=time.monotonic())
                 await app.producer.flush()  # the changelog on the broker before the offset
             event.ack()
+            log.debug("handled %s/%s@%s: %d outputs", rec.topic, rec.partition, rec.offset,
+                      len(decided.outputs))
+            busy.update(stage=None)
+            metrics.LAST_PROGRESS.labels(process).set(time.time())
             metrics.PROCESSING_SECONDS.labels(process).observe(time.perf_counter() - started)
             metrics.record_lag(process, rec.topic, rec.partition, rec.offset + 1,
                                app.consumer.highwater(event.message.tp))
+
+    @app.timer(5.0)
+    async def report_stalls() -> None:
+        """One log line while an event waits more than 10 s for one step (broker down)."""
+        if busy["stage"] is not None and time.monotonic() - busy["since"] > 10:
+            log.warning("event waiting for %s", busy["stage"],
+                        extra={"position": busy.get("at"),
+                               "waiting_s": round(time.monotonic() - busy["since"], 1)})
 
     app.labbus_tables = (states, shared)  # for tests and tools
     return app
 
 
-async def _deliver(producer: Any, process: str, decided: Decided) -> None:
+async def _deliver(producer: Any, process: str, outputs: list[Outgoing]) -> None:
     sent = Deliveries(producer, process)
-    for out in decided.outputs:
+    for out in outputs:
         await sent.send(out)
     await sent.acked()
 
 
 def run(app: faust.App, cfg: Config) -> None:
     """Run the app's worker until SIGINT/SIGTERM (topics of the catalog created first)."""
+    import os
+
     from faust.worker import Worker
 
+    if os.environ.get("LABBUS_DEBUG_FAUST"):  # TEMP
+        logging.getLogger("faust").setLevel(logging.INFO)
+        logging.getLogger().setLevel(logging.INFO)
+        log.setLevel(logging.DEBUG)
     asyncio.run(kafka.ensure_topics(cfg))
     worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
                     override_logging=False)

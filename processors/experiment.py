@@ -10,7 +10,7 @@ below over them with
   repeated or late inputs decide nothing and the compacted changelog holds ~100 bytes per
   finished campaign;
 - GlobalTable `scored-wells`: the most recent scored wells per dye set, RING per input partition
-  (keys `dyes|partition|slot` and `dyes|partition|next`; only the worker owning the partition
+  (key `dyes|partition|slot`, one record per scored well; only the worker owning the partition
   writes them, so each key has one writer). Every worker reads all of it: a new campaign is
   warm-started with up to WARM_MAX of the latest wells of *other* campaigns on the same set of
   dyes read (Kafka record time) before its request — whichever worker scored them. The chosen
@@ -56,18 +56,19 @@ def dye_set(dyes) -> str:
     return ",".join(sorted(dyes))
 
 
+def _ring(shared, key: str, partition: int) -> list[list]:
+    """The wells held for one dye set and partition: [seq, read_at, experiment, well, recipe,
+    rgb] each, in slot order."""
+    return [w for w in (shared.get(f"{key}|{partition}|{i}") for i in range(RING)) if w]
+
+
 def warm_start(shared, req: ExperimentRequested, at: int) -> list[optimiser.Observation]:
     """The latest WARM_MAX wells of other experiments on the same dyes read before `at` (the
     request's log time), oldest first."""
     key = dye_set(req.dyes)
     wells = {}
     for p in range(PARTITIONS):
-        n = shared.get(f"{key}|{p}|next", 0)
-        for i in range(max(0, n - RING), n):
-            well = shared.get(f"{key}|{p}|{i % RING}")
-            if well is None:
-                continue
-            read_at, xid, name, recipe, rgb = well
+        for _, read_at, xid, name, recipe, rgb in _ring(shared, key, p):
             if read_at < at and xid != req.experiment_id:
                 wells[(read_at, xid, name)] = optimiser.Observation(
                     {d: v for d, v in recipe}, tuple(rgb))
@@ -75,15 +76,15 @@ def warm_start(shared, req: ExperimentRequested, at: int) -> list[optimiser.Obse
 
 
 def remember(shared, c: campaign.Campaign, out: list[Event], partition: int) -> None:
-    """Put the wells scored in `out` into the ring of their dye set and partition."""
+    """Put the wells scored in `out` into the ring of their dye set and partition: one table
+    record per well, in the slot after the newest (by sequence number)."""
     key = dye_set(c.dyes)
     for e in out:
         if isinstance(e, WellScored):
-            n = shared.get(f"{key}|{partition}|next", 0)
-            shared[f"{key}|{partition}|{n % RING}"] = [
-                c.read_at.get((e.iteration, e.well), 0), c.experiment_id, e.well,
+            seq = max((w[0] for w in _ring(shared, key, partition)), default=-1) + 1
+            shared[f"{key}|{partition}|{seq % RING}"] = [
+                seq, c.read_at.get((e.iteration, e.well), 0), c.experiment_id, e.well,
                 [[d, int(v)] for d, v in e.volumes.items()], [int(v) for v in e.rgb]]
-            shared[f"{key}|{partition}|next"] = n + 1
 
 
 def _saved(c: campaign.Campaign) -> dict:

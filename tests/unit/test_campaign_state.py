@@ -128,8 +128,8 @@ def test_the_handler_decides_as_the_pure_campaign_and_warm_starts_from_the_globa
     pure = campaign.simulate(request(), reader(seed=3))
     assert [e.event_id for e in log] == [e.event_id for e in pure]
     assert table["x1"] == {"settled": True, "wells_used": pure[-1].wells_used}
-    ring = shared.table
-    assert ring[f"{experiment.dye_set(['red', 'yellow', 'blue'])}|0|next"] == pure[-1].wells_used
+    ring = experiment._ring(shared, experiment.dye_set(["red", "yellow", "blue"]), 0)
+    assert len(ring) == pure[-1].wells_used
 
     # a second campaign on the same dyes, requested later: warm-started with the first's wells
     second = ExperimentRequested.create(
