@@ -256,7 +256,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
     datadir = data_dir(cfg, process)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = dict(
-        broker=f"kafka://{cfg.kafka_bootstrap}",  # stock faust
+        broker=f"labbus://{cfg.kafka_bootstrap}",  # the validator's transport (entry point)
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -370,14 +370,8 @@ async def _deliver(producer: Any, process: str, outputs: list[Outgoing]) -> None
 
 def run(app: faust.App, cfg: Config) -> None:
     """Run the app's worker until SIGINT/SIGTERM (topics of the catalog created first)."""
-    import os
-
     from faust.worker import Worker
 
-    if os.environ.get("LABBUS_DEBUG_FAUST"):  # TEMP
-        logging.getLogger("faust").setLevel(logging.INFO)
-        logging.getLogger().setLevel(logging.INFO)
-        log.setLevel(logging.DEBUG)
     asyncio.run(kafka.ensure_topics(cfg))
     worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
                     override_logging=False)

@@ -6,9 +6,9 @@ count, so partition p of the three is one worker's: `labbus.events.faust_runtime
 below over them with
 
 - Table `campaigns`, keyed by experiment_id: the campaign (`campaign.to_state`) while it runs;
-  once it is settled (verdict given, nothing outstanding) or rejected only a small marker, so
-  repeated or late inputs decide nothing and the compacted changelog holds ~100 bytes per
-  finished campaign;
+  once it is settled (verdict given, nothing outstanding) the key is deleted, so the compacted
+  changelog keeps nothing of finished campaigns (late inputs for them are logged and ignored; a
+  request is started when its experiment id has no running campaign);
 - GlobalTable `scored-wells`: the most recent scored wells per dye set, RING per input partition
   (key `dyes|partition|slot`, one record per scored well; only the worker owning the partition
   writes them, so each key has one writer). Every worker reads all of it: a new campaign is
@@ -87,9 +87,11 @@ def remember(shared, c: campaign.Campaign, out: list[Event], partition: int) -> 
                 [[d, int(v)] for d, v in e.volumes.items()], [int(v) for v in e.rgb]]
 
 
-def _saved(c: campaign.Campaign) -> dict:
+def _saved(c: campaign.Campaign) -> dict | None:
+    """The table value: None (the key is deleted) once the campaign is settled, so the
+    compacted changelog keeps nothing of finished campaigns."""
     if campaign.settled(c):
-        return {"settled": True, "wells_used": c.wells_used}
+        return None
     return {"campaign": campaign.to_state(c)}
 
 
@@ -102,15 +104,13 @@ def handle(state: dict | None, event: Event, record: Record, shared
             return state, []  # a repeated request: the first one counts
         c, out = campaign.start(event, warm_start(shared, event, record.timestamp))
         if c is None:
-            return {"rejected": True}, out
+            return None, out  # rejected: nothing to keep
         return _saved(c), out
     if state is None:
-        log.warning("input for an experiment never requested; ignored",
+        log.warning("input for an unknown or finished experiment; ignored",
                     extra={"experiment_id": getattr(event, "experiment_id", None),
                            "event_type": event.TYPE})
         return state, []
-    if "campaign" not in state:
-        return state, []  # settled or rejected: nothing more to decide
     c = campaign.from_state(state["campaign"])
     if isinstance(event, WellColourMeasured):
         out = campaign.on_reading(c, event, record.timestamp)

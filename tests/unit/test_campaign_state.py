@@ -104,7 +104,9 @@ def drive(table: dict, shared: Shared, req: ExperimentRequested, read, t0: int,
         key = event.key.decode()
         new, out = experiment.handle(table.get(key), event, rec, shared)
         shared.apply()
-        if new is not None:
+        if new is None:
+            table.pop(key, None)
+        else:
             table[key] = json_round_trip(new)
         return list(out)
 
@@ -127,7 +129,7 @@ def test_the_handler_decides_as_the_pure_campaign_and_warm_starts_from_the_globa
     log = drive(table, shared, request(), reader(seed=3), 1000)
     pure = campaign.simulate(request(), reader(seed=3))
     assert [e.event_id for e in log] == [e.event_id for e in pure]
-    assert table["x1"] == {"settled": True, "wells_used": pure[-1].wells_used}
+    assert "x1" not in table  # settled: deleted from the table
     ring = experiment._ring(shared, experiment.dye_set(["red", "yellow", "blue"]), 0)
     assert len(ring) == pure[-1].wells_used
 
@@ -144,9 +146,13 @@ def test_the_handler_decides_as_the_pure_campaign_and_warm_starts_from_the_globa
     # requested *before* the first campaign's readings: learns nothing
     early = experiment.warm_start(shared, second, 1000)
     assert early == []
-    # a repeated request decides nothing
-    rec = Record("t", 0, 99, b"x1", b"", 99)
-    assert experiment.handle(table["x1"], request(), rec, shared)[1] == []
+    # a repeated request of a running campaign decides nothing
+    rec = Record("t", 0, 99, b"x3", b"", 99)
+    third = ExperimentRequested.create(source="t", subject="x3", sequence=1,
+                                       **{**request_fields(), "experiment_id": "x3"})
+    state, out = experiment.handle(None, third, rec, shared)
+    assert out and state is not None
+    assert experiment.handle(state, third, rec, shared) == (state, [])
 
 
 def request_fields() -> dict:
