@@ -116,7 +116,8 @@ async def build_history(cfg) -> dict[str, int]:
                 seq = rings[p]
                 rings[p] += 1
                 slot = f"{experiment.dye_set(template.dyes)}|{p}|{seq % experiment.RING}"
-                value = [seq, 1000 + i, xid, f"W{w}", [["red", 10], ["yellow", 20], ["blue", 30]],
+                value = [seq, 1000 + i, xid, f"W{w}", [[d, 10 + 20 * k] for k, d in
+                                                        enumerate(template.dyes)],
                          [100, 120, 140]]
                 futures.append(await producer.send(
                     changelog(cfg, "scored-wells"), json.dumps(value).encode(),
@@ -168,7 +169,7 @@ async def time_to_first_proposal(cfg, env: dict, logdir) -> float:
             batch = await watcher.getmany(timeout_ms=100)
             for records in batch.values():
                 for r in records:
-                    e = codec.decode(r.value)
+                    e = codec.decode(r.value)  # a private namespace: no junk
                     if isinstance(e, RecipesProposed) and e.experiment_id == req.experiment_id:
                         return time.monotonic() - started
             assert proc.poll() is None, "the processor exited"
