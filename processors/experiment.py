@@ -7,8 +7,10 @@ below over them with
 
 - Table `campaigns`, keyed by experiment_id: the campaign (`campaign.to_state`) while it runs;
   once it is settled (verdict given, nothing outstanding) the key is deleted, so the compacted
-  changelog keeps nothing of finished campaigns (late inputs for them are logged and ignored; a
-  request is started when its experiment id has no running campaign);
+  changelog keeps nothing of finished campaigns. Inputs of an experiment without a campaign wait
+  in its value until the request comes (after a takeover the replayed request can follow
+  readings produced since); inputs re-delivered after a campaign settled wait there too, for
+  ever (at most MAX_WAITING; they only arise from a crash just after a campaign ended);
 - GlobalTable `scored-wells`: the most recent scored wells per dye set, RING per input partition
   (key `dyes|partition|slot`, one record per scored well; only the worker owning the partition
   writes them, so each key has one writer). Every worker reads all of it: a new campaign is
@@ -23,9 +25,11 @@ time-driven, so there are no timers.
 
 from __future__ import annotations
 
+import base64
 import logging
 
 from labbus.events import faust_runtime
+from labbus.events.codec import default_codec
 from labbus.events.config import Config
 from labbus.events.model import (
     Event,
@@ -47,6 +51,7 @@ ACCEPTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.T
 PARTITIONS = EXPERIMENTS.partitions
 RING = 96  # scored wells kept per dye set and input partition (GlobalTable)
 WARM_MAX = 96  # wells of earlier campaigns a new campaign learns from, at most (the latest)
+MAX_WAITING = 500  # inputs kept for an experiment whose request has not been handled (yet)
 log = logging.getLogger(__name__)
 
 assert all(spec.partitions == PARTITIONS for spec in INPUTS), "inputs must be co-partitioned"
@@ -95,31 +100,47 @@ def _saved(c: campaign.Campaign) -> dict | None:
     return {"campaign": campaign.to_state(c)}
 
 
+def _apply(c: campaign.Campaign, event: Event, at: int) -> list[Event]:
+    if isinstance(event, WellColourMeasured):
+        return campaign.on_reading(c, event, at)
+    if isinstance(event, RobotRunFinished):
+        return campaign.on_run_finished(c, event)
+    if isinstance(event, RobotRunFailed):
+        return campaign.on_run_failed(c, event)
+    return []
+
+
 def handle(state: dict | None, event: Event, record: Record, shared
            ) -> tuple[dict | None, list[Event]]:
     """One input of one experiment: its table value before and after, and the events decided.
-    `record.timestamp` (log time) decides which earlier wells a new campaign learns from."""
+    `record.timestamp` (log time) decides which earlier wells a new campaign learns from.
+
+    Inputs of an experiment with no campaign wait in its table value for the request: after a
+    takeover the replayed request can come after readings produced since (the three topics are
+    read independently)."""
     if isinstance(event, ExperimentRequested):
-        if state is not None:
+        if state is not None and "campaign" in state:
             return state, []  # a repeated request: the first one counts
         c, out = campaign.start(event, warm_start(shared, event, record.timestamp))
         if c is None:
             return None, out  # rejected: nothing to keep
+        codec = default_codec()
+        for data, at in (state or {}).get("waiting", []):
+            waiting = codec.decode(base64.b64decode(data))
+            out += _apply(c, waiting, at)
+        remember(shared, c, out, record.partition)
         return _saved(c), out
-    if state is None:
-        log.warning("input for an unknown or finished experiment; ignored",
-                    extra={"experiment_id": getattr(event, "experiment_id", None),
-                           "event_type": event.TYPE})
-        return state, []
+    if state is None or "campaign" not in state:
+        waiting = list((state or {}).get("waiting", []))
+        if len(waiting) >= MAX_WAITING:
+            log.warning("too many inputs waiting for their request; dropped",
+                        extra={"experiment_id": getattr(event, "experiment_id", None),
+                               "event_type": event.TYPE})
+            return state, []
+        data = base64.b64encode(default_codec().encode(event)).decode("ascii")
+        return {"waiting": [*waiting, [data, record.timestamp]]}, []
     c = campaign.from_state(state["campaign"])
-    if isinstance(event, WellColourMeasured):
-        out = campaign.on_reading(c, event, record.timestamp)
-    elif isinstance(event, RobotRunFinished):
-        out = campaign.on_run_finished(c, event)
-    elif isinstance(event, RobotRunFailed):
-        out = campaign.on_run_failed(c, event)
-    else:
-        return state, []
+    out = _apply(c, event, record.timestamp)
     remember(shared, c, out, record.partition)
     saved = _saved(c)
     return (state if saved == state else saved), out  # unchanged: nothing to write

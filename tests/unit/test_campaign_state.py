@@ -129,7 +129,8 @@ def test_the_handler_decides_as_the_pure_campaign_and_warm_starts_from_the_globa
     log = drive(table, shared, request(), reader(seed=3), 1000)
     pure = campaign.simulate(request(), reader(seed=3))
     assert [e.event_id for e in log] == [e.event_id for e in pure]
-    assert "x1" not in table  # settled: deleted from the table
+    # settled: the campaign is gone; only the repeated reading fed after the verdict waits there
+    assert "campaign" not in table["x1"] and len(table["x1"]["waiting"]) == 1
     ring = experiment._ring(shared, experiment.dye_set(["red", "yellow", "blue"]), 0)
     assert len(ring) == pure[-1].wells_used
 
@@ -181,3 +182,26 @@ def test_the_ring_keeps_the_latest_wells_per_dye_set():
     warm = experiment.warm_start(shared, other, 10_000)
     assert len(warm) == experiment.RING
     assert warm[-1].rgb8 == ((experiment.RING + 9) % 256, 0, 0)
+
+
+def test_inputs_before_their_request_wait_for_it():
+    """After a takeover the replayed request can come after readings produced since."""
+    shared = Shared({})
+    req = request()
+    state, out = experiment.handle(None, req, Record("t", 0, 1, b"x1", b"", 1), shared)
+    run = next(e for e in out if isinstance(e, RobotRunRequested))
+    events = [*readings_of(run, reader(seed=3)), finished(run)]
+    waiting = None
+    for i, e in enumerate(events):
+        waiting, nothing = experiment.handle(waiting, e, Record("t", 0, 10 + i, b"x1", b"", 5),
+                                             shared)
+        assert nothing == [] and "campaign" not in waiting
+    waiting = json_round_trip(waiting)
+    _, replayed = experiment.handle(waiting, req, Record("t", 0, 1, b"x1", b"", 1), Shared({}))
+    direct = list(out)
+    state = json_round_trip(state)
+    for i, e in enumerate(events):
+        state, more = experiment.handle(state, e, Record("t", 0, 10 + i, b"x1", b"", 5),
+                                        Shared({}))
+        direct += more
+    assert [x.event_id for x in replayed] == [x.event_id for x in direct]
