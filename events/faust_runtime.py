@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
@@ -358,6 +359,29 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             log.warning("event waiting for %s", busy["stage"],
                         extra={"position": busy.get("at"),
                                "waiting_s": round(time.monotonic() - busy["since"], 1)})
+
+    if os.environ.get("LABBUS_FAUST_DEBUG"):
+        @app.timer(3.0)
+        async def _debug_state() -> None:
+            c = app.consumer
+            rec = app.tables.recovery
+            try:
+                inner = c._thread._ensure_consumer()
+                paused = sorted(str(tp) for tp in inner.paused())
+                assigned = sorted(str(tp) for tp in inner.assignment())
+            except Exception as exc:  # noqa: BLE001
+                paused = assigned = repr(exc)
+            log.warning("faust debug", extra={
+                "assigned": assigned, "aiokafka_paused": paused,
+                "active": sorted(str(tp) for tp in (c._active_partitions or ())),
+                "faust_paused": sorted(str(tp) for tp in c._paused_partitions),
+                "buffered": sorted(str(tp) for tp in c._buffered_partitions),
+                "flow_active": app.flow_control.is_active(),
+                "rebalancing": app.rebalancing,
+                "in_recovery": rec.in_recovery, "completed": rec.completed.is_set(),
+                "active_remaining": rec.active_remaining_total(),
+                "standby_remaining": rec.standby_remaining_total(),
+                "busy": busy.get("stage"), "at": busy.get("at")})
 
     app.labbus_tables = (states, shared)  # for tests and tools
     return app
