@@ -3,8 +3,11 @@
 PYTHON ?= python3
 VENV := .venv
 LABBUS := $(VENV)/bin/labbus
+# schemathesis (the API contract test) needs jsonschema>=4.18, which opentrons (jsonschema<4.18)
+# keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
+ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-convergence down lint
+.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed services
+$(ST_VENV)/.installed: tests/schemathesis-requirements.txt
+	$(PYTHON) -m venv $(ST_VENV)
+	$(ST_VENV)/bin/pip install -q --upgrade pip
+	$(ST_VENV)/bin/pip install -q -r tests/schemathesis-requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed $(ST_VENV)/.installed services
 
 services: $(VENV)/.installed
 	$(LABBUS) services up
@@ -29,6 +38,9 @@ bench: setup
 
 bench-stages: setup
 	$(VENV)/bin/python tests/bench/bench_stages.py
+
+bench-faust-patches: setup
+	$(VENV)/bin/python tests/bench/bench_faust_patches.py
 
 bench-convergence: $(VENV)/.installed
 	$(VENV)/bin/python tests/bench/bench_convergence.py

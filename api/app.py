@@ -1,21 +1,30 @@
-"""The read-only FastAPI app. PostgreSQL is read with the SELECT-only role; Mongo for summaries."""
+"""The read-only FastAPI app. PostgreSQL is read with the SELECT-only role; Mongo for summaries
+(pymongo's native asyncio client). The API talks to no broker: Kafka is the workers' business.
+
+Its OpenAPI is a contract, checked by schemathesis (tests/integration/test_api_contract.py):
+every error answer has the one `Error` body of api/errors.py, every paginated route reads and
+writes its cursor through one `cursor.Key`, and no input gives a 500.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated
 
 import asyncpg
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pymongo import MongoClient
+from pydantic import BeforeValidator
+from pymongo import AsyncMongoClient
 
-from labbus.api import cursor
+from labbus.api import cursor, errors, models
+from labbus.events import labware
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
 
@@ -23,10 +32,88 @@ REQUESTS = Counter("labbus_api_requests_total", "API requests", ["route", "statu
 LATENCY = Histogram("labbus_api_request_seconds", "API request latency", ["route"])
 
 
+_EARLIEST, _LATEST = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+
+
 def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    """In UTC (naive means UTC); times beyond the calendar in UTC become its ends."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00
+        return _EARLIEST if value.year == 1 else _LATEST
+
+
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(\.[0-9]+)?([Zz]|([+-])([0-9]{2}):([0-9]{2}))")
+
+
+def _rfc3339(value):
+    """An RFC 3339 date-time (what OpenAPI's `format: date-time` means), as an aware datetime
+    in UTC. The offset is required. What Python cannot hold is brought inside its calendar: a
+    leap second (:60) reads as :59, year 0 as the earliest time."""
+    if not isinstance(value, str):
+        return value
+    m = _RFC3339.fullmatch(value)
+    if m is None:
+        raise ValueError("expected an RFC 3339 date-time with an offset, "
+                         "e.g. 2026-03-01T12:00:00Z or 2026-03-01T13:00:00+01:00")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micro = int((m[7][1:] + "000000")[:6]) if m[7] else 0
+    if m[9]:
+        if int(m[10]) > 23 or int(m[11]) > 59:
+            raise ValueError(f"offset {m[8]} out of range")
+        delta = timedelta(hours=int(m[10]), minutes=int(m[11]))
+        tz = timezone(delta if m[9] == "+" else -delta)
+    else:
+        tz = UTC
+    parsed = datetime(max(year, 1), month, day, hour, minute, min(second, 59), micro, tzinfo=tz)
+    return _EARLIEST if year == 0 else _utc(parsed)
+
+
+def _unstorable(value: str | None) -> bool:
+    """PostgreSQL text cannot hold NUL: no stored id or value contains one."""
+    return value is not None and "\x00" in value
+
+
+# One cursor shape per paginated route (api/cursor.py).
+DEVICES_KEY = cursor.Key.of(device_id=str)
+MEASUREMENTS_KEY = cursor.Key.of(measured_at=datetime, measurement_id=uuid.UUID)
+EXPERIMENTS_KEY = cursor.Key.of(experiment_id=str)
+COMMANDS_KEY = cursor.Key.of(index=int)
+
+Limit = Annotated[int, Query(ge=1, le=1000, description="Items per page.")]
+Cursor = Annotated[str | None, Query(
+    alias="cursor", max_length=cursor.MAX_LENGTH, pattern=cursor.PATTERN,
+    description="The `next_cursor` of the previous page, unchanged (absent or empty: the first "
+                "page). A cursor this route did not issue gives 400.")]
+DeviceId = Annotated[str, Path(description="A device id.")]
+ExperimentId = Annotated[str, Path(description="An experiment id.")]
+RunId = Annotated[str, Path(description="A robot run id.")]
+
+
+# The SVG routes keep response_class=Response (no media type of its own), so that their error
+# answers are documented as JSON; their 200 is declared here.
+SVG = {200: {"description": "An SVG image.",
+             "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
+
+
+def _links(source: str, **targets: dict[str, str]) -> dict:
+    """OpenAPI links of a 200 answer: the operations its body gives ids to, e.g.
+    `get_device={"device_id": "items/0/device_id"}` (schemathesis follows them)."""
+    return {200: {"links": {
+        f"{source}_to_{operation}": {
+            "operationId": operation,
+            "parameters": {name: f"$response.body#/{pointer}" for name, pointer in params.items()}}
+        for operation, params in targets.items()}}}
+
+
+_FIRST_DEVICE = {"device_id": "items/0/device_id"}
+_FIRST_EXPERIMENT = {"experiment_id": "items/0/experiment_id"}
+_THIS_EXPERIMENT = {"experiment_id": "experiment_id"}
 
 
 def _device(row: asyncpg.Record) -> dict:
@@ -42,10 +129,11 @@ def create_app(cfg: Config) -> FastAPI:
             cfg.postgres_api_dsn, "LABBUS_POSTGRES_API_DSN",
             init=lambda con: con.set_type_codec("jsonb", encoder=str, decoder=_json_loads,
                                                 schema="pg_catalog"))
-        app.state.mongo = MongoClient(cfg.mongo_url, serverSelectionTimeoutMS=3000, tz_aware=True)
+        app.state.mongo = AsyncMongoClient(cfg.mongo_url, serverSelectionTimeoutMS=3000,
+                                           tz_aware=True)
         yield
         await app.state.pg.close()
-        app.state.mongo.close()
+        await app.state.mongo.close()
 
     app = FastAPI(title="labbus query API", version="0.1.0", lifespan=lifespan,
                   description="Read-only access to labbus read models: devices and their "
@@ -64,33 +152,40 @@ def create_app(cfg: Config) -> FastAPI:
         REQUESTS.labels(_route(request), str(response.status_code)).inc()
         return response
 
-    @app.exception_handler(asyncpg.DataError)
-    async def bad_value(request: Request, exc: asyncpg.DataError):
-        return JSONResponse({"detail": f"invalid parameter: {exc}"}, status_code=422)
+    errors.install(app)
 
-    @app.get("/devices", summary="List devices")
+    @app.get("/devices", summary="List devices", operation_id="list_devices",
+             response_model=models.DevicePage,
+             responses=_links("list_devices", get_device=_FIRST_DEVICE,
+                              device_measurements=_FIRST_DEVICE)
+             | errors.responses(400, 422, 503))
     async def list_devices(
         request: Request,
         device_type: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor_: Annotated[str | None, Query(alias="cursor")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
     ) -> dict:
-        after = cursor.decode(cursor_, 1)[0] if cursor_ else ""
+        after = DEVICES_KEY.decode(cursor_)[0] if cursor_ else ""
+        if _unstorable(device_type):
+            return {"items": [], "next_cursor": None}
         rows = await request.app.state.pg.fetch(
             """SELECT * FROM device_overview
                WHERE device_id > $1 AND ($2::text IS NULL OR device_type = $2)
-               ORDER BY device_id LIMIT $3""", str(after), device_type, limit + 1)
+               ORDER BY device_id LIMIT $3""", after, device_type, limit + 1)
         page = rows[:limit]
-        nxt = cursor.encode(page[-1]["device_id"]) if len(rows) > limit else None
+        nxt = DEVICES_KEY.encode(page[-1]) if len(rows) > limit else None
         return {"items": [_device(r) for r in page], "next_cursor": nxt}
 
-    @app.get("/devices/{device_id}", summary="One device with its latest readings and counts")
-    async def get_device(request: Request, device_id: str) -> dict:
+    @app.get("/devices/{device_id}", summary="One device with its latest readings and counts",
+             operation_id="get_device", response_model=models.DeviceDetail,
+             response_model_exclude_unset=True, responses=errors.responses(404, 422, 503))
+    async def get_device(request: Request, device_id: DeviceId) -> dict:
+        if _unstorable(device_id):
+            raise HTTPException(404, f"no device {device_id!r}")
         row = await request.app.state.pg.fetchrow(
             "SELECT * FROM device_overview WHERE device_id = $1", device_id)
-        summary = await asyncio.to_thread(
-            request.app.state.mongo[cfg.mongo_db].devices.find_one, {"_id": device_id},
-            {"latest": 1, "counts": 1, "total_measurements": 1})
+        summary = await request.app.state.mongo[cfg.mongo_db].devices.find_one(
+            {"_id": device_id}, {"latest": 1, "counts": 1, "total_measurements": 1})
         if row is None and summary is None:
             raise HTTPException(404, f"no device {device_id!r}")
         body = _device(row) if row else {"device_id": device_id}
@@ -99,31 +194,33 @@ def create_app(cfg: Config) -> FastAPI:
                      "total_measurements": summary.get("total_measurements", 0)})
         return body
 
-    @app.get("/devices/{device_id}/measurements", summary="Validated measurements of a device")
+    @app.get("/devices/{device_id}/measurements", summary="Validated measurements of a device",
+             operation_id="device_measurements", response_model=models.MeasurementPage,
+             responses=errors.responses(400, 404, 422, 503))
     async def device_measurements(
         request: Request,
-        device_id: str,
+        device_id: DeviceId,
         metric: str | None = None,
-        from_: Annotated[datetime | None, Query(alias="from")] = None,
-        to: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor_: Annotated[str | None, Query(alias="cursor")] = None,
+        from_: Annotated[datetime | None, BeforeValidator(_rfc3339), Query(
+            alias="from", description="Inclusive; RFC 3339, e.g. 2026-03-01T12:00:00Z.")] = None,
+        to: Annotated[datetime | None, BeforeValidator(_rfc3339), Query(
+            description="Exclusive; RFC 3339, e.g. 2026-03-01T13:00:00+01:00.")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
     ) -> dict:
         from_, to = _utc(from_), _utc(to)
         if from_ and to and from_ > to:
-            raise HTTPException(422, "'from' must not be after 'to'")
-        pg = request.app.state.pg
-        if not await pg.fetchval("SELECT 1 FROM devices WHERE device_id = $1 UNION ALL "
-                                 "SELECT 1 FROM measurements WHERE device_id = $1 LIMIT 1",
-                                 device_id):
-            raise HTTPException(404, f"no device {device_id!r}")
-        after_t, after_id = datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0)
+            raise HTTPException(400, "'from' must not be after 'to'")
+        after_t, after_id = _EARLIEST, uuid.UUID(int=0)
         if cursor_:
-            raw_t, raw_id = cursor.decode(cursor_, 2)
-            try:
-                after_t, after_id = datetime.fromisoformat(raw_t), uuid.UUID(raw_id)
-            except (TypeError, ValueError) as exc:
-                raise HTTPException(422, f"invalid cursor {cursor_!r}") from exc
+            after_t, after_id = MEASUREMENTS_KEY.decode(cursor_)
+        pg = request.app.state.pg
+        if _unstorable(device_id) or not await pg.fetchval(
+                "SELECT 1 FROM devices WHERE device_id = $1 UNION ALL "
+                "SELECT 1 FROM measurements WHERE device_id = $1 LIMIT 1", device_id):
+            raise HTTPException(404, f"no device {device_id!r}")
+        if _unstorable(metric):
+            return {"items": [], "next_cursor": None}
         rows = await pg.fetch(
             """SELECT measurement_id, metric, value, unit, measured_at FROM measurements
                WHERE device_id = $1 AND ($2::text IS NULL OR metric = $2)
@@ -133,35 +230,48 @@ def create_app(cfg: Config) -> FastAPI:
                ORDER BY measured_at, measurement_id LIMIT $7""",
             device_id, metric, from_, to, after_t, after_id, limit + 1)
         page = rows[:limit]
-        nxt = (cursor.encode(page[-1]["measured_at"].isoformat(), str(page[-1]["measurement_id"]))
-               if len(rows) > limit else None)
+        nxt = MEASUREMENTS_KEY.encode(page[-1]) if len(rows) > limit else None
         return {"items": [dict(r) for r in page], "next_cursor": nxt}
 
-    @app.get("/experiments", summary="List colour-mixing experiments")
+    @app.get("/experiments", summary="List colour-mixing experiments",
+             operation_id="list_experiments", response_model=models.ExperimentPage,
+             responses=_links("list_experiments", get_experiment=_FIRST_EXPERIMENT,
+                              experiment_wells=_FIRST_EXPERIMENT,
+                              experiment_plate=_FIRST_EXPERIMENT,
+                              experiment_convergence=_FIRST_EXPERIMENT)
+             | errors.responses(400, 422, 503))
     async def list_experiments(
         request: Request,
         status: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor_: Annotated[str | None, Query(alias="cursor")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
     ) -> dict:
-        after = cursor.decode(cursor_, 1)[0] if cursor_ else ""
+        after = EXPERIMENTS_KEY.decode(cursor_)[0] if cursor_ else ""
+        if _unstorable(status):
+            return {"items": [], "next_cursor": None}
         rows = await request.app.state.pg.fetch(
             f"""SELECT {_EXPERIMENT_COLUMNS} FROM experiments e
                 WHERE experiment_id > $1 AND ($2::text IS NULL OR status = $2)
-                ORDER BY experiment_id LIMIT $3""", str(after), status, limit + 1)
+                ORDER BY experiment_id LIMIT $3""", after, status, limit + 1)
         page = rows[:limit]
-        nxt = cursor.encode(page[-1]["experiment_id"]) if len(rows) > limit else None
+        nxt = EXPERIMENTS_KEY.encode(page[-1]) if len(rows) > limit else None
         return {"items": [dict(r) for r in page], "next_cursor": nxt}
 
     async def _experiment(pg, experiment_id: str) -> dict:
+        if _unstorable(experiment_id):
+            raise HTTPException(404, f"no experiment {experiment_id!r}")
         row = await pg.fetchrow(f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments e "
                                 "WHERE experiment_id = $1", experiment_id)
         if row is None:
             raise HTTPException(404, f"no experiment {experiment_id!r}")
         return dict(row)
 
-    @app.get("/experiments/{experiment_id}", summary="One experiment with its robot runs")
-    async def get_experiment(request: Request, experiment_id: str) -> dict:
+    @app.get("/experiments/{experiment_id}", summary="One experiment with its robot runs",
+             operation_id="get_experiment", response_model=models.ExperimentDetail,
+             responses=_links("get_experiment", run_commands={"run_id": "runs/0/run_id"},
+                              experiment_wells=_THIS_EXPERIMENT)
+             | errors.responses(404, 422, 503))
+    async def get_experiment(request: Request, experiment_id: ExperimentId) -> dict:
         pg = request.app.state.pg
         body = await _experiment(pg, experiment_id)
         runs = await pg.fetch(
@@ -173,15 +283,18 @@ def create_app(cfg: Config) -> FastAPI:
                                                experiment_id)
         return body
 
-    @app.get("/experiments/{experiment_id}/wells", summary="Every well of an experiment's plate")
-    async def experiment_wells(request: Request, experiment_id: str) -> dict:
+    @app.get("/experiments/{experiment_id}/wells", summary="Every well of an experiment's plate",
+             operation_id="experiment_wells", response_model=models.WellList,
+             responses=errors.responses(404, 422, 503))
+    async def experiment_wells(request: Request, experiment_id: ExperimentId) -> dict:
         pg = request.app.state.pg
         await _experiment(pg, experiment_id)
         return {"items": await _wells(pg, experiment_id)}
 
     @app.get("/experiments/{experiment_id}/plate.svg", summary="The plate as measured, as SVG",
-             response_class=Response)
-    async def experiment_plate(request: Request, experiment_id: str) -> Response:
+             operation_id="experiment_plate", response_class=Response,
+             responses=SVG | errors.responses(404, 422, 503))
+    async def experiment_plate(request: Request, experiment_id: ExperimentId) -> Response:
         pg = request.app.state.pg
         experiment = await _experiment(pg, experiment_id)
         svg = plate_svg(experiment, await _wells(pg, experiment_id))
@@ -189,8 +302,9 @@ def create_app(cfg: Config) -> FastAPI:
 
     @app.get("/experiments/{experiment_id}/convergence.svg",
              summary="Best ΔE00 of each iteration, with the tolerance, as an SVG line chart",
-             response_class=Response)
-    async def experiment_convergence(request: Request, experiment_id: str) -> Response:
+             operation_id="experiment_convergence", response_class=Response,
+             responses=SVG | errors.responses(404, 422, 503))
+    async def experiment_convergence(request: Request, experiment_id: ExperimentId) -> Response:
         pg = request.app.state.pg
         experiment = await _experiment(pg, experiment_id)
         rows = await pg.fetch(
@@ -201,22 +315,20 @@ def create_app(cfg: Config) -> FastAPI:
                         media_type="image/svg+xml")
 
     @app.get("/robot-runs/{run_id}/commands",
-             summary="The engine commands of a robot run, in execution order")
+             summary="The engine commands of a robot run, in execution order",
+             operation_id="run_commands", response_model=models.CommandPage,
+             responses=errors.responses(400, 404, 422, 503))
     async def run_commands(
         request: Request,
-        run_id: str,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor_: Annotated[str | None, Query(alias="cursor")] = None,
+        run_id: RunId,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
     ) -> dict:
-        after = -1
-        if cursor_:
-            after = cursor.decode(cursor_, 1)[0]
-            if type(after) is not int:
-                raise HTTPException(422, f"invalid cursor {cursor_!r}: pass the next_cursor of "
-                                         "a previous page unchanged")
+        after = COMMANDS_KEY.decode(cursor_)[0] if cursor_ else -1
         pg = request.app.state.pg
-        if not await pg.fetchval("SELECT 1 FROM robot_runs WHERE run_id = $1 UNION ALL "
-                                 "SELECT 1 FROM robot_commands WHERE run_id = $1 LIMIT 1", run_id):
+        if _unstorable(run_id) or not await pg.fetchval(
+                "SELECT 1 FROM robot_runs WHERE run_id = $1 UNION ALL "
+                "SELECT 1 FROM robot_commands WHERE run_id = $1 LIMIT 1", run_id):
             raise HTTPException(404, f"no robot run {run_id!r}")
         rows = await pg.fetch(
             """SELECT index, command_id, command_key, command_type, status, params, result, error,
@@ -224,18 +336,22 @@ def create_app(cfg: Config) -> FastAPI:
                FROM robot_commands WHERE run_id = $1 AND index > $2
                ORDER BY index LIMIT $3""", run_id, min(max(after, -1), 2**31 - 1), limit + 1)
         page = rows[:limit]
-        nxt = cursor.encode(page[-1]["index"]) if len(rows) > limit else None
+        nxt = COMMANDS_KEY.encode(page[-1]) if len(rows) > limit else None
         return {"items": [dict(r) for r in page], "next_cursor": nxt}
 
-    @app.get("/health/live", summary="The process is up")
+    @app.get("/health/live", summary="The process is up", operation_id="live",
+             response_model=models.Live)
     async def live() -> dict:
         return {"status": "ok"}
 
-    @app.get("/health/ready", summary="Kafka, PostgreSQL and Mongo answer")
+    @app.get("/health/ready", summary="PostgreSQL and MongoDB, the API's read models, answer",
+             operation_id="ready", response_model=models.Readiness,
+             responses={503: {"model": models.Readiness, "description": "A read model does not "
+                                                                 "answer; `checks` says which."}})
     async def ready(request: Request) -> JSONResponse:
-        checks = await asyncio.gather(_check_kafka(cfg), _check_pg(request.app.state.pg),
+        checks = await asyncio.gather(_check_pg(request.app.state.pg),
                                       _check_mongo(request.app.state.mongo))
-        body = dict(zip(("kafka", "postgres", "mongo"), checks, strict=False))
+        body = dict(zip(("postgres", "mongo"), checks, strict=True))
         ok = all(v == "ok" for v in body.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": body},
                             status_code=200 if ok else 503)
@@ -252,11 +368,12 @@ _EXPERIMENT_COLUMNS = """experiment_id, status, target_hex, target_lab, dyes, bu
     COALESCE(wells_used, (SELECT count(*) FROM wells w WHERE w.experiment_id = e.experiment_id
                           AND w.delta_e IS NOT NULL))::int AS wells_used,
     best_well, best_volumes, best_de, reason, finished_at"""
-_ROWS, _COLUMNS = "ABCDEFGH", range(1, 13)
 
 
-def _well_order(well: str) -> tuple[int, int]:
-    return int(well[1:]), _ROWS.index(well[0])  # column-major, the order wells are allocated
+def _well_order(well: str) -> tuple[int, str]:
+    """The rulebook's well order (the order wells are allocated); unknown names last."""
+    order = labware.well_names()
+    return (order.index(well), "") if well in order else (len(order), well)
 
 
 async def _wells(pg: asyncpg.Pool, experiment_id: str) -> list[dict]:
@@ -275,8 +392,8 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
     """A 96-well plate: each well filled with its measured colour, the best well ringed."""
     from html import escape
 
-    pitch, r, left, top = 36, 15, 30, 50
-    width, height = left + 12 * pitch + 10, top + 8 * pitch + 40
+    plate, pitch, r, left, top = labware.PLATE, 36, 15, 30, 50
+    width, height = left + plate.columns * pitch + 10, top + len(plate.rows) * pitch + 40
     by_well = {w["well"]: w for w in wells}
     target = experiment.get("target_hex")
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -292,14 +409,13 @@ def plate_svg(experiment: dict, wells: list[dict]) -> str:
         parts.append(f'<text x="{left + 90}" y="36">best ΔE00 {experiment["best_de"]:.2f}'
                      f'{" in " + escape(best) if (best := experiment.get("best_well")) else ""}'
                      f', {experiment.get("wells_used") or 0} wells</text>')
-    for c in _COLUMNS:
+    for c in range(1, plate.columns + 1):
         parts.append(f'<text x="{left + (c - 1) * pitch + pitch / 2}" y="{top - 4}" '
                      f'text-anchor="middle">{c}</text>')
-    for ri, row in enumerate(_ROWS):
+    for ri, (row, names) in enumerate(zip(plate.rows, labware.plate_rows(plate), strict=True)):
         y = top + ri * pitch + pitch / 2
         parts.append(f'<text x="{left - 14}" y="{y + 4}">{row}</text>')
-        for c in _COLUMNS:
-            name = f"{row}{c}"
+        for c, name in enumerate(names, start=1):
             x = left + (c - 1) * pitch + pitch / 2
             w = by_well.get(name)
             if w and w.get("rgb"):
@@ -399,8 +515,8 @@ async def _mongo_summary(db, experiment_id: str) -> dict | None:
     from pymongo.errors import PyMongoError
 
     try:
-        doc = await asyncio.to_thread(db.experiments.find_one, {"_id": experiment_id},
-                                      {"wells": 1, "runs": 1, "best_de": 1})
+        doc = await db.experiments.find_one({"_id": experiment_id},
+                                            {"wells": 1, "runs": 1, "best_de": 1})
     except PyMongoError:
         return None
     if doc is None:
@@ -428,20 +544,6 @@ def _json_loads(text: str):
     return json.loads(text)
 
 
-async def _check_kafka(cfg: Config) -> str:
-    """A metadata round trip, not just a TCP connect: the broker must answer as Kafka."""
-    from aiokafka import AIOKafkaClient
-
-    client = AIOKafkaClient(bootstrap_servers=cfg.kafka_bootstrap, request_timeout_ms=2000)
-    try:
-        await asyncio.wait_for(client.bootstrap(), 3)
-        return "ok" if client.cluster.brokers() else "no brokers in metadata"
-    except Exception as exc:  # any failure means not ready
-        return f"unreachable: {exc!r}"
-    finally:
-        await client.close()
-
-
 async def _check_pg(pool: asyncpg.Pool) -> str:
     try:
         await asyncio.wait_for(pool.fetchval("SELECT 1"), 2)
@@ -450,9 +552,9 @@ async def _check_pg(pool: asyncpg.Pool) -> str:
         return f"failing: {exc!r}"
 
 
-async def _check_mongo(client: MongoClient) -> str:
+async def _check_mongo(client: AsyncMongoClient) -> str:
     try:
-        await asyncio.wait_for(asyncio.to_thread(client.admin.command, "ping"), 3)
+        await asyncio.wait_for(client.admin.command("ping"), 3)
         return "ok"
     except Exception as exc:  # any failure means not ready
         return f"failing: {exc!r}"

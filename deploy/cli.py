@@ -194,13 +194,9 @@ def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: 
 @metrics_option
 def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -> None:
     """An OT-2 agent: runs each RobotRunRequested, publishes its commands and dispensed wells."""
-    from labbus.producers import ot2_agent
-
     if simulate == bool(robot_url):
         raise click.UsageError("give exactly one of --simulate or --robot HOST")
-    cfg = _cfg()
-    _start_process("agent-ot2", cfg, metrics_port)
-    _run_until_signal(lambda stop: ot2_agent.run(cfg, stop, robot_url))
+    _run_process("agent-ot2", metrics_port, robot_url=robot_url)
 
 
 @agent.command("reader")
@@ -209,11 +205,7 @@ def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -
 @metrics_option
 def agent_reader(seed: int, delay: float, metrics_port: int | None) -> None:
     """A simulated plate reader: a WellColourMeasured for each WellDispensed."""
-    from labbus.producers import colour_reader
-
-    cfg = _cfg()
-    _start_process("agent-reader", cfg, metrics_port)
-    _run_until_signal(lambda stop: colour_reader.run(cfg, stop, seed, delay))
+    _run_process("agent-reader", metrics_port, seed=seed, delay_s=delay)
 
 
 @main.group()
@@ -225,22 +217,23 @@ def process() -> None:
 @metrics_option
 def process_validate(metrics_port: int | None) -> None:
     """Validate raw readings: emit MeasurementValidated / MeasurementRejected, dead-letter junk."""
-    from labbus.processors import validator
+    from labbus.deploy.bootstrap import PROCESSES
 
     cfg = _cfg()
     _start_process("validator", cfg, metrics_port)
-    validator.run(cfg)
+    PROCESSES["validator"].run(cfg)
 
 
 @process.command("experiment")
 @metrics_option
 def process_experiment(metrics_port: int | None) -> None:
-    """Run colour-mixing campaigns: propose recipes, request robot runs, score readings."""
-    from labbus.processors import experiment
+    """Run colour-mixing campaigns: propose recipes, request robot runs, score readings.
+    Start more than one: they share the partitions."""
+    from labbus.deploy.bootstrap import PROCESSES
 
     cfg = _cfg()
     _start_process("experiment", cfg, metrics_port)
-    experiment.run(cfg)
+    PROCESSES["experiment"].run(cfg)
 
 
 # -- experiments ----------------------------------------------------------------------------------
@@ -321,12 +314,13 @@ batch_option = click.option("--batch", default=5000, show_default=True,
                             help="Most events written per transaction.")
 
 
-def _project(name: str, projection_factory, metrics_port: int | None, batch: int) -> None:
-    from labbus.projections import runner
+def _run_process(name: str, metrics_port: int | None, **options) -> None:
+    """Start a process as deploy/bootstrap.py wires it."""
+    from labbus.deploy.bootstrap import PROCESSES
 
     cfg = _cfg()
-    _start_process(f"projector-{name}", cfg, metrics_port)
-    _run_until_signal(lambda stop: runner.run(cfg, projection_factory(cfg), stop, batch))
+    _start_process(name, cfg, metrics_port)
+    _run_until_signal(lambda stop: PROCESSES[name].run(cfg, stop, **options))
 
 
 @project.command("postgres")
@@ -334,9 +328,7 @@ def _project(name: str, projection_factory, metrics_port: int | None, batch: int
 @batch_option
 def project_postgres(metrics_port: int | None, batch: int) -> None:
     """Project devices and validated measurements into PostgreSQL (exactly-once positions)."""
-    from labbus.projections.postgres import PostgresProjection
-
-    _project("postgres", PostgresProjection, metrics_port, batch)
+    _run_process("projector-postgres", metrics_port, batch=batch)
 
 
 @project.command("mongo")
@@ -344,9 +336,7 @@ def project_postgres(metrics_port: int | None, batch: int) -> None:
 @batch_option
 def project_mongo(metrics_port: int | None, batch: int) -> None:
     """Project one document per device into MongoDB (idempotent upserts)."""
-    from labbus.projections.mongo import MongoProjection
-
-    _project("mongo", MongoProjection, metrics_port, batch)
+    _run_process("projector-mongo", metrics_port, batch=batch)
 
 
 @main.command("api")

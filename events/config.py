@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from labbus.events.labware import DEFAULT_DECK, DeckLayout, load_deck
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
@@ -50,6 +52,20 @@ SETTINGS: dict[str, Setting] = {
     "max_clock_skew_s": Setting("LABBUS_MAX_CLOCK_SKEW_S", "5",
                                 "Readings timestamped further than this into the future "
                                 "are rejected."),
+    "max_reading_age_days": Setting("LABBUS_MAX_READING_AGE_DAYS", "3650",
+                                    "Readings whose device timestamp is older than this many days "
+                                    "are rejected (whole days, 1 to 3650000; timestamps the read "
+                                    "models cannot hold are rejected whatever this says)."),
+    "group_instance_id": Setting("LABBUS_GROUP_INSTANCE_ID", "",
+                                 "Static consumer-group membership (Kafka KIP-345) for the "
+                                 "validator: a name unique to this process and stable across "
+                                 "its restarts (e.g. a StatefulSet pod name); a restarted "
+                                 "process gets its partitions back at once instead of after the "
+                                 "session timeout. Empty: dynamic membership."),
+    "deck_layout": Setting("LABBUS_DECK_LAYOUT", "",
+                           "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
+                           "which reservoir well and how much, the deck slots, the pipette mount "
+                           "(empty = the built-in default, see \"Labware rules\")."),
 }
 
 
@@ -67,6 +83,9 @@ class Config:
     metrics_port: int
     log_level: str
     max_clock_skew_s: float
+    max_reading_age_days: int
+    group_instance_id: str
+    deck_layout: DeckLayout = DEFAULT_DECK
     explicit: frozenset[str] = frozenset()
 
     def explicitly_set(self, name: str) -> bool:
@@ -95,6 +114,12 @@ def _float(name: str, raw: str) -> float:
     return value
 
 
+def _instance_id(name: str, raw: str) -> str:
+    if raw and not all(c.isalnum() or c in "-_." for c in raw):
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: letters, digits, '-', '_' and '.' only")
+    return raw
+
+
 def _hostports(name: str, raw: str) -> str:
     for part in raw.split(","):
         host, sep, port = part.strip().rpartition(":")
@@ -108,6 +133,15 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
         raise ConfigError(f"{SETTINGS[name].env}={raw!r}: expected a URL starting with "
                           + " or ".join(s + "://" for s in schemes))
     return raw
+
+
+def _deck(name: str, raw: str) -> DeckLayout:
+    if not raw.strip():
+        return DEFAULT_DECK
+    try:
+        return load_deck(Path(raw).expanduser())
+    except ValueError as exc:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: {exc}") from None
 
 
 def load(environ: dict[str, str] | None = None) -> Config:
@@ -134,6 +168,10 @@ def load(environ: dict[str, str] | None = None) -> Config:
         metrics_port=_int("metrics_port", raw["metrics_port"], 0, 65535),
         log_level=level,
         max_clock_skew_s=_float("max_clock_skew_s", raw["max_clock_skew_s"]),
+        max_reading_age_days=_int("max_reading_age_days", raw["max_reading_age_days"],
+                                  1, 3_650_000),
+        group_instance_id=_instance_id("group_instance_id", raw["group_instance_id"]),
+        deck_layout=_deck("deck_layout", raw["deck_layout"]),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )
 

@@ -40,6 +40,14 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
         fetch_max_wait_ms=100,
+        # A member that dies without leaving the group (kill -9, a lost host) holds its
+        # partitions until the broker has missed its heartbeats for the session timeout, so a
+        # restarted process works again about that long after a crash. 10 s with a heartbeat
+        # every 3 s (aiokafka's defaults, stated here so that they hold whatever its defaults
+        # become; faust's are 60 s, see processors/validator.py) tolerates an event loop busy for
+        # a few seconds on a loaded machine; the broker accepts 6 s to 30 min.
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
@@ -97,26 +105,44 @@ async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
 
 async def read_to_end(cfg: Config, *topics: str):
     """Yield every record of `topics` from the beginning up to their end offsets at call time
-    (no consumer group, nothing committed): how a process rebuilds what is already in the log."""
+    (no consumer group, nothing committed)."""
+    async for record in read_ranges(cfg, {t: None for t in topics}):
+        yield record
+
+
+async def read_ranges(cfg: Config, starts: dict):
+    """Yield the records of each partition from its start offset up to its end offset at call
+    time. `starts`: {TopicPartition: offset or None (the beginning)}, or {topic name: None} for
+    every partition of a topic from the beginning. No consumer group, nothing committed."""
     from aiokafka import TopicPartition
 
     reader = consumer(cfg, group=None)
     await reader.start()
     try:
         await reader._client.force_metadata_update()  # noqa: SLF001 - topics may be brand new
-        tps = [TopicPartition(t, p) for t in topics
-               for p in sorted(reader.partitions_for_topic(t) or ())]
-        if not tps:
+        begin: dict = {}
+        for where, offset in starts.items():
+            if isinstance(where, str):
+                for p in sorted(reader.partitions_for_topic(where) or ()):
+                    begin[TopicPartition(where, p)] = None
+            else:
+                begin[where] = offset
+        if not begin:
             return
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        end = await reader.end_offsets(tps)
-        left = {tp for tp in tps if end[tp] > 0}
+        reader.assign(list(begin))
+        end = await reader.end_offsets(list(begin))
+        for tp, offset in begin.items():
+            if offset is None:
+                await reader.seek_to_beginning(tp)
+            else:
+                reader.seek(tp, offset)
+        left = {tp for tp in begin if end[tp] > (begin[tp] or 0)}
         while left:
             batch = await reader.getmany(*left, timeout_ms=500)
-            for records in batch.values():
+            for tp, records in batch.items():
                 for record in records:
-                    yield record
+                    if record.offset < end[tp]:
+                        yield record
             for tp in list(left):
                 if await reader.position(tp) >= end[tp]:
                     left.discard(tp)

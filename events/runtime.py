@@ -173,6 +173,9 @@ def transient(exc: BaseException) -> bool:
 
     if isinstance(exc, PositionsMoved):
         return False
+    if isinstance(exc, pymongo.errors.PyMongoError) and exc.has_error_label(
+            "TransientTransactionError"):
+        return True  # a write conflict, or the server went away mid-transaction
     return isinstance(exc, (
         OSError, ConnectionError, TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
         asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
@@ -245,7 +248,9 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
     step = Step(cfg, process, accepts, codec)
     names = [topic_name(cfg, t) for t in topics]
     await retrying(lambda: kafka.ensure_topics(cfg), Backoff(process, "kafka"), stop)
-    consumer = kafka.consumer(cfg, *names, group=group_id(cfg, process))
+    consumer = kafka.consumer(cfg, group=group_id(cfg, process))
+    recall = _Recall(cfg, step, handler, consumer)
+    consumer.subscribe(names, listener=recall)
     producer = kafka.producer(cfg)
     backoff = Backoff(process, "kafka")
     await retrying(producer.start, backoff, stop)
@@ -259,6 +264,7 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
             started = time.perf_counter()
             sent = Deliveries(producer, process)
             try:
+                await recall.catch_up()
                 for tp, records in batch.items():
                     metrics.EVENTS_IN.labels(process, tp.topic).inc(len(records))
                     for r in records:
@@ -286,6 +292,44 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
         log.info("stopped")
 
 
+class _Recall(ConsumerRebalanceListener):
+    """For a handler with a `recall(event_type, plain_record)` method: after every assignment,
+    before any record of a newly assigned partition is handled, the records between the group's
+    committed offset and the log's end are shown to it. When a handler writes to its input topic
+    (same key, so same partition), that range holds what it sent for inputs that were not
+    committed before a crash, so it can skip sending it again. (aiokafka may fetch while an
+    assignment callback still runs, so the callback only notes the partitions.)"""
+
+    def __init__(self, cfg: Config, step: Step, handler: Handler, consumer) -> None:
+        self.cfg = cfg
+        self.step = step
+        self.recall = getattr(handler, "recall", None)
+        self.consumer = consumer
+        self.pending: set[TopicPartition] = set()
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        self.pending -= set(revoked)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        if self.recall is not None:
+            self.pending |= set(assigned)
+
+    async def catch_up(self) -> None:
+        if not self.pending:
+            return
+        tps = set(self.pending)
+        starts = {tp: await self.consumer.committed(tp) for tp in tps}
+        seen = 0
+        async for r in kafka.read_ranges(self.cfg, starts):
+            try:
+                self.recall(*self.step.decode_plain(r))
+                seen += 1
+            except DecodeError:
+                pass  # dead-lettered when it is consumed
+        self.pending -= tps
+        log.info("recalled the uncommitted range", extra={"records": seen})
+
+
 # -- views: projectors ------------------------------------------------------------------------
 
 @dataclass(slots=True)  # not frozen: one is made per event, and frozen costs 4x
@@ -304,6 +348,28 @@ class Positioned:
 class PositionsMoved(RuntimeError):
     """The stored positions are not those this view last read or wrote: commits were lost in a
     database crash, or another projector wrote. Nothing of the batch was written."""
+
+
+class Fence:
+    """The positions a view last read or wrote. A write first reads (and, where the store can,
+    locks) the stored positions of the partitions it is about to move and `check`s them: if they
+    are not what this view believes (commits lost in a database crash, or another writer), the
+    write is refused whole."""
+
+    def __init__(self) -> None:
+        self.believed: dict[TopicPartition, int] = {}
+
+    def known(self, next_offsets: dict[TopicPartition, int]) -> list[TopicPartition]:
+        """The partitions to check (one this view has not seen yet is not checked)."""
+        return [tp for tp in next_offsets if tp in self.believed]
+
+    def check(self, known: list[TopicPartition], stored: dict[TopicPartition, int]) -> None:
+        """`stored`: the stored positions of the `known` partitions."""
+        moved = {f"{tp.topic}/{tp.partition}": (self.believed[tp], stored.get(tp))
+                 for tp in known if stored.get(tp) != self.believed[tp]}
+        if moved:
+            raise PositionsMoved(f"stored positions differ from this projector's: {moved} "
+                                 "(believed, stored)")
 
 
 class View(Protocol):
@@ -326,18 +392,19 @@ class View(Protocol):
         PositionsMoved when the stored positions are not the ones last read or written."""
 
 
-class _SeekToStored(ConsumerRebalanceListener):
-    def __init__(self, runner: _ViewRunner) -> None:
-        self.runner = runner
+class _Assigned(ConsumerRebalanceListener):
+    """Notes newly assigned partitions; the runner seeks them to the view's stored positions
+    before it writes anything of them (aiokafka may fetch, and the runner write, while an
+    assignment callback still runs, so seeking in the callback itself races the runner)."""
+
+    def __init__(self) -> None:
+        self.pending: set[TopicPartition] = set()
 
     async def on_partitions_revoked(self, revoked) -> None:
-        pass
+        self.pending -= set(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        stored = await self.runner.seek_to_stored(assigned)
-        log.info("partitions assigned", extra={
-            "view": self.runner.view.name,
-            "positions": {f"{tp.topic}/{tp.partition}": stored.get(tp, 0) for tp in assigned}})
+        self.pending |= set(assigned)
 
 
 class _ViewRunner:
@@ -351,6 +418,7 @@ class _ViewRunner:
         self.broker = Backoff(self.process, "kafka")
         self.consumer = kafka.consumer(cfg, group=group_id(cfg, f"projector.{view.name}"))
         self.producer = kafka.producer(cfg)
+        self.assigned = _Assigned()
 
     async def seek_to_stored(self, tps) -> dict[TopicPartition, int]:
         stored = await retrying(self.view.positions, self.db, self.stop)
@@ -364,13 +432,22 @@ class _ViewRunner:
     async def run(self, max_records: int) -> None:
         await retrying(lambda: kafka.ensure_topics(self.cfg), self.broker, self.stop)
         await retrying(self.view.start, self.db, self.stop)
-        self.consumer.subscribe(self.view.topics(), listener=_SeekToStored(self))
+        self.consumer.subscribe(self.view.topics(), listener=self.assigned)
         await retrying(self.producer.start, self.broker, self.stop)
         await retrying(self.consumer.start, self.broker, self.stop)
         log.info("started", extra={"view": self.view.name, "topics": self.view.topics()})
         try:
             while not self.stop.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=max_records)
+                if self.assigned.pending:
+                    tps = set(self.assigned.pending)
+                    stored = await self.seek_to_stored(tps)
+                    self.assigned.pending -= tps
+                    batches = {tp: rs for tp, rs in batches.items() if tp not in tps}
+                    log.info("partitions assigned", extra={
+                        "view": self.view.name,
+                        "positions": {f"{tp.topic}/{tp.partition}": stored.get(tp, 0)
+                                      for tp in tps}})
                 if batches:
                     await self.project(batches)
         finally:

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from labbus.events import labware
 from labbus.events.codec import default_codec
+from labbus.events.labware import DEFAULT_DECK, DeckLayout, WellRecipe
 from labbus.events.model import (
     Event,
     ExperimentCompleted,
@@ -43,12 +45,11 @@ from labbus.events.model import (
     WellScored,
     derived_id,
 )
+from labbus.events.ot2_protocol import generate_protocol, protocol_hash
 from labbus.processors.colour import optimiser, recipes, scoring
-from labbus.producers.ot2.protocol import PLATE_WELLS, WellRecipe, generate_protocol, protocol_hash
-from labbus.producers.plate_reader_model import FOOD_DYES
 
 SOURCE = "experiment"
-KNOWN_DYES: tuple[str, ...] = tuple(d.name for d in FOOD_DYES)  # the stocks on the OT-2 deck
+PLATE_WELLS = labware.well_names()  # the order wells are allocated in
 MAX_WELLS = len(PLATE_WELLS)  # one 96-well plate per campaign
 
 
@@ -74,6 +75,7 @@ class Campaign:
     wells_allocated: int = 0
     outputs: int = 0
     finished: bool = False
+    deck: DeckLayout = DEFAULT_DECK  # the stocks and slots the campaign's protocols use
 
     @property
     def wells_used(self) -> int:
@@ -134,8 +136,9 @@ def to_state(c: Campaign) -> dict:
     }
 
 
-def from_state(state: dict) -> Campaign:
-    """The campaign `to_state` wrote (the state is not modified)."""
+def from_state(state: dict, deck: DeckLayout = DEFAULT_DECK) -> Campaign:
+    """The campaign `to_state` wrote (the state is not modified); `deck` is configuration, not
+    state: the layout its next robot runs use."""
     codec = default_codec()
     return Campaign(
         experiment_id=state["experiment_id"],
@@ -159,6 +162,7 @@ def from_state(state: dict) -> Campaign:
         wells_allocated=state["wells_allocated"],
         outputs=state["outputs"],
         finished=state["finished"],
+        deck=deck,
     )
 
 
@@ -170,17 +174,18 @@ def settled(c: Campaign) -> bool:
     return c.finished and (not sent or all(w in c.scored for w in c.batch))
 
 
-def request_problems(req: ExperimentRequested) -> list[str]:
-    """Everything wrong with a request, as readable sentences; empty when it can run."""
+def request_problems(req: ExperimentRequested, deck: DeckLayout = DEFAULT_DECK) -> list[str]:
+    """Everything wrong with a request, as readable sentences; empty when it can run. The dyes
+    must be stocks on the deck."""
     problems = []
     if not req.experiment_id.strip():
         problems.append("experiment_id is empty")
     if not req.dyes:
         problems.append("no dyes given")
-    unknown = [d for d in req.dyes if d not in KNOWN_DYES]
+    unknown = [d for d in req.dyes if d not in deck.dyes]
     if unknown:
         problems.append(f"unknown dye(s) {', '.join(unknown)}; the deck holds "
-                        f"{', '.join(KNOWN_DYES)}")
+                        f"{', '.join(deck.dyes)}")
     if len(set(req.dyes)) != len(req.dyes):
         problems.append(f"dyes repeat: {', '.join(req.dyes)}")
     if not 1 <= req.budget_wells <= MAX_WELLS:
@@ -202,11 +207,12 @@ def request_problems(req: ExperimentRequested) -> list[str]:
     return problems
 
 
-def start(req: ExperimentRequested, warm_start: Sequence[optimiser.Observation] = ()
-          ) -> tuple[Campaign | None, list[Event]]:
+def start(req: ExperimentRequested, warm_start: Sequence[optimiser.Observation] = (),
+          deck: DeckLayout = DEFAULT_DECK) -> tuple[Campaign | None, list[Event]]:
     """A new campaign and its first batch, or None and an ExperimentRejected. `warm_start`: wells
-    of earlier campaigns with the same dye stocks (see `warm_start_for`)."""
-    problems = request_problems(req)
+    of earlier campaigns with the same dye stocks (see `warm_start_for`); `deck`: the layout its
+    robot runs use."""
+    problems = request_problems(req, deck)
     if problems:
         rejected = ExperimentRejected.create(
             source=SOURCE, subject=req.experiment_id, sequence=1,
@@ -216,7 +222,7 @@ def start(req: ExperimentRequested, warm_start: Sequence[optimiser.Observation] 
         return None, [rejected]
     c = Campaign(req.experiment_id, req.event_id, np.asarray(req.target_lab, dtype=float),
                  list(req.dyes), req.budget_wells, req.batch_size, req.tolerance_de,
-                 warm_start=list(warm_start))
+                 warm_start=list(warm_start), deck=deck)
     return c, _next(c, req.event_id)
 
 
@@ -269,15 +275,16 @@ def _next(c: Campaign, cause: uuid.UUID) -> list[Event]:
     out: list[Event] = [c.emit(RecipesProposed, f"proposed/{it}", cause, iteration=it,
                                recipes=records, predicted_de=proposal.predicted_de,
                                note=proposal.reason)]
-    reasons = []
-    for well, recipe in batch.items():
-        reasons += recipes.well_violations(well)
-        reasons += [f"{well}: {r}" for r in recipes.recipe_violations(recipe, dyes=c.dyes)]
+    deck, rules = c.deck, labware.LABWARE
+    reasons = labware.plan_violations(
+        batch, {s.name: s.volume_ul for s in deck.stocks},
+        dead_volume_ul=rules.reservoir.dead_volume_ul,
+        tips_available=rules.tiprack.tips * len(deck.tiprack_slots), dyes=c.dyes)
     text = None
     if not reasons:
         try:
             text = generate_protocol([WellRecipe(r["well"], r["volumes"], r["water_ul"])
-                                      for r in records], c.dyes)
+                                      for r in records], c.dyes, deck)
         except ValueError as exc:
             reasons.append(f"protocol: {exc}")
     if reasons:
@@ -373,7 +380,8 @@ def _fail(c: Campaign, reason: str, cause: uuid.UUID, best_de: float | None) -> 
 class Campaigns:
     """Every campaign, fed events of any of the input types in any cross-topic order."""
 
-    def __init__(self, learn: bool = True) -> None:
+    def __init__(self, learn: bool = True, deck: DeckLayout = DEFAULT_DECK) -> None:
+        self.deck = deck  # the OT-2 deck layout (LABBUS_DECK_LAYOUT): dye stocks and slots
         self.by_id: dict[str, Campaign] = {}
         self.rejected: set[str] = set()
         self.waiting: dict[str, list[tuple[Event, int]]] = {}  # inputs before their request
@@ -390,7 +398,7 @@ class Campaigns:
             if xid in self.by_id or xid in self.rejected:
                 return []  # a repeated request: the first one counts
             warm = warm_start_for(event, at, self.scored) if self.learn else []
-            campaign, out = start(event, warm)
+            campaign, out = start(event, warm, self.deck)
             if campaign is None:
                 self.rejected.add(xid)
                 return out

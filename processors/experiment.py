@@ -26,11 +26,13 @@ time-driven, so there are no timers.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 
 from labbus.events import faust_runtime
 from labbus.events.codec import default_codec
 from labbus.events.config import Config
+from labbus.events.labware import DEFAULT_DECK, DeckLayout
 from labbus.events.model import (
     Event,
     ExperimentRequested,
@@ -110,8 +112,8 @@ def _apply(c: campaign.Campaign, event: Event, at: int) -> list[Event]:
     return []
 
 
-def handle(state: dict | None, event: Event, record: Record, shared
-           ) -> tuple[dict | None, list[Event]]:
+def handle(state: dict | None, event: Event, record: Record, shared,
+           deck: DeckLayout = DEFAULT_DECK) -> tuple[dict | None, list[Event]]:
     """One input of one experiment: its table value before and after, and the events decided.
     `record.timestamp` (log time) decides which earlier wells a new campaign learns from.
 
@@ -121,7 +123,7 @@ def handle(state: dict | None, event: Event, record: Record, shared
     if isinstance(event, ExperimentRequested):
         if state is not None and "campaign" in state:
             return state, []  # a repeated request: the first one counts
-        c, out = campaign.start(event, warm_start(shared, event, record.timestamp))
+        c, out = campaign.start(event, warm_start(shared, event, record.timestamp), deck)
         if c is None:
             return None, out  # rejected: nothing to keep
         codec = default_codec()
@@ -139,7 +141,7 @@ def handle(state: dict | None, event: Event, record: Record, shared
             return state, []
         data = base64.b64encode(default_codec().encode(event)).decode("ascii")
         return {"waiting": [*waiting, [data, record.timestamp]]}, []
-    c = campaign.from_state(state["campaign"])
+    c = campaign.from_state(state["campaign"], deck)
     out = _apply(c, event, record.timestamp)
     remember(shared, c, out, record.partition)
     saved = _saved(c)
@@ -147,7 +149,8 @@ def handle(state: dict | None, event: Event, record: Record, shared
 
 
 def build_app(cfg: Config, **settings):
-    return faust_runtime.build_app(cfg, PROCESS, INPUTS, handle, accepts=ACCEPTS,
+    decide = functools.partial(handle, deck=cfg.deck_layout)
+    return faust_runtime.build_app(cfg, PROCESS, INPUTS, decide, accepts=ACCEPTS,
                                    table="campaigns", shared_table="scored-wells", **settings)
 
 

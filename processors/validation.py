@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from labbus.events.model import MeasurementRejected, MeasurementValidated, derived_id
 
@@ -41,12 +41,36 @@ class Rejection:
     reason: str
 
 
+# Device timestamps the read models can hold, in µs since the epoch. The narrowest holder is
+# Python's datetime (years 1-9999: the Mongo view, the API, any fastavro reader that decodes
+# timestamp-micros); PostgreSQL's timestamptz reaches 4713 BC-294276 AD. A day of margin at each
+# end keeps a conversion to any time zone in range too.
+DAY_US = 86_400_000_000
+EARLIEST_US = -62_135_596_800_000_000 + DAY_US  # 0001-01-02T00:00:00Z
+LATEST_US = 253_402_300_800_000_000 - DAY_US - 1  # 9999-12-30T23:59:59.999999Z
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _iso(micros: int) -> str:
-    return datetime.fromtimestamp(micros / 1e6, UTC).isoformat()
+    return (_EPOCH + timedelta(microseconds=micros)).isoformat()
 
 
-def check(reading: dict, now_us: int, max_skew_s: float) -> Rejection | None:
-    """The first rule a MeasurementRecorded record breaks, or None when it is good."""
+_HOLDABLE = f"{_iso(EARLIEST_US)} to {_iso(LATEST_US)}"
+
+
+def representable(micros: int) -> bool:
+    """True when every read model (and any Avro reader turning it into a datetime) can hold
+    this timestamp."""
+    return EARLIEST_US <= micros <= LATEST_US
+
+
+def check(reading: dict, now_us: int, max_skew_s: float,
+          max_age_days: float | None = None) -> Rejection | None:
+    """The first rule a MeasurementRecorded record breaks, or None when it is good.
+    `max_age_days`: readings whose device timestamp is older than this are rejected (None: no
+    horizon, only what the read models cannot hold)."""
     metric, value, unit = reading["metric"], reading["value"], reading["unit"]
     rule = METRICS.get(metric)
     if rule is None:
@@ -57,10 +81,19 @@ def check(reading: dict, now_us: int, max_skew_s: float) -> Rejection | None:
     if math.isnan(value) or not rule.low <= value <= rule.high:
         return Rejection("out_of_range", f"{metric}={value} {unit} "
                          f"outside [{rule.low}, {rule.high}]")
-    skew_us = reading["occurred_at"] - now_us
+    at = reading["occurred_at"]
+    if not EARLIEST_US <= at <= LATEST_US:
+        return Rejection("unrepresentable_timestamp",
+                         f"device timestamp {at} µs since 1970-01-01 is outside what the read "
+                         f"models can hold ({_HOLDABLE})")
+    skew_us = at - now_us
     if skew_us > max_skew_s * 1e6:
-        return Rejection("future_timestamp", f"device timestamp {_iso(reading['occurred_at'])} "
+        return Rejection("future_timestamp", f"device timestamp {_iso(at)} "
                          f"is {skew_us / 1e6:.1f} s in the future (allowed skew {max_skew_s} s)")
+    if max_age_days is not None and -skew_us > max_age_days * DAY_US:
+        return Rejection("timestamp_too_old",
+                         f"device timestamp {_iso(at)} is {-skew_us / DAY_US:,.1f} days old "
+                         f"(horizon {max_age_days:g} days, LABBUS_MAX_READING_AGE_DAYS)")
     return None
 
 
@@ -117,8 +150,13 @@ def validated(reading: dict, now_us: int, source: str) -> dict:
 
 def rejected(reading: dict, why: Rejection, now_us: int, source: str,
              purpose: str = "rejected") -> dict:
-    """The MeasurementRejected record; `purpose` keeps ids of distinct rejections distinct."""
+    """The MeasurementRejected record; `purpose` keeps ids of distinct rejections distinct.
+    A device timestamp no reader can hold is not copied into it (the rejection would poison
+    every consumer that decodes timestamps): its occurred_at and measured_at are then the time
+    of the decision, and the reason gives the device's raw value."""
     record = _derived(reading, REJECTED, purpose, now_us, source)
+    if not EARLIEST_US <= record["measured_at"] <= LATEST_US:
+        record["occurred_at"] = record["measured_at"] = now_us
     record["reason_code"] = why.code
     record["reason"] = why.reason
     return record

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import faust
@@ -23,8 +22,8 @@ from labbus.events import kafka, metrics
 from labbus.events.codec import Codec, DecodeError, default_codec
 from labbus.events.config import Config
 from labbus.events.model import MeasurementRecorded
+from labbus.events.runtime import Record, Step
 from labbus.events.topics import (
-    DEAD_LETTER,
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
@@ -32,22 +31,14 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.processors import validation
-from labbus.events.dead_letter import dead_letter
 from labbus.processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
 BATCH_MAX = 5000  # readings validated together at most
 STALL_S = 0.05  # a partial batch that gets no new reading for this long is decided anyway
+SESSION_TIMEOUT_S = 10.0  # a crashed validator's partitions move after this (faust: 60 s)
+HEARTBEAT_INTERVAL_S = 3.0
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)  # not frozen: one is made per reading, and frozen costs 4x
-class Incoming:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
 
 
 class Validator:
@@ -59,9 +50,9 @@ class Validator:
         self.windows: dict[int, validation.DedupWindow] = defaultdict(validation.DedupWindow)
         self.validated_topic = topic_name(cfg, MEASUREMENTS_VALIDATED)
         self.rejected_topic = topic_name(cfg, MEASUREMENTS_REJECTED)
-        self.dead_letter_topic = topic_name(cfg, DEAD_LETTER)
+        self.step = Step(cfg, PROCESS, codec=self.codec)  # the runtime's dead-letter policy
 
-    def handle(self, msg: Incoming, now_us: int) -> tuple[str, bytes, str | None]:
+    def handle(self, msg: Record, now_us: int) -> tuple[str, bytes, str | None]:
         """(topic, encoded event, rejection or dead-letter code or None)."""
         try:
             event_type, reading = self.codec.decode_record(msg.value, plain=True)
@@ -79,7 +70,8 @@ class Validator:
             out = validation.rejected(reading, why, now_us, PROCESS,
                                       purpose=f"duplicate@{msg.partition}:{msg.offset}")
         else:
-            why = validation.check(reading, now_us, self.cfg.max_clock_skew_s)
+            why = validation.check(reading, now_us, self.cfg.max_clock_skew_s,
+                                   self.cfg.max_reading_age_days)
             if why is None:
                 out = validation.validated(reading, now_us, PROCESS)
                 encoded = self.codec.encode_plain(validation.VALIDATED, out)
@@ -87,12 +79,10 @@ class Validator:
             out = validation.rejected(reading, why, now_us, PROCESS)
         return self.rejected_topic, self.codec.encode_plain(validation.REJECTED, out), why.code
 
-    def _dead(self, msg: Incoming, exc: Exception,
+    def _dead(self, msg: Record, exc: Exception,
               kind: str | None = None) -> tuple[str, bytes, str | None]:
-        letter = dead_letter(topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                             key=msg.key, value=msg.value, error=exc, failed_by=PROCESS,
-                             error_type=kind)
-        return self.dead_letter_topic, self.codec.encode(letter), letter.error_type
+        out = self.step.dead_letter(msg, exc, kind)
+        return out.topic, out.value, out.reason
 
 
 class PartitionBatches:
@@ -295,6 +285,14 @@ def build_app(cfg: Config) -> faust.App:
         stream_buffer_maxsize=8192,
         Monitor=LeanMonitor,
         producer_acks=-1,
+        # Recovery after a crash (kill -9): the group waits for a dead member's session to expire
+        # before its partitions move, 60 s with faust's defaults. The same 10 s session and 3 s
+        # heartbeat as every other labbus consumer (events/kafka.py consumer()).
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        # Static membership when LABBUS_GROUP_INSTANCE_ID names this process: a restart with
+        # the same name takes its partitions back without waiting for the session timeout.
+        consumer_group_instance_id=cfg.group_instance_id or None,
     )
     raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED),
                     schema=RawSchema(key_type=bytes, value_type=bytes))
@@ -360,7 +358,7 @@ def validate_batch(validator: Validator, producer, batch) -> PartitionBatches:
     for event in batch:
         m = event.message
         topic, value, code = validator.handle(
-            Incoming(m.topic, m.partition, m.offset, m.key, m.value), now_us)
+            Record(m.topic, m.partition, m.offset, m.key, m.value), now_us)
         out.add(topic, m.partition, m.key, value, code)
     return out
 

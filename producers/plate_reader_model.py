@@ -6,7 +6,9 @@ of stock i in a total of V µL has relative concentration c_i = v_i / V, and
 transmits T(λ) = 10^(-path · Σ c_i·ε_i(λ)). The transmitted spectrum under D65
 goes through colour-science to XYZ and 8-bit sRGB, with seeded camera noise.
 
-The dye spectra are the simulator's secret: optimisers only ever see `read()`.
+The dye spectra are the simulator's secret: optimisers only ever see `read()`, and which dyes
+sit on the deck is configuration (the deck layout in events/labware.py), not these spectra. A
+well holds the rulebook's working volume (every well is filled to it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from labbus.events.labware import PLATE
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # colour-science warns that matplotlib is absent
@@ -70,7 +74,8 @@ class PlateReaderModel:
     sRGB."""
 
     def __init__(self, dyes: Sequence[Dye] = FOOD_DYES, noise_sigma: float = 1 / 255,
-                 seed: int | None = 0, total_volume_ul: float = 200.0, path_length: float = 1.0):
+                 seed: int | None = 0, total_volume_ul: float = PLATE.working_volume_ul,
+                 path_length: float = 1.0):
         self._dyes = {dye.name: dye for dye in dyes}
         self._noise_sigma = noise_sigma
         self._rng = np.random.default_rng(seed)

@@ -2,9 +2,11 @@
 one per colour-mixing experiment (target, status, iterations with their proposals, wells with
 recipe, reading and ΔE, and per robot run its status and command counts by type and status).
 
-Each document records, per partition, the next offset it has absorbed; an update only applies
-events past that offset, so replays after a crash are no-ops. The projection's resume position is
-written after the documents; reading back from an older position is harmless for the same reason.
+A batch's documents and the projection's positions are written in one multi-document
+transaction, after checking that the stored positions are the ones this projector last read or
+wrote (PositionsMoved otherwise, as in the PostgreSQL view). Each document also records, per
+partition, the next offset it has absorbed, and an update only applies events past it, so a
+replay is a no-op even where transactions are not available.
 
 A validator that crashes or loses partitions re-emits some decisions: the same event again, at a
 new offset. So measurement ids are remembered (collection `measurements_seen`, written after the
@@ -23,6 +25,7 @@ from pymongo import MongoClient, UpdateOne
 from labbus.events import model as m
 from labbus.events.config import Config
 from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.runtime import Fence, Positioned
 from labbus.events.topics import (
     COLOUR_READINGS,
     DEVICES,
@@ -31,7 +34,6 @@ from labbus.events.topics import (
     ROBOT_RUNS,
     topic_name,
 )
-from labbus.projections.runner import Positioned
 
 SEEN_TTL_S = 7 * 24 * 3600  # re-emissions follow their original within minutes
 
@@ -47,6 +49,7 @@ class MongoProjection:
         self.cfg = cfg
         self.client: MongoClient | None = None
         self._repeats: set = set()  # of the batch being applied
+        self.fence = Fence()
         self.aliases = {topic_name(cfg, DEVICES): "devices",
                         topic_name(cfg, MEASUREMENTS_VALIDATED): "validated",
                         topic_name(cfg, EXPERIMENTS): "experiments",
@@ -61,7 +64,9 @@ class MongoProjection:
         return self.client[self.cfg.mongo_db]
 
     async def start(self) -> None:
-        self.client = MongoClient(self.cfg.mongo_url, serverSelectionTimeoutMS=10000, tz_aware=True)
+        if self.client is None:
+            self.client = MongoClient(self.cfg.mongo_url, serverSelectionTimeoutMS=10000,
+                                      tz_aware=True)
         try:
             await asyncio.to_thread(self.client.admin.command, "ping")
         except Exception as exc:
@@ -79,16 +84,40 @@ class MongoProjection:
     async def positions(self) -> dict[TopicPartition, int]:
         docs = await asyncio.to_thread(
             lambda: list(self.db.projection_positions.find({"projection": self.name})))
-        return {TopicPartition(d["topic"], d["partition"]): d["next_offset"] for d in docs}
+        stored = {TopicPartition(d["topic"], d["partition"]): d["next_offset"] for d in docs}
+        self.fence.believed = dict(stored)
+        return stored
 
     async def apply(self, events: list[Positioned],
                     next_offsets: dict[TopicPartition, int]) -> None:
         await asyncio.to_thread(self._apply, events, next_offsets)
 
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
+        """Documents and positions in one multi-document transaction."""
+        with self.client.start_session() as session, session.start_transaction():
+            self._write(session, events, next_offsets)  # the runtime retries what is transient
+        self.fence.believed.update(next_offsets)
+
+    def _check_positions(self, session, next_offsets: dict[TopicPartition, int]) -> None:
+        """The positions about to be written must be what this projector last read or wrote (a
+        partition it has not seen yet is not checked); a concurrent writer conflicts on them."""
+        known = self.fence.known(next_offsets)
+        if not known:
+            return
+        docs = self.db.projection_positions.find(
+            {"_id": {"$in": [self._position_id(tp) for tp in known]}}, session=session)
+        self.fence.check(known, {TopicPartition(d["topic"], d["partition"]): d["next_offset"]
+                                 for d in docs})
+
+    def _position_id(self, tp: TopicPartition) -> str:
+        return f"{self.name}:{tp.topic}:{tp.partition}"
+
+    def _write(self, session, events: list[Positioned],
+               next_offsets: dict[TopicPartition, int]) -> None:
+        self._check_positions(session, next_offsets)
         measurement_ids = [p.record["measurement_id"] for p in events
                            if p.event_type == MeasurementValidated.TYPE]
-        self._repeats = self._repeated(events, measurement_ids)
+        self._repeats = self._repeated(session, events, measurement_ids)
         by_device: dict[str, list[Positioned]] = defaultdict(list)
         by_experiment: dict[str, list[Positioned]] = defaultdict(list)
         for p in events:
@@ -102,29 +131,31 @@ class MongoProjection:
             if not grouped:
                 continue
             absorbed = {d["_id"]: d.get("pos", {}) for d in collection.find(
-                {"_id": {"$in": list(grouped)}}, {"pos": 1})}
+                {"_id": {"$in": list(grouped)}}, {"pos": 1}, session=session)}
             ops = [update(key, items, absorbed.get(key, {})) for key, items in grouped.items()]
             ops = [op for op in ops if op is not None]
             if ops:
-                collection.bulk_write(ops, ordered=False)
+                collection.bulk_write(ops, ordered=False, session=session)
         if measurement_ids:  # after the documents: a crash in between is covered by their pos
             now = datetime.now(UTC)
             self.db.measurements_seen.bulk_write(
                 [UpdateOne({"_id": mid}, {"$setOnInsert": {"at": now}}, upsert=True)
-                 for mid in set(measurement_ids)], ordered=False)
+                 for mid in set(measurement_ids)], ordered=False, session=session)
+        if not next_offsets:
+            return
         self.db.projection_positions.bulk_write([
-            UpdateOne({"_id": f"{self.name}:{tp.topic}:{tp.partition}"},
+            UpdateOne({"_id": self._position_id(tp)},
                       {"$set": {"projection": self.name, "topic": tp.topic,
                                 "partition": tp.partition, "next_offset": nxt}}, upsert=True)
-            for tp, nxt in next_offsets.items()])
+            for tp, nxt in next_offsets.items()], session=session)
 
-    def _repeated(self, events: list[Positioned], measurement_ids: list[str]) -> set:
+    def _repeated(self, session, events: list[Positioned], measurement_ids: list[str]) -> set:
         """(partition, offset) of measurements counted before: in an earlier batch, or earlier in
         this one."""
         if not measurement_ids:
             return set()
         known = {d["_id"] for d in self.db.measurements_seen.find(
-            {"_id": {"$in": list(set(measurement_ids))}}, {"_id": 1})}
+            {"_id": {"$in": list(set(measurement_ids))}}, {"_id": 1}, session=session)}
         repeats = set()
         for p in events:
             if p.event_type != MeasurementValidated.TYPE:

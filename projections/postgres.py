@@ -12,6 +12,7 @@ from labbus.events import model as m
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
 from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.runtime import Fence, Positioned
 from labbus.events.topics import (
     COLOUR_READINGS,
     DEVICES,
@@ -21,7 +22,6 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.projections.migrate import migrate
-from labbus.projections.runner import Positioned, PositionsMoved
 
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,
@@ -81,7 +81,7 @@ class PostgresProjection:
         self.cfg = cfg
         self.dsn = dsn or cfg.postgres_dsn
         self.pool: asyncpg.Pool | None = None
-        self._believed: dict[TopicPartition, int] = {}  # stored positions, as last read/written
+        self.fence = Fence()
 
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
@@ -102,7 +102,7 @@ class PostgresProjection:
             "SELECT topic, partition, next_offset FROM projection_positions WHERE projection=$1",
             self.name)
         stored = {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
-        self._believed = dict(stored)
+        self.fence.believed = dict(stored)
         return stored
 
     async def apply(self, events: list[Positioned],
@@ -138,22 +138,18 @@ class PostgresProjection:
             tps = list(next_offsets)
             await con.execute(UPSERT_POSITIONS, self.name, [tp.topic for tp in tps],
                               [tp.partition for tp in tps], [next_offsets[tp] for tp in tps])
-        self._believed.update(next_offsets)
+        self.fence.believed.update(next_offsets)
 
     async def _check_positions(self, con, next_offsets: dict[TopicPartition, int]) -> None:
         """Lock the positions about to be written and check they are what this projector last
         read or wrote (a partition it has not seen yet is not checked)."""
-        known = [tp for tp in next_offsets if tp in self._believed]
+        known = self.fence.known(next_offsets)
         if not known:
             return
         rows = await con.fetch(LOCK_POSITIONS, self.name, [tp.topic for tp in known],
                                [tp.partition for tp in known])
-        stored = {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
-        moved = {f"{tp.topic}/{tp.partition}": (self._believed[tp], stored.get(tp))
-                 for tp in known if stored.get(tp) != self._believed[tp]}
-        if moved:
-            raise PositionsMoved(f"stored positions differ from this projector's: {moved} "
-                                 "(believed, stored)")
+        self.fence.check(known, {TopicPartition(r["topic"], r["partition"]): r["next_offset"]
+                                 for r in rows})
 
 
 # -- colour-mixing campaigns --------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Opentrons OT-2 producer: protocol generation, in-process simulation, and the robot's HTTP API.
+"""Opentrons OT-2 producer: in-process simulation and the robot's HTTP API.
 
-* ``protocol``   - batch of ``WellRecipe`` -> OT-2 Python protocol text (+ ``protocol_hash``).
+The protocol text itself is generated in the kernel (``labbus.events.ot2_protocol``, from the
+recipes, the labware rulebook and the deck layout) and reaches the agent in RobotRunRequested.
+
 * ``simulate``   - run that text on opentrons' Protocol Engine, streaming each command as it
                    completes (the only module that imports opentrons; import it explicitly).
 * ``robot_http`` - same, on a real OT-2 via its HTTP API on port 31950 (httpx).
@@ -18,10 +20,8 @@ from .commands import (
     liquid_sources,
     normalize_command,
 )
-from .protocol import DeckLayout, WellRecipe, generate_protocol, protocol_hash
 
 __all__ = [
-    "COMMAND_KEYS", "DeckLayout", "RunOutcome", "WellRecipe", "dispensed_wells",
-    "find_labware_id", "generate_protocol", "labware_ids", "liquid_sources",
-    "normalize_command", "protocol_hash",
+    "COMMAND_KEYS", "RunOutcome", "dispensed_wells", "find_labware_id", "labware_ids",
+    "liquid_sources", "normalize_command",
 ]

@@ -12,6 +12,7 @@ from xml.etree import ElementTree
 import asyncpg
 import numpy as np
 from fastapi.testclient import TestClient
+from pymongo import MongoClient
 
 from labbus.api.app import create_app
 from labbus.deploy import experiment as exp
@@ -153,11 +154,12 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
                     break
             assert indexes == list(range(r["commands"]))
 
-        # the MongoDB experiment document
+        # the MongoDB experiment document (read with a client of its own: the API's is async)
         def mongo_doc():
-            doc = api.app.state.mongo[cfg.mongo_db].experiments.find_one({"_id": "it-good"})
+            doc = mongo[cfg.mongo_db].experiments.find_one({"_id": "it-good"})
             return doc if doc and doc.get("status") == "completed" else None
-        doc = wait_for(mongo_doc, 60, "the Mongo experiment document")
+        with MongoClient(cfg.mongo_url, tz_aware=True) as mongo:
+            doc = wait_for(mongo_doc, 60, "the Mongo experiment document")
         assert len(doc["wells"]) == done.wells_used and doc["best_de"] == done.best_de
         assert all(w.get("delta_e") is not None and w.get("rgb") for w in doc["wells"].values())
         assert {run_id: sum(r["command_types"].values()) for run_id, r in doc["runs"].items()} == {
@@ -209,7 +211,7 @@ def test_ot2_agent_finishes_a_run_interrupted_by_a_crash_without_resending(cfg, 
     import uuid
 
     from labbus.events.model import RobotRunStarted, derived_id
-    from labbus.producers.ot2.protocol import WellRecipe, generate_protocol, protocol_hash
+    from labbus.events.ot2_protocol import WellRecipe, generate_protocol, protocol_hash
 
     recipes = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
                {"well": "B1", "volumes": {"yellow": 120.0}, "water_ul": 80.0}]

@@ -10,7 +10,12 @@ from pymongo import MongoClient
 from labbus.api.app import create_app
 from labbus.events.codec import default_codec
 from labbus.events.model import MeasurementRejected
-from labbus.events.topics import DEAD_LETTER, MEASUREMENTS_RECORDED, MEASUREMENTS_REJECTED, topic_name
+from labbus.events.topics import (
+    DEAD_LETTER,
+    MEASUREMENTS_RECORDED,
+    MEASUREMENTS_REJECTED,
+    topic_name,
+)
 from labbus.producers import sim
 from tests.conftest import read_topic, run, wait_for
 

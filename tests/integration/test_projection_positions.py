@@ -10,9 +10,9 @@ from aiokafka import TopicPartition
 
 from labbus.events.codec import default_codec
 from labbus.events.model import MeasurementValidated, utcnow
+from labbus.events.runtime import Positioned, PositionsMoved
 from labbus.events.topics import MEASUREMENTS_VALIDATED, topic_name
 from labbus.projections.postgres import PostgresProjection
-from labbus.projections.runner import Positioned, PositionsMoved
 from tests.conftest import run, wait_for
 from tests.integration.test_projector_crash import publish_validated
 

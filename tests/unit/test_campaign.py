@@ -211,3 +211,30 @@ def test_warm_start_is_only_other_experiments_on_the_same_dyes_read_before_the_r
     no_learning.scored = scored
     no_learning.handle(request(), at=1000)
     assert no_learning.by_id["x1"].warm_start == []
+
+
+def test_the_dyes_a_campaign_may_use_are_the_deck_layouts_stocks():
+    from labbus.events.labware import DeckLayout, Stock
+
+    deck = DeckLayout(stocks=(Stock("blue", "A6", 9000.0), Stock("red", "A5", 9000.0),
+                              Stock("water", "A12", 15000.0)))
+    out = campaign.Campaigns(deck=deck).handle(request())
+    assert isinstance(out[0], ExperimentRejected)
+    assert "unknown dye(s) yellow; the deck holds blue, red" in out[0].reason
+    out = campaign.Campaigns(deck=deck).handle(request(dyes=["red", "blue"]))
+    run = next(e for e in out if isinstance(e, RobotRunRequested))
+    assert '"name": "red", "well": "A5", "volume": 9000.0' in run.protocol_text
+    assert '"name": "water", "well": "A12"' in run.protocol_text
+    wells = [r["well"] for r in run.recipes]
+    assert wells == ["A1", "B1", "C1", "D1", "E1", "F1", "G1", "H1"][:len(wells)]  # column-major
+
+
+def test_a_batch_the_deck_cannot_feed_never_reaches_the_robot():
+    from labbus.events.labware import DeckLayout, Stock
+
+    deck = DeckLayout(stocks=(Stock("red", "A1", 1010.0), Stock("yellow", "A2", 1010.0),
+                              Stock("blue", "A3", 1010.0), Stock("water", "A4", 15000.0)))
+    out = campaign.Campaigns(deck=deck).handle(request())
+    assert [type(e).__name__ for e in out] == [
+        "RecipesProposed", "RecipeRejected", "ExperimentFailed"]
+    assert any("reservoir: plan needs" in r and "10 µL is usable" in r for r in out[1].reasons)

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from labbus.processors.colour.optimiser import MixingModel, Observation, first_design, fit_model, propose
+from labbus.processors.colour.optimiser import (
+    MixingModel,
+    Observation,
+    first_design,
+    fit_model,
+    propose,
+)
 from labbus.processors.colour.recipes import recipe_violations
 from labbus.processors.colour.scoring import delta_e2000, parse_target
 from labbus.producers.plate_reader_model import PlateReaderModel, rgb_to_lab

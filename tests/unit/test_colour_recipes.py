@@ -35,9 +35,10 @@ def test_wells_off_the_plate_are_named(well):
     assert well_violations(well) == [f"well {well!r} is not on a 96-well plate (A1-H12)"]
 
 
-def test_there_are_96_wells():
+def test_there_are_96_wells_in_column_order():
     names = well_names()
     assert len(names) == 96 and names[0] == "A1" and names[-1] == "H12"
+    assert names[:9] == ("A1", "B1", "C1", "D1", "E1", "F1", "G1", "H1", "A2")
 
 
 @pytest.mark.parametrize("recipe, reason", [
@@ -66,19 +67,22 @@ def test_water_rule_can_be_switched_off():
 def test_plan_checks_wells_reservoirs_with_dead_volume_and_tips():
     plan = {"A1": {"red": 100, "blue": 0}, "A2": {"red": 100, "blue": 20}, "Z9": {"red": 10}}
     reasons = plan_violations(plan, {"red": 250, "water": 1000}, dead_volume_ul=50,
-                              tips_available=4)
+                              tips_available=4, tip_policy="per_transfer")
     assert "well 'Z9' is not on a 96-well plate (A1-H12)" in reasons
     assert "Z9: red: 10 µL is below the pipette minimum 20 µL (use 0 or at least 20)" in reasons
     assert ("red reservoir: plan needs 210 µL but only 200 µL is usable "
             "(250 µL minus 50 µL dead volume)") in reasons
     assert "no reservoir holds blue" in reasons
-    assert "plan needs 7 tips but only 4 are loaded" in reasons
+    assert "plan needs 7 tips but only 4 are loaded" in reasons  # one per transfer
+    assert "plan needs 3 tips but only 2 are loaded" in plan_violations(  # one per source
+        plan, {"red": 250, "water": 1000}, tips_available=2)
 
 
 def test_a_good_plan_passes_and_counts_liquids():
     plan = {"A1": {"red": 100, "blue": 0}, "A2": {"red": 60, "blue": 40}}
     assert reservoir_demand(plan) == {"red": 160, "water": 200, "blue": 40}
-    assert tips_needed(plan) == 5
+    assert tips_needed(plan) == 3  # the rulebook's policy: one tip per source
+    assert tips_needed(plan, tip_policy="per_transfer") == 5
     assert plan_violations(plan, {"red": 500, "blue": 500, "water": 500}, dead_volume_ul=100,
                            tips_available=96) == []
 

@@ -1,6 +1,7 @@
 """labbus's faust transport: registered under labbus://, and its hand-off of a half-run delivery."""
 
 import asyncio
+from types import FunctionType
 
 import pytest
 from faust.transport import by_url
@@ -75,3 +76,56 @@ async def test_raw_schema_hands_over_the_broker_bytes():
                       tp=TP("t", 0))
     event = await decode(message)
     assert (event.key, event.value, event.message) == (b"dev-1", b"\xc3\x01abc", message)
+
+
+def test_upstream_code_under_the_patches_is_the_tested_version():
+    """faust-streaming is pinned to the tested minor version, and a patch release can still
+    change private code: an upgrade that touches anything the patches copy or override fails
+    here, naming the function (see UPSTREAM_SOURCES for what to do)."""
+    changed = faust_speedups.changed_upstream()
+    assert not changed, (
+        "faust/mode changed under processors/faust_speedups.py: " + "; ".join(changed)
+        + ". Port the change into the patch or drop the patch "
+        "(tests/bench/bench_faust_patches.py), then record the new hashes "
+        "(python -m labbus.processors.faust_speedups).")
+
+
+def test_every_override_is_guarded():
+    """Each method or property the patches override is in UPSTREAM_SOURCES, so a new override
+    cannot be added without its upstream source being recorded."""
+    ours = (faust_speedups.Consumer, faust_speedups.Producer, faust_speedups.ProducerBuffer,
+            faust_speedups.RawSchema, faust_speedups.LeanMonitor)
+    unguarded = []
+    for cls in ours:
+        for attr, obj in vars(cls).items():
+            if not isinstance(obj, property | FunctionType) or (
+                    attr.startswith("__") and attr != "__init__"):
+                continue
+            base = next((b for b in cls.__mro__[1:] if attr in vars(b)), None)
+            if base is None:
+                continue  # labbus's own helper, nothing upstream to follow
+            name = f"{base.__module__}:{base.__qualname__}.{attr}"
+            if name not in faust_speedups.UPSTREAM_SOURCES:
+                unguarded.append(name)
+    assert not unguarded, f"overridden but not in UPSTREAM_SOURCES: {unguarded}"
+
+
+def test_the_guard_names_a_changed_or_vanished_function(monkeypatch):
+    table = dict(faust_speedups.UPSTREAM_SOURCES)
+    table["faust.transport.consumer:Consumer.getmany"] = "0" * 64
+    table["faust.transport.consumer:Consumer.no_such_method"] = "0" * 64
+    monkeypatch.setattr(faust_speedups, "UPSTREAM_SOURCES", table)
+    changed = faust_speedups.changed_upstream()
+    assert len(changed) == 2
+    assert changed[0].startswith("faust.transport.consumer:Consumer.getmany (source sha256")
+    assert changed[1].startswith("faust.transport.consumer:Consumer.no_such_method (gone")
+
+
+def test_faust_is_pinned_to_the_tested_minor_version():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "faust-streaming>=0.15.3,<0.16" in project["project"]["dependencies"]
+    assert version("faust-streaming").startswith("0.15.")

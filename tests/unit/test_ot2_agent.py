@@ -16,21 +16,11 @@ from labbus.events.model import (
     RobotRunStarted,
     WellDispensed,
 )
+from labbus.events.runtime import Step
 from labbus.producers import ot2_agent
 from labbus.producers.ot2.robot_http import OT2Client
 from tests.unit.fixtures.ot2.record_fixtures import RECIPES
 from tests.unit.test_ot2_robot_http import Replay, no_sleep
-
-
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes]] = []
-
-    async def send(self, topic, value, key=None):
-        self.sent.append((topic, value, key))
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
 
 
 def agent_run(name: str) -> list:
@@ -39,18 +29,18 @@ def agent_run(name: str) -> list:
         source="t", subject="x1", sequence=1, run_id="run-1", experiment_id="x1", iteration=0,
         protocol_hash="h", protocol_text=robot.protocol_text,
         recipes=[{"well": r.well, "volumes": dict(r.dyes), "water_ul": r.water} for r in RECIPES])
-    producer = FakeProducer()
-
     async def main():
         async with OT2Client(robot.cassette["robot_url"], transport=httpx.MockTransport(robot),
                              page_length=robot.cassette["page_length"], sleep=no_sleep) as client:
-            return await ot2_agent.execute(config.load({}), producer, req,
-                                           ot2_agent.on_robot(client), "robot")
+            return [e async for e in ot2_agent.execute(req, ot2_agent.on_robot(client), "robot")]
 
-    status = asyncio.run(main())
-    events = [default_codec().decode(value) for _, value, _ in producer.sent]
-    assert all(key == b"x1" for _, _, key in producer.sent)
-    assert {topic for topic, _, _ in producer.sent} == {"lab.robot.runs"}
+    events = asyncio.run(main())
+    step = Step(config.load({}), "agent-ot2")
+    outgoing = [step.encode(e) for e in events]
+    assert all(o.key == b"x1" for o in outgoing)
+    assert {o.topic for o in outgoing} == {"lab.robot.runs"}
+    assert [default_codec().decode(o.value) for o in outgoing] == events
+    status = "succeeded" if isinstance(events[-1], RobotRunFinished) else "failed"
     return status, events
 
 

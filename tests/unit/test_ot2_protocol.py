@@ -7,11 +7,9 @@ import hashlib
 
 import pytest
 
-from labbus.producers.ot2.protocol import (
+from labbus.events.labware import PLATE, DeckLayout, Stock, well_names
+from labbus.events.ot2_protocol import (
     API_LEVEL,
-    PLATE,
-    PLATE_WELLS,
-    DeckLayout,
     WellRecipe,
     generate_protocol,
     plan_transfers,
@@ -36,7 +34,8 @@ def test_protocol_is_python_with_ot2_requirements_and_labware() -> None:
     assert consts["requirements"] == {"robotType": "OT-2", "apiLevel": API_LEVEL} == {
         "robotType": "OT-2", "apiLevel": "2.28"}
     assert consts["metadata"]["protocolName"]
-    for name in ("opentrons_96_tiprack_300ul", "nest_12_reservoir_15ml", PLATE, "p300_single_gen2"):
+    for name in ("opentrons_96_tiprack_300ul", "nest_12_reservoir_15ml", PLATE.load_name,
+                 "p300_single_gen2"):
         assert f'"{name}"' in text
     assert "define_liquid" in text and "load_liquid" in text
     # every dye and water declared, one reservoir well each, with stock volume > what is used
@@ -44,6 +43,7 @@ def test_protocol_is_python_with_ot2_requirements_and_labware() -> None:
     assert list(liquids) == [*DYES, "water"]
     assert [liq["well"] for liq in liquids.values()] == ["A1", "A2", "A3", "A4"]
     assert liquids["red"]["volume"] > 40 and liquids["water"]["volume"] > 100
+    assert {liq["volume"] for liq in liquids.values()} == {15000.0}  # the deck layout's stocks
     assert consts["PLATE_WELLS"] == ["A1", "B1"]
 
 
@@ -75,12 +75,14 @@ def test_layout_defaults_and_slots_in_text() -> None:
 
 
 @pytest.mark.parametrize("recipes, dyes, message", [
-    ([WellRecipe("Z1", {"red": 10}, 0)], ["red"], "unknown plate well"),
-    ([WellRecipe("A1", {"red": 10}, 0), WellRecipe("A1", {}, 5)], ["red"], "twice"),
-    ([WellRecipe("A1", {"green": 10}, 0)], ["red"], "not in"),
-    ([WellRecipe("A1", {"red": -1}, 0)], ["red"], ">= 0"),
-    ([WellRecipe("A1", {"red": 300}, 61)], ["red"], "exceeds"),
-    ([WellRecipe("A1", {"water": 10}, 0)], ["water"], "reserved"),
+    ([WellRecipe("Z1", {"red": 20}, 0)], ["red"], "'Z1' is not on a 96-well plate"),
+    ([WellRecipe("A1", {"red": 20}, 0), WellRecipe("A1", {}, 25)], ["red"], "twice"),
+    ([WellRecipe("A1", {"green": 20}, 0)], ["red"], "not in"),
+    ([WellRecipe("A1", {"green": 20}, 0)], ["green"], "'green' is not on the deck"),
+    ([WellRecipe("A1", {"red": -1}, 0)], ["red"], "negative"),
+    ([WellRecipe("A1", {"red": 10}, 0)], ["red"], "below the pipette minimum 20"),
+    ([WellRecipe("A1", {"red": 150}, 61)], ["red"], "211 µL exceeds the working volume 200"),
+    ([WellRecipe("A1", {"water": 20}, 0)], ["water"], "reserved"),
 ])
 def test_invalid_batches_are_rejected(recipes, dyes, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -88,9 +90,30 @@ def test_invalid_batches_are_rejected(recipes, dyes, message) -> None:
 
 
 def test_tip_budget_is_checked() -> None:
-    full_plate = [WellRecipe(w, {"red": 10, "blue": 10}, 10) for w in PLATE_WELLS]
-    generate_protocol(full_plate, ["red", "blue"])  # per_source: 3 tips
-    with pytest.raises(ValueError, match="tips needed"):
-        generate_protocol(full_plate, ["red", "blue"], tip_policy="per_transfer")  # 288 tips
+    full_plate = [WellRecipe(w, {"red": 20, "blue": 20}, 20) for w in well_names()]
+    text = generate_protocol(full_plate, ["red", "blue"])  # per_source: 3 tips
+    plan = ast.literal_eval(text.split("PLAN = ")[1].split("\n")[0])
+    assert [source for source, _ in plan] == ["A4", "A1", "A3"]  # water, red, blue: a tip each
+    with pytest.raises(ValueError, match="plan needs 288 tips but only 96 are loaded"):
+        generate_protocol(full_plate, ["red", "blue"], tip_policy="per_transfer")
     generate_protocol(full_plate, ["red", "blue"], DeckLayout(tiprack_slots=(1, 4, 7)),
                       tip_policy="per_transfer")
+
+
+def test_sources_come_from_the_deck_layout_wells_and_volumes() -> None:
+    deck = DeckLayout(stocks=(Stock("water", "A12", 9000.0),
+                              Stock("blue", "A5", 3000.0, "#0000FF"), Stock("red", "A7", 2000.0)))
+    text = generate_protocol(RECIPES[:1], ["red", "blue"], deck)
+    liquids = ast.literal_eval(text.split("LIQUIDS = ")[1].split("\n")[0])
+    assert liquids == [
+        {"name": "red", "well": "A7", "volume": 2000.0, "color": "#9E9E9E"},
+        {"name": "blue", "well": "A5", "volume": 3000.0, "color": "#0000FF"},
+        {"name": "water", "well": "A12", "volume": 9000.0, "color": "#9E9E9E"}]
+
+
+def test_a_stock_short_of_the_batch_plus_its_dead_volume_is_refused() -> None:
+    deck = DeckLayout(stocks=(Stock("red", "A1", 1100.0), Stock("water", "A2", 12000.0)))
+    plate = [WellRecipe(w, {"red": 20}, 180) for w in well_names()[:5]]  # 100 µL of red
+    generate_protocol(plate, ["red"], deck)
+    with pytest.raises(ValueError, match="red reservoir: plan needs 120 µL but only 100 µL"):
+        generate_protocol([*plate, WellRecipe("F1", {"red": 20}, 180)], ["red"], deck)

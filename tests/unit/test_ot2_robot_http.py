@@ -16,8 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
-from labbus.producers.ot2.commands import COMMAND_KEYS, dispensed_wells, find_labware_id, liquid_sources
-from labbus.producers.ot2.protocol import PLATE
+from labbus.events.labware import PLATE
+from labbus.producers.ot2.commands import (
+    COMMAND_KEYS,
+    dispensed_wells,
+    find_labware_id,
+    liquid_sources,
+)
 from labbus.producers.ot2.robot_http import OT2Client, RobotHTTPError, RobotRun
 from tests.unit.fixtures.ot2.record_fixtures import DYES, RECIPES, protocols
 
@@ -95,7 +100,7 @@ def test_successful_run_streams_each_command_once_across_pages() -> None:
     assert all(tuple(c) == COMMAND_KEYS and c["status"] == "succeeded" for c in commands)
     assert all(c["result"] is not None for c in commands)  # full command, not the list summary
 
-    plate = find_labware_id(commands, PLATE)
+    plate = find_labware_id(commands, PLATE.load_name)
     names = liquid_sources(commands, result.outcome.liquids)
     assert sorted(set(names.values())) == sorted([*DYES, "water"])
     assert dispensed_wells(commands, plate, names) == {

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from labbus.events.labware import LABWARE, Labware, Pipette, TipRack, well_names
+from labbus.events.ot2_protocol import WellRecipe, generate_protocol
 from labbus.producers.ot2.commands import COMMAND_KEYS
-from labbus.producers.ot2.protocol import PLATE, PLATE_WELLS, WellRecipe, generate_protocol
 from labbus.producers.ot2.simulate import (
     RunOutcome,
     dispensed_wells,
@@ -21,14 +22,17 @@ from labbus.producers.ot2.simulate import (
 )
 
 DYES = ["red", "yellow", "blue"]
+PLATE = LABWARE.plate.load_name
 
 
 def batch(n: int) -> list[WellRecipe]:
-    """Deterministic varied recipes (some zeros, one > 300 µL total source volume split)."""
+    """Deterministic varied recipes within the rulebook (some zeros, some fractional µL)."""
     out = []
-    for i, well in enumerate(PLATE_WELLS[:n], start=1):
-        out.append(WellRecipe(well, {"red": float(i * 7 % 60), "yellow": float(i * 13 % 45),
-                                     "blue": 0.0 if i % 3 == 0 else 12.5 + i}, float(i * 11 % 90)))
+    for i, well in enumerate(well_names()[:n], start=1):
+        out.append(WellRecipe(well, {"red": 0.0 if i % 4 == 0 else float(20 + i * 7 % 40),
+                                     "yellow": 0.0 if i % 5 == 0 else float(20 + i * 13 % 30),
+                                     "blue": 0.0 if i % 3 == 0 else 20.5 + i % 30},
+                              float(20 + i * 11 % 50)))
     return out
 
 
@@ -91,14 +95,17 @@ def test_eight_well_batch_streams_every_command_in_order_and_dispenses_the_recip
 
 
 def test_volumes_above_tip_capacity_are_split() -> None:
-    recipes = [WellRecipe("C3", {"red": 0.0}, 330.0)]
-    outcome, commands, _ = run(generate_protocol(recipes, ["red"]))
-    assert outcome.status == "succeeded"
+    # a 200 µL well never needs more than one p300 aspiration; a p20 rulebook splits 30 µL
+    p20 = Labware(pipette=Pipette("p20_single_gen2", 1.0, 20.0),
+                  tiprack=TipRack("opentrons_96_tiprack_20ul", 96, 20.0))
+    recipes = [WellRecipe("C3", {"red": 0.0}, 30.0)]
+    outcome, commands, _ = run(generate_protocol(recipes, ["red"], labware=p20))
+    assert outcome.status == "succeeded", outcome.errors
     aspirates = [c["params"]["volume"] for c in commands if c["commandType"] == "aspirate"]
-    assert aspirates == [165.0, 165.0]
+    assert aspirates == [15.0, 15.0]
     plate = find_labware_id(commands, PLATE)
     assert dispensed_wells(commands, plate, liquid_sources(commands, outcome.liquids)) == {
-        "C3": {"water": 330.0}}
+        "C3": {"water": 30.0}}
 
 
 def test_over_aspiration_fails_the_run_with_the_engine_error() -> None:

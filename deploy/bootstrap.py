@@ -1,0 +1,93 @@
+"""One place wires every process: which topics it reads, its handler, its state and its sinks.
+
+The CLI (`labbus agent|process|project ...`), `labbus demo` (which runs the CLI) and the tests
+build processes only through `PROCESSES`. Adding a processor is a handler (a plain function or
+small class, no Kafka in it) plus one entry here; the runtime (labbus.events.runtime) does the
+consuming, dead-lettering, producing, committing, retrying and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from labbus.events.config import Config
+from labbus.events.runtime import run_consumer, run_view
+from labbus.events.topics import ROBOT_RUNS
+
+Stop = asyncio.Event
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str  # metrics, logs and consumer group
+    what: str
+    run: Callable[..., Coroutine[Any, Any, None] | None]  # (cfg, stop, **options)
+
+
+async def plate_reader(cfg: Config, stop: Stop, seed: int = 0, delay_s: float = 0.0) -> None:
+    from labbus.producers.colour_reader import PlateReader
+
+    reader = PlateReader(seed, delay_s)
+    await run_consumer(cfg, "agent-reader", [ROBOT_RUNS], reader, stop, accepts=reader.accepts,
+                       max_records=50)
+
+
+async def ot2(cfg: Config, stop: Stop, robot_url: str | None = None) -> None:
+    """Simulation, or a real OT-2 when `robot_url` is given."""
+    from labbus.producers import ot2_agent
+
+    client = None
+    agent = ot2_agent.Ot2Agent()
+    if robot_url:
+        from labbus.producers.ot2.robot_http import OT2Client
+
+        client = OT2Client(robot_url)
+        agent = ot2_agent.Ot2Agent(ot2_agent.on_robot(client), "robot")
+    try:
+        # one run per poll: a run takes seconds, and its offset is committed when it ends
+        await run_consumer(cfg, "agent-ot2", [ROBOT_RUNS], agent, stop, accepts=agent.accepts,
+                           max_records=1)
+    finally:
+        if client is not None:
+            await client.aclose()
+
+
+async def postgres_view(cfg: Config, stop: Stop, batch: int = 5000) -> None:
+    from labbus.projections.postgres import PostgresProjection
+
+    await run_view(cfg, PostgresProjection(cfg), stop, batch)
+
+
+async def mongo_view(cfg: Config, stop: Stop, batch: int = 5000) -> None:
+    from labbus.projections.mongo import MongoProjection
+
+    await run_view(cfg, MongoProjection(cfg), stop, batch)
+
+
+def validator(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker: runs until SIGINT/SIGTERM (faust handles the signals)."""
+    from labbus.processors import validator as app
+
+    app.run(cfg)
+
+
+def experiment(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (campaign state in Tables): runs until SIGINT/SIGTERM."""
+    from labbus.processors import experiment as app
+
+    app.run(cfg)
+
+
+PROCESSES: dict[str, Process] = {p.name: p for p in (
+    Process("agent-reader", "simulated plate reader: WellDispensed -> WellColourMeasured",
+            plate_reader),
+    Process("agent-ot2", "OT-2 agent: RobotRunRequested -> the run's events", ot2),
+    Process("projector-postgres", "PostgreSQL read models", postgres_view),
+    Process("projector-mongo", "MongoDB documents", mongo_view),
+    Process("validator", "faust validator: MeasurementRecorded -> Validated/Rejected",
+            validator),
+    Process("experiment", "colour-mixing campaigns", experiment),
+)}

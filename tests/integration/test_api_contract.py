@@ -1,0 +1,175 @@
+"""The query API keeps its own OpenAPI contract: schemathesis (`st run --checks all`) against the
+real API, started as `labbus api` on a session's read models with devices, readings and a
+finished colour campaign in them.
+
+schemathesis lives in its own virtualenv (`.venv-schemathesis`, made by `make setup`): it needs
+jsonschema>=4.18, which the main environment cannot have (opentrons pins jsonschema<4.18).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import TopicPartition
+
+from labbus.deploy.demo import LABBUS
+from labbus.events.codec import default_codec
+from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.runtime import Positioned
+from labbus.projections.mongo import MongoProjection
+from labbus.projections.postgres import PostgresProjection
+from tests.conftest import REPO, free_port, run, wait_for
+from tests.integration.test_experiment_read_models import campaign_events
+
+ST = REPO / ".venv-schemathesis" / "bin" / "st"
+PIN = REPO / "tests" / "schemathesis-requirements.txt"  # the version this suite was tested with
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+EXAMPLES = 300  # per operation and phase: ~5,000 cases, about 45 s on the dev machine
+SEED = 20260301  # fixed, so a failure reproduces (`st run ... --seed`)
+XID = "contract-campaign"
+DEVICES = {"contract-ph-1": "ph-meter", "contract-tc-2": "thermocouple"}
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+# fake topic names: the seeded positions must not steer the session's real projectors
+TOPICS = {"devices": "contract-test.devices", "validated": "contract-test.validated",
+          "experiments": "contract-test.experiments", "runs": "contract-test.runs",
+          "readings": "contract-test.readings"}
+
+
+def seed_batches() -> list[list[Positioned]]:
+    """Two devices, 40 readings of the first (several per timestamp), one finished campaign."""
+    t = dict(source="contract-test")
+    by_topic: dict[str, list] = {
+        "devices": [DeviceRegistered.create(
+            **t, subject=device, sequence=0, device_id=device, device_type=kind, model="m",
+            location="bench", metrics=["ph", "temperature"]) for device, kind in DEVICES.items()],
+        "validated": [MeasurementValidated.create(
+            **t, subject="contract-ph-1", sequence=i, measurement_id=uuid.uuid4(),
+            device_id="contract-ph-1", metric="ph" if i % 3 else "temperature", value=7.0,
+            unit="pH" if i % 3 else "degC", measured_at=T0 + timedelta(seconds=i // 4))
+            for i in range(40)],
+        **campaign_events(XID)}
+    codec = default_codec()
+    return [[Positioned(TopicPartition(TOPICS[alias], 0), offset,
+                        *codec.decode_record(codec.encode(e), plain=True))
+             for offset, e in enumerate(events)] for alias, events in by_topic.items()]
+
+
+def seed(cfg) -> None:
+    async def write():
+        pg, mongo = PostgresProjection(cfg), MongoProjection(cfg)
+        mongo.aliases = {topic: alias for alias, topic in TOPICS.items()}
+        await pg.start()
+        await mongo.start()
+        try:
+            for batch in seed_batches():
+                await pg.apply(batch, {})  # no positions: nothing to compare with later
+                await mongo.apply(batch, {batch[-1].tp: batch[-1].offset + 1})
+        finally:
+            await pg.stop()
+            await mongo.stop()
+
+    run(write())
+
+
+@pytest.fixture(scope="module")
+def live_api(cfg, env, tmp_path_factory):
+    """`labbus api` on a free port, serving the seeded read models of this session."""
+    seed(cfg)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("api") / "api.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([LABBUS, "api", "--port", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the API exited with {proc.returncode}: "
+                                 f"{log_path.read_text()[-2000:]}")
+        try:
+            return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 60, "the API to be ready", interval=0.3)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def schemathesis(location: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`st run` with the checks and budget of this suite; its output is in the result. It runs
+    in `cwd`, where it keeps its caches (a crash cache would replay old failures)."""
+    pinned = PIN.read_text().strip().split("==")[1]
+    if not ST.exists():
+        pytest.fail(f"{ST} is missing: `make setup` installs schemathesis into its own "
+                    "virtualenv (it cannot share the main one, see this module's docstring)")
+    version = subprocess.run([str(ST), "--version"], capture_output=True, text=True).stdout
+    if pinned not in version:
+        pytest.fail(f"{ST} is {version.strip()!r}, {PIN.name} pins {pinned}: run `make setup`")
+    # one worker: with two, Hypothesis's lambda descriptions race in CPython 3.11's ast module
+    # ("AST constructor recursion depth mismatch", a schemathesis runtime error, not an API fault)
+    return subprocess.run(
+        [str(ST), "--config-file", str(CONFIG), "run", location, "--checks", "all",
+         "--seed", str(SEED), "--workers", "1", "--no-color", "--generation-database", "none",
+         *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def generated(output: str) -> tuple[int, int]:
+    """(test cases generated, passed) from schemathesis's summary."""
+    m = re.search(r"Test cases:\s+(\d+) generated, (?:(\d+) passed)?", output)
+    assert m, output[-3000:]
+    return int(m[1]), int(m[2] or 0)
+
+
+def test_schemathesis_finds_no_server_error_and_no_conformance_failure(live_api, tmp_path):
+    base, log_path = live_api
+    started = time.monotonic()
+    result = schemathesis(f"{base}/openapi.json", "--max-examples", str(EXAMPLES), cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    out = result.stdout
+    print(out[-2500:], f"\nschemathesis took {elapsed:.0f} s")
+    assert result.returncode == 0, (out[-8000:] + result.stderr[-2000:]
+                                    + "\nAPI log:\n" + log_path.read_text()[-3000:])
+    assert "No issues found" in out, out[-3000:]
+    cases, passed = generated(out)
+    assert cases == passed > 1000, out[-3000:]  # all passed, and thousands ran
+    assert re.search(r"Operations:\s+(\d+) selected / \1 total", out), out[:2000]
+    # the stateful phase followed every link, so the seeded ids were reached, not only 404s
+    links = re.search(r"API Links:\s+(\d+) covered / (\d+) selected", out)
+    assert links and links[1] == links[2] and int(links[1]) >= 8, out[:3000]
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+    # and by the API's own count: thousands of requests answered, none with a 5xx
+    by_status: dict[str, float] = {}
+    for m in re.finditer(r'labbus_api_requests_total\{route="[^"]*",status="(\d+)"\} ([0-9.e+]+)',
+                         httpx.get(f"{base}/metrics").text):
+        by_status[m[1]] = by_status.get(m[1], 0) + float(m[2])
+    assert sum(by_status.values()) > 1000, by_status
+    assert not [s for s in by_status if s.startswith("5")], by_status
+
+
+def test_the_contract_run_fails_when_the_api_breaks_its_schema(live_api, tmp_path):
+    """The harness has teeth: the same run against a schema that leaves out GET /devices/{id}'s
+    404 reports the undocumented status and exits non-zero."""
+    base, _ = live_api
+    schema = httpx.get(f"{base}/openapi.json").json()
+    del schema["paths"]["/devices/{device_id}"]["get"]["responses"]["404"]
+    (tmp_path / "openapi.json").write_text(json.dumps(schema))
+    result = schemathesis(str(tmp_path / "openapi.json"), "--url", base, "--max-examples", "5",
+                          "--include-path", "/devices/{device_id}", "--phases", "coverage",
+                          cwd=tmp_path)
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "Undocumented status code" in result.stdout, result.stdout[-3000:]
