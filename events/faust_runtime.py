@@ -190,6 +190,82 @@ class SharedLog:
         else:
             self.values[key] = value
 
+# The faust internals the delivery guard relies on, as tested with faust-streaming 0.15.3 (sha256
+# of inspect.getsource): perform_seek sets `_committed_offset` to the offsets it seeks to, seek()
+# resets the read offset so a sought-back range is delivered again, and the drain loop delivers
+# a record only at or past that read offset. tests/unit/test_faust_speedups.py checks them with
+# the faust patches' guard.
+UPSTREAM_SOURCES: dict[str, str] = {
+    "faust.transport.consumer:Consumer.perform_seek":
+        "0e8c130ff4b0afd82c0be9c5fd831316e10febc62c94032833911096e156d7c6",
+    "faust.transport.consumer:Consumer.seek":
+        "b86a9fe05f956b30cf299c787b6787c6e0349cbf1ae556f2456a1e97b15dbb22",
+    "faust.transport.consumer:Consumer._drain_messages":
+        "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",
+}
+
+
+class DeliveryGuard:
+    """Makes sure every input record reaches the handler, whatever faust does around a rebalance.
+
+    faust-streaming 0.15.3 sometimes loses records that its consumer had already handed to a
+    stream's buffer when a rebalance begins: the buffer is cleared, but faust's read offset for
+    the partition is already past those records, so they are neither delivered again nor
+    committed. Seen in about one takeover in five in the two-processor test (records fetched
+    before a takeover never reached the handler; the partition's commit stopped at the first of
+    them and the campaigns they belonged to never finished).
+
+    The guard keeps, per input partition, `done`: every offset up to it has been handled (the
+    committed offset minus one counts too: faust commits only what was handled). A record past
+    `done + 1` means the ones before it were skipped; a partition whose consumer position (the
+    next offset it returns) is past `done + 1` while the handler has been idle means records
+    vanished on their way. Either
+    way the partition is sought back to `done + 1` and faust delivers again from there; handlers
+    are idempotent per input (see the module docstring), so a record handled twice is harmless.
+    """
+
+    IDLE_S = 3.0  # handler idle this long, a position past `done + 1`: records were lost
+
+    def __init__(self, process: str) -> None:
+        self.process = process
+        self.done: dict[Any, int] = {}
+        self.seeking: set = set()  # sought back, waiting for the first record delivered again
+        self.last_handled = time.monotonic()
+
+    def _floor(self, tp: Any, committed: int | None) -> int | None:
+        done = self.done.get(tp)
+        if committed is not None and committed > 0 and (done is None or committed - 1 > done):
+            done = self.done[tp] = committed - 1
+        return done
+
+    def handled(self, tp: Any, offset: int, committed: int | None) -> int | None:
+        """Record a handled offset; returns the offset to seek back to when some were skipped."""
+        self.last_handled = time.monotonic()
+        done = self._floor(tp, committed)
+        if done is None or offset <= done + 1:
+            self.seeking.discard(tp)
+            if done is None or offset == done + 1:
+                self.done[tp] = offset
+            return None  # the next one, or one handled again after a seek
+        if tp in self.seeking:
+            return None  # the rest of a batch fetched before the seek
+        self.seeking.add(tp)
+        return done + 1
+
+    def lost(self, positions: dict, committed: dict) -> dict:
+        """Partitions whose consumer position (the next offset it will return) is past records
+        never handled: {tp: offset to seek back to}."""
+        if time.monotonic() - self.last_handled < self.IDLE_S:
+            return {}
+        out = {}
+        for tp, position in positions.items():
+            done = self._floor(tp, committed.get(tp))
+            if position is not None and done is not None and position > done + 1:
+                out[tp] = done + 1
+                self.seeking.add(tp)
+        return out
+
+
 # handler(state or None, event, record, shared) -> (new state, events to emit)
 StatefulHandler = Callable[[Any, Event, Record, Shared], tuple[Any, Iterable[Event]]]
 
@@ -301,6 +377,34 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                 await shared.follow(lambda: self.should_stop)
 
     busy: dict[str, Any] = {"stage": None}
+    guard = DeliveryGuard(process)
+    inputs_by_name = {topic_name(cfg, spec) for spec in inputs}
+
+    async def _seek_back(tp: Any, offset: int, why: str) -> None:
+        consumer = app.consumer
+        if tp not in consumer.assignment():
+            return
+        log.warning("faust lost records; reading again", extra={
+            "topic": tp.topic, "partition": tp.partition, "from_offset": offset, "why": why})
+        metrics.REDELIVERIES.labels(process, tp.topic).inc()
+        await consumer.seek(tp, offset)
+
+    @app.timer(1.0)
+    async def recover_lost_records() -> None:
+        """Records read by faust's consumer that never reached the handler (see DeliveryGuard)."""
+        consumer = app.consumer
+        if (busy["stage"] is not None or app.rebalancing or not consumer.flow_active
+                or not app.tables.recovery.completed.is_set()):
+            return
+        paused = consumer._paused_partitions
+        assigned = [tp for tp in consumer.assignment()
+                    if tp.topic in inputs_by_name and tp not in paused]
+        positions = {tp: await consumer.position(tp) for tp in assigned}
+        lost = guard.lost(positions, {tp: consumer._committed_offset.get(tp) for tp in assigned})
+        for tp, offset in lost.items():
+            await _seek_back(tp, offset, "read but never handled")
+    debug = bool(os.environ.get("LABBUS_FAUST_DEBUG"))
+    handled: dict = {}
 
     @app.agent(source, name=f"{process}-handler")
     async def run_handler(stream):
@@ -323,6 +427,22 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             event = stream.current_event
             started = time.perf_counter()
             rec = record_of(event.message)
+            tp = event.message.tp
+            if tp.topic in inputs_by_name:
+                skipped_to = guard.handled(tp, rec.offset,
+                                          app.consumer._committed_offset.get(tp))
+                if skipped_to is not None:
+                    await _seek_back(tp, skipped_to, "records skipped before this one")
+            if debug:
+                tp = event.message.tp
+                last = handled.get(tp)
+                if last is None or rec.offset != last + 1:
+                    log.warning("faust delivery jump", extra={
+                        "tp": f"{rec.topic}/{rec.partition}", "offset": rec.offset, "last": last,
+                        "generation": app.consumer_generation_id,
+                        "read_offset": app.consumer._read_offset.get(tp),
+                        "committed": app.consumer._committed_offset.get(tp)})
+                handled[tp] = rec.offset
             busy.update(stage="decide", since=time.monotonic(), at=(rec.topic, rec.partition,
                                                                    rec.offset))
             metrics.EVENTS_IN.labels(process, rec.topic).inc()
@@ -365,12 +485,23 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         async def _debug_state() -> None:
             c = app.consumer
             rec = app.tables.recovery
+            positions: Any = {}
             try:
                 inner = c._thread._ensure_consumer()
                 paused = sorted(str(tp) for tp in inner.paused())
                 assigned = sorted(str(tp) for tp in inner.assignment())
+                sub = inner._subscription.subscription
+                for tp in inner.assignment():
+                    st = sub.assignment.state_value(tp) if sub else None
+                    positions[f"{tp.topic[-12:]}/{tp.partition}"] = (
+                        st._position if st else "?", c._read_offset.get(tp),
+                        c.highwater(tp), bool(app.topics._tp_index.get(tp)))
+                fetcher = app._fetcher._drainer
+                drainer = ("none" if fetcher is None else "done" if fetcher.done()
+                           else "running")
             except Exception as exc:  # noqa: BLE001
                 paused = assigned = repr(exc)
+                drainer = "?"
             log.warning("faust debug", extra={
                 "assigned": assigned, "aiokafka_paused": paused,
                 "active": sorted(str(tp) for tp in (c._active_partitions or ())),
@@ -381,7 +512,9 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                 "in_recovery": rec.in_recovery, "completed": rec.completed.is_set(),
                 "active_remaining": rec.active_remaining_total(),
                 "standby_remaining": rec.standby_remaining_total(),
-                "busy": busy.get("stage"), "at": busy.get("at")})
+                "busy": busy.get("stage"), "at": busy.get("at"), "drainer": drainer,
+                "positions(pos,read,hw,indexed)": positions,
+                "suspended": app.consumer.suspend_flow.is_set()})
 
     app.labbus_tables = (states, shared)  # for tests and tools
     return app
