@@ -216,7 +216,8 @@ class DeliveryGuard:
     them and the campaigns they belonged to never finished).
 
     The guard keeps, per input partition, `done`: every offset up to it has been handled (the
-    committed offset minus one counts too: faust commits only what was handled). A record past
+    committed offset minus one counts too: faust commits only what was handled; with no commit
+    and nothing handled yet, the log start minus one). A record past
     `done + 1` means the ones before it were skipped; a partition whose consumer position (the
     next offset it returns) is past `done + 1` while the handler has been idle means records
     vanished on their way. Either
@@ -234,7 +235,7 @@ class DeliveryGuard:
 
     def _floor(self, tp: Any, committed: int | None) -> int | None:
         done = self.done.get(tp)
-        if committed is not None and committed > 0 and (done is None or committed - 1 > done):
+        if committed is not None and (done is None or committed - 1 > done):
             done = self.done[tp] = committed - 1
         return done
 
@@ -400,7 +401,11 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         assigned = [tp for tp in consumer.assignment()
                     if tp.topic in inputs_by_name and tp not in paused]
         positions = {tp: await consumer.position(tp) for tp in assigned}
-        lost = guard.lost(positions, {tp: consumer._committed_offset.get(tp) for tp in assigned})
+        floors = {tp: consumer._committed_offset.get(tp) for tp in assigned}
+        never = [tp for tp, c in floors.items() if c is None and tp not in guard.done]
+        if never:  # nothing committed, nothing handled: everything from the log start is due
+            floors.update(await consumer.earliest_offsets(*never))
+        lost = guard.lost(positions, floors)
         for tp, offset in lost.items():
             await _seek_back(tp, offset, "read but never handled")
     debug = bool(os.environ.get("LABBUS_FAUST_DEBUG"))

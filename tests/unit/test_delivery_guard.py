@@ -52,3 +52,10 @@ def test_a_partition_sought_to_its_commit_is_not_lost():
     guard = DeliveryGuard("p")
     guard.last_handled -= DeliveryGuard.IDLE_S
     assert guard.lost({TP: 102}, {TP: 102}) == {}  # nothing returned since the seek
+
+
+def test_a_partition_never_handled_is_checked_from_the_log_start():
+    guard = DeliveryGuard("p")
+    guard.last_handled -= DeliveryGuard.IDLE_S
+    assert guard.lost({TP: 11}, {TP: 0}) == {TP: 0}  # 0..10 returned, none delivered
+    assert guard.handled(TP, 0, None) is None and guard.done[TP] == 0
