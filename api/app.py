@@ -127,6 +127,14 @@ _FIRST_EXPERIMENT = {"experiment_id": "items/0/experiment_id"}
 _THIS_EXPERIMENT = {"experiment_id": "experiment_id"}
 
 
+def _page(rows: list, limit: int, key: cursor.Key, item=dict) -> dict:
+    """A page of `limit` items from `rows` (one more fetched tells whether a next page exists),
+    with the cursor of its last row."""
+    page = rows[:limit]
+    return {"items": [item(r) for r in page],
+            "next_cursor": key.encode(page[-1]) if len(rows) > limit else None}
+
+
 _STATE = ("status", "status_reason", "status_at", "last_heartbeat_at")
 
 
@@ -226,9 +234,7 @@ def create_app(cfg: Config) -> FastAPI:
                WHERE device_id > $1 AND ($2::text IS NULL OR device_type = $2)
                  AND ($3::text IS NULL OR status = $3)
                ORDER BY device_id LIMIT $4""", after, kind, status, limit + 1)
-        page = rows[:limit]
-        nxt = DEVICES_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [_device(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, DEVICES_KEY, _device)
 
     @app.get("/devices/{device_id}",
              summary="One device: registration, status and its history, latest readings",
@@ -331,9 +337,7 @@ def create_app(cfg: Config) -> FastAPI:
                  AND (measured_at, measurement_id) > ($5, $6)
                ORDER BY measured_at, measurement_id LIMIT $7""",
             device_id, metric, from_, to, after_t, after_id, limit + 1)
-        page = rows[:limit]
-        nxt = MEASUREMENTS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, MEASUREMENTS_KEY)
 
     @app.get("/experiments", summary="List colour-mixing experiments",
              operation_id="list_experiments", response_model=models.ExperimentPage,
@@ -355,9 +359,7 @@ def create_app(cfg: Config) -> FastAPI:
             f"""SELECT {_EXPERIMENT_COLUMNS} FROM experiments e
                 WHERE experiment_id > $1 AND ($2::text IS NULL OR status = $2)
                 ORDER BY experiment_id LIMIT $3""", after, status, limit + 1)
-        page = rows[:limit]
-        nxt = EXPERIMENTS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, EXPERIMENTS_KEY)
 
     async def _experiment(pg, experiment_id: str) -> dict:
         if _unstorable(experiment_id):
@@ -437,9 +439,7 @@ def create_app(cfg: Config) -> FastAPI:
                       created_at, started_at, completed_at
                FROM robot_commands WHERE run_id = $1 AND index > $2
                ORDER BY index LIMIT $3""", run_id, min(max(after, -1), 2**31 - 1), limit + 1)
-        page = rows[:limit]
-        nxt = COMMANDS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, COMMANDS_KEY)
 
     @app.get("/commands", summary="Commands to devices, newest first",
              description="Ordered by the time of each command's first event (its issue, once "
@@ -465,9 +465,7 @@ def create_app(cfg: Config) -> FastAPI:
                   AND ($3::timestamptz IS NULL OR (first_at, command_id) < ($3, $4))
                 ORDER BY first_at DESC, command_id DESC LIMIT $5""",
             device, status, before_t, before_id, limit + 1)
-        page = rows[:limit]
-        nxt = DEVICE_COMMANDS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [_command(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, DEVICE_COMMANDS_KEY, _command)
 
     @app.get("/commands/{command_id}", summary="One command with its full status history",
              operation_id="get_command", response_model=models.DeviceCommandDetail,
@@ -513,9 +511,7 @@ def create_app(cfg: Config) -> FastAPI:
                  AND (detected_at, alert_id) > ($3, $4)
                ORDER BY detected_at, alert_id LIMIT $5""",
             device, _utc(since) or _EARLIEST, after_t, after_id, limit + 1)
-        page = rows[:limit]
-        nxt = ALERTS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, ALERTS_KEY)
 
     @app.get("/health/live", summary="The process is up", operation_id="live",
              response_model=models.Live)
