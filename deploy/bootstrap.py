@@ -74,10 +74,11 @@ def validator(cfg: Config, stop: Stop | None = None) -> None:
     app.run(cfg)
 
 
-async def experiment(cfg: Config, stop: Stop) -> None:
+def experiment(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (campaign state in Tables): runs until SIGINT/SIGTERM."""
     from labbus.processors import experiment as app
 
-    await app.run(cfg, stop)
+    app.run(cfg)
 
 
 PROCESSES: dict[str, Process] = {p.name: p for p in (

@@ -280,8 +280,13 @@ def process_validate(metrics_port: int | None) -> None:
 @process.command("experiment")
 @metrics_option
 def process_experiment(metrics_port: int | None) -> None:
-    """Run colour-mixing campaigns: propose recipes, request robot runs, score readings."""
-    _run_process("experiment", metrics_port)
+    """Run colour-mixing campaigns: propose recipes, request robot runs, score readings.
+    Start more than one: they share the partitions."""
+    from labbus.deploy.bootstrap import PROCESSES
+
+    cfg = _cfg()
+    _start_process("experiment", cfg, metrics_port)
+    PROCESSES["experiment"].run(cfg)
 
 
 # -- the gRPC gateway and device certificates ------------------------------------------------

@@ -14,6 +14,9 @@ PROCESSING_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 CONSUMER_LAG = Gauge("labbus_consumer_lag", "Messages behind the log end",
                      ["process", "topic", "partition"])
+REDELIVERIES = Counter("labbus_faust_redeliveries_total",
+                       "Input partitions faust read past records it never delivered, sought back",
+                       ["process", "topic"])
 SINK_ERRORS = Counter("labbus_sink_errors_total",
                       "Failed attempts to reach a database or the broker (retried)",
                       ["process", "sink"])

@@ -19,6 +19,7 @@ processors/experiment.py). Warm-start wells shape the model but never count as e
 
 from __future__ import annotations
 
+import base64
 import math
 import uuid
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from labbus.events import labware
+from labbus.events.codec import default_codec
 from labbus.events.labware import DEFAULT_DECK, DeckLayout, WellRecipe
 from labbus.events.model import (
     Event,
@@ -86,6 +88,90 @@ class Campaign:
             event_id=uuid.UUID(derived_id(self.request_id, purpose)),
             correlation_id=self.request_id, causation_id=cause,
             experiment_id=self.experiment_id, **payload)
+
+
+# -- state as JSON-able values (a faust Table's changelog) -----------------------------------------
+# Lists of pairs rather than objects wherever order matters (plate order, dye order), so the state
+# reads back the same whatever a serialiser does with object keys.
+
+def _pairs(mapping: dict) -> list[list]:
+    return [[k, v] for k, v in mapping.items()]
+
+
+def _observation_state(o: optimiser.Observation) -> list:
+    return [_pairs(dict(o.recipe)), [int(v) for v in o.rgb8]]
+
+
+def _observation(value: list) -> optimiser.Observation:
+    recipe, rgb = value
+    return optimiser.Observation({d: v for d, v in recipe}, tuple(int(v) for v in rgb))
+
+
+def to_state(c: Campaign) -> dict:
+    """The campaign as JSON-able values (str, int, float, bool, None, lists, str-keyed dicts);
+    `from_state(to_state(c))` decides exactly as `c` does."""
+    codec = default_codec()
+    return {
+        "experiment_id": c.experiment_id,
+        "request_id": str(c.request_id),
+        "target_lab": [float(v) for v in c.target_lab],
+        "dyes": list(c.dyes),
+        "budget": c.budget,
+        "batch_size": c.batch_size,
+        "tolerance": float(c.tolerance),
+        "iteration": c.iteration,
+        "batch": [[w, _pairs(r)] for w, r in c.batch.items()],
+        "run_id": c.run_id,
+        "runs_finished": sorted(c.runs_finished),
+        "scored": [[w, [int(v) for v in rgb], float(de)] for w, (rgb, de) in c.scored.items()],
+        "recipes_by_well": [[w, _pairs(r)] for w, r in c.recipes_by_well.items()],
+        "history": [_observation_state(o) for o in c.history],
+        "warm_start": [_observation_state(o) for o in c.warm_start],
+        "parked": [[it, well, base64.b64encode(codec.encode(reading)).decode("ascii")]
+                   for (it, well), reading in c.parked.items()],
+        "read_at": [[it, well, at] for (it, well), at in c.read_at.items()],
+        "wells_allocated": c.wells_allocated,
+        "outputs": c.outputs,
+        "finished": c.finished,
+    }
+
+
+def from_state(state: dict, deck: DeckLayout = DEFAULT_DECK) -> Campaign:
+    """The campaign `to_state` wrote (the state is not modified); `deck` is configuration, not
+    state: the layout its next robot runs use."""
+    codec = default_codec()
+    return Campaign(
+        experiment_id=state["experiment_id"],
+        request_id=uuid.UUID(state["request_id"]),
+        target_lab=np.asarray(state["target_lab"], dtype=float),
+        dyes=list(state["dyes"]),
+        budget=state["budget"],
+        batch_size=state["batch_size"],
+        tolerance=state["tolerance"],
+        iteration=state["iteration"],
+        batch={w: {d: v for d, v in r} for w, r in state["batch"]},
+        run_id=state["run_id"],
+        runs_finished=set(state["runs_finished"]),
+        scored={w: (list(rgb), de) for w, rgb, de in state["scored"]},
+        recipes_by_well={w: {d: v for d, v in r} for w, r in state["recipes_by_well"]},
+        history=[_observation(o) for o in state["history"]],
+        warm_start=[_observation(o) for o in state["warm_start"]],
+        parked={(it, well): codec.decode(base64.b64decode(data))
+                for it, well, data in state["parked"]},
+        read_at={(it, well): at for it, well, at in state["read_at"]},
+        wells_allocated=state["wells_allocated"],
+        outputs=state["outputs"],
+        finished=state["finished"],
+        deck=deck,
+    )
+
+
+def settled(c: Campaign) -> bool:
+    """Decided, and nothing more can change: its last batch never went to the robot (recipe
+    rules broken), or every well of it is scored (readings of the current batch are still
+    scored after a failed run's verdict)."""
+    sent = c.run_id == derived_id(c.request_id, f"run/{c.iteration}")
+    return c.finished and (not sent or all(w in c.scored for w in c.batch))
 
 
 def request_problems(req: ExperimentRequested, deck: DeckLayout = DEFAULT_DECK) -> list[str]:

@@ -1,158 +1,160 @@
-"""The experiment processor: runs closed-loop colour-mixing campaigns (processors/campaign.py).
+"""The experiment processor: closed-loop colour-mixing campaigns (processors/campaign.py) on faust.
 
-Inputs: ExperimentRequested (lab.experiments), WellColourMeasured (lab.colour.readings) and
-RobotRunFinished / RobotRunFailed (lab.robot.runs). State is not stored anywhere: on every start
-the process reads its input topics from the beginning (no consumer group, so nothing is committed)
-and folds them through the campaign functions again, which re-derive the same outputs with the same
-ids. Before that it collects the ids of every event already on its output topics and sends only
-outputs whose id is not there, so a restart neither loses a decision nor writes one twice. Outputs
-go through labbus's idempotent acks=all producer and are awaited before the next poll.
+Inputs: ExperimentRequested (lab.experiments), RobotRunFinished / RobotRunFailed (lab.robot.runs)
+and WellColourMeasured (lab.colour.readings), all keyed by experiment_id with the same partition
+count, so partition p of the three is one worker's: `labbus.events.faust_runtime` runs `handle`
+below over them with
 
-Learning across campaigns: a new campaign is warm-started with the scored wells of other
-campaigns on the same dyes whose readings are older (Kafka record time) than its request. So that
-this set is the same on every replay, whatever the order the nine input partitions are read in, a
-request is held back until every input partition has been read past its time (by HOLD_MS) or to its
-end, and requests start in record-time order. Live, that delays a campaign's start by about HOLD_MS.
-(Record times come from the producers' clocks; on one host they agree.)
+- Table `campaigns`, keyed by experiment_id: the campaign (`campaign.to_state`) while it runs;
+  once it is settled (verdict given, nothing outstanding) the key is deleted, so the compacted
+  changelog keeps nothing of finished campaigns. Inputs of an experiment without a campaign wait
+  in its value until the request comes (after a takeover the replayed request can follow
+  readings produced since); inputs re-delivered after a campaign settled wait there too, for
+  ever (at most MAX_WAITING; they only arise from a crash just after a campaign ended);
+- GlobalTable `scored-wells`: the most recent scored wells per dye set, RING per input partition
+  (key `dyes|partition|slot`, one record per scored well; only the worker owning the partition
+  writes them, so each key has one writer). Every worker reads all of it: a new campaign is
+  warm-started with up to WARM_MAX of the latest wells of *other* campaigns on the same set of
+  dyes read (Kafka record time) before its request — whichever worker scored them. The chosen
+  wells are stored in the campaign's state, so a restart never changes them.
 
-Run one instance: two instances would each send every new decision (with identical ids; readers
-that key on event_id drop the repeat, but the log would hold it twice).
+Output ids derive from the request id and their purpose (campaign.py), so an input handled again
+after a crash re-emits identical events (see faust_runtime: at-least-once). Nothing here is
+time-driven, so there are no timers.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import functools
 import logging
-import time
 
-from labbus.events import kafka, metrics
-from labbus.events.codec import DecodeError, default_codec
+from labbus.events import faust_runtime
+from labbus.events.codec import default_codec
 from labbus.events.config import Config
-from labbus.events.dead_letter import dead_letter
+from labbus.events.labware import DEFAULT_DECK, DeckLayout
 from labbus.events.model import (
-    DeadLetter,
     Event,
     ExperimentRequested,
     RobotRunFailed,
     RobotRunFinished,
     WellColourMeasured,
+    WellScored,
 )
-from labbus.events.topics import (
-    CATALOG,
-    COLOUR_READINGS,
-    DEAD_LETTER,
-    EXPERIMENTS,
-    ROBOT_RUNS,
-    topic_name,
-)
-from labbus.processors.campaign import Campaigns
+from labbus.events.runtime import Record
+from labbus.events.topics import COLOUR_READINGS, EXPERIMENTS, ROBOT_RUNS
+from labbus.processors import campaign
+from labbus.processors.colour import optimiser
 
 PROCESS = "experiment"
-INPUTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
-          RobotRunFailed.TYPE}
-HOLD_MS = 1000  # how far past a request every input must be read before it starts
+INPUTS = (EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS)
+ACCEPTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
+           RobotRunFailed.TYPE}
+PARTITIONS = EXPERIMENTS.partitions
+RING = 96  # scored wells kept per dye set and input partition (GlobalTable)
+WARM_MAX = 96  # wells of earlier campaigns a new campaign learns from, at most (the latest)
+MAX_WAITING = 500  # inputs kept for an experiment whose request has not been handled (yet)
 log = logging.getLogger(__name__)
 
-
-def topic_of(cfg: Config, event: Event) -> str:
-    for spec in CATALOG:
-        if event.TYPE in spec.event_types:
-            return topic_name(cfg, spec)
-    raise KeyError(f"no topic carries {event.TYPE}")
+assert all(spec.partitions == PARTITIONS for spec in INPUTS), "inputs must be co-partitioned"
 
 
-async def run(cfg: Config, stop: asyncio.Event) -> None:
-    await kafka.ensure_topics(cfg)
-    codec = default_codec()
-    outputs = (topic_name(cfg, EXPERIMENTS), topic_name(cfg, ROBOT_RUNS),
-               topic_name(cfg, DEAD_LETTER))
-    present: set[str] = set()
-    async for record in kafka.read_to_end(cfg, *outputs):
-        try:
-            _, plain = codec.decode_record(record.value, plain=True)
-        except DecodeError:
-            continue
-        present.add(plain["event_id"])
-    log.info("experiment processor: %d events already in the log", len(present))
+def dye_set(dyes) -> str:
+    return ",".join(sorted(dyes))
 
-    inputs = (topic_name(cfg, EXPERIMENTS), topic_name(cfg, COLOUR_READINGS),
-              topic_name(cfg, ROBOT_RUNS))
-    consumer = kafka.consumer(cfg, *inputs, group=None, fetch_max_wait_ms=100)
-    producer = kafka.producer(cfg)
-    await producer.start()
-    await consumer.start()
-    campaigns = Campaigns(deck=cfg.deck_layout)
-    held: list[tuple] = []  # (record time, arrival, request, partition, record)
-    last_seen: dict = {}  # partition -> record time of the last record read from it
 
-    async def send_once(produced, futures: list) -> None:
-        for out in produced:
-            if str(out.event_id) in present:
-                continue
-            present.add(str(out.event_id))
-            topic = topic_of(cfg, out)
-            futures.append(await producer.send(topic, codec.encode(out), key=out.key))
-            metrics.EVENTS_OUT.labels(PROCESS, topic).inc()
-            log.info("%s %s", out.TYPE, getattr(out, "experiment_id", ""))
+def _ring(shared, key: str, partition: int) -> list[list]:
+    """The wells held for one dye set and partition: [seq, read_at, experiment, well, recipe,
+    rgb] each, in slot order."""
+    return [w for w in (shared.get(f"{key}|{partition}|{i}") for i in range(RING)) if w]
 
-    def dead(tp, record, exc: Exception) -> DeadLetter:
-        return dead_letter(topic=tp.topic, partition=tp.partition, offset=record.offset,
-                           key=record.key, value=record.value, error=exc, failed_by=PROCESS)
 
-    async def handle(event: Event, at: int, futures: list, tp, record) -> None:
-        try:
-            produced = campaigns.handle(event, at)
-        except Exception as exc:  # noqa: BLE001 - one broken campaign must not stop the rest
-            log.exception("campaign step failed for %s", event.event_id)
-            produced = [dead(tp, record, exc)]
-        await send_once(produced, futures)
+def warm_start(shared, req: ExperimentRequested, at: int) -> list[optimiser.Observation]:
+    """The latest WARM_MAX wells of other experiments on the same dyes read before `at` (the
+    request's log time), oldest first."""
+    key = dye_set(req.dyes)
+    wells = {}
+    for p in range(PARTITIONS):
+        for _, read_at, xid, name, recipe, rgb in _ring(shared, key, p):
+            if read_at < at and xid != req.experiment_id:
+                wells[(read_at, xid, name)] = optimiser.Observation(
+                    {d: v for d, v in recipe}, tuple(rgb))
+    return [wells[k] for k in sorted(wells)][-WARM_MAX:]
 
-    async def read_up_to() -> float:
-        """Every input older than this (record time, ms) has been read."""
-        parts = list(consumer.assignment())
-        if not parts:
-            return float("-inf")
-        ends = await consumer.end_offsets(parts)
-        now = time.time() * 1000
-        mark = now - HOLD_MS
-        for tp in parts:
-            if await consumer.position(tp) < ends[tp]:
-                mark = min(mark, last_seen.get(tp, float("-inf")) - HOLD_MS)
-        return mark
 
-    try:
-        while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=200)
-            started = time.perf_counter()
-            futures: list = []
-            for tp, records in batch.items():
-                metrics.EVENTS_IN.labels(PROCESS, tp.topic).inc(len(records))
-                metrics.record_lag(PROCESS, tp.topic, tp.partition, records[-1].offset + 1,
-                                   consumer.highwater(tp))
-                for record in records:
-                    last_seen[tp] = max(last_seen.get(tp, record.timestamp), record.timestamp)
-                    try:
-                        name, _ = codec.decode_record(record.value, plain=True)
-                        if name not in INPUTS:
-                            continue
-                        event = codec.decode(record.value)
-                    except DecodeError as exc:
-                        await send_once([dead(tp, record, exc)], futures)
-                        continue
-                    if isinstance(event, ExperimentRequested):
-                        held.append((record.timestamp, len(held), event, tp, record))
-                        continue
-                    await handle(event, record.timestamp, futures, tp, record)
-            if held:
-                mark = await read_up_to()
-                held.sort(key=lambda h: (h[0], h[2].experiment_id))
-                while held and held[0][0] < mark:
-                    at, _, request, tp, record = held.pop(0)
-                    await handle(request, at, futures, tp, record)
-            if futures:
-                await asyncio.gather(*futures)
-            if batch:
-                metrics.PROCESSING_SECONDS.labels(PROCESS).observe(time.perf_counter() - started)
-    finally:
-        await consumer.stop()
-        await producer.stop()
+def remember(shared, c: campaign.Campaign, out: list[Event], partition: int) -> None:
+    """Put the wells scored in `out` into the ring of their dye set and partition: one table
+    record per well, in the slot after the newest (by sequence number)."""
+    key = dye_set(c.dyes)
+    for e in out:
+        if isinstance(e, WellScored):
+            seq = max((w[0] for w in _ring(shared, key, partition)), default=-1) + 1
+            shared[f"{key}|{partition}|{seq % RING}"] = [
+                seq, c.read_at.get((e.iteration, e.well), 0), c.experiment_id, e.well,
+                [[d, int(v)] for d, v in e.volumes.items()], [int(v) for v in e.rgb]]
+
+
+def _saved(c: campaign.Campaign) -> dict | None:
+    """The table value: None (the key is deleted) once the campaign is settled, so the
+    compacted changelog keeps nothing of finished campaigns."""
+    if campaign.settled(c):
+        return None
+    return {"campaign": campaign.to_state(c)}
+
+
+def _apply(c: campaign.Campaign, event: Event, at: int) -> list[Event]:
+    if isinstance(event, WellColourMeasured):
+        return campaign.on_reading(c, event, at)
+    if isinstance(event, RobotRunFinished):
+        return campaign.on_run_finished(c, event)
+    if isinstance(event, RobotRunFailed):
+        return campaign.on_run_failed(c, event)
+    return []
+
+
+def handle(state: dict | None, event: Event, record: Record, shared,
+           deck: DeckLayout = DEFAULT_DECK) -> tuple[dict | None, list[Event]]:
+    """One input of one experiment: its table value before and after, and the events decided.
+    `record.timestamp` (log time) decides which earlier wells a new campaign learns from.
+
+    Inputs of an experiment with no campaign wait in its table value for the request: after a
+    takeover the replayed request can come after readings produced since (the three topics are
+    read independently)."""
+    if isinstance(event, ExperimentRequested):
+        if state is not None and "campaign" in state:
+            return state, []  # a repeated request: the first one counts
+        c, out = campaign.start(event, warm_start(shared, event, record.timestamp), deck)
+        if c is None:
+            return None, out  # rejected: nothing to keep
+        codec = default_codec()
+        for data, at in (state or {}).get("waiting", []):
+            waiting = codec.decode(base64.b64decode(data))
+            out += _apply(c, waiting, at)
+        remember(shared, c, out, record.partition)
+        return _saved(c), out
+    if state is None or "campaign" not in state:
+        waiting = list((state or {}).get("waiting", []))
+        if len(waiting) >= MAX_WAITING:
+            log.warning("too many inputs waiting for their request; dropped",
+                        extra={"experiment_id": getattr(event, "experiment_id", None),
+                               "event_type": event.TYPE})
+            return state, []
+        data = base64.b64encode(default_codec().encode(event)).decode("ascii")
+        return {"waiting": [*waiting, [data, record.timestamp]]}, []
+    c = campaign.from_state(state["campaign"], deck)
+    out = _apply(c, event, record.timestamp)
+    remember(shared, c, out, record.partition)
+    saved = _saved(c)
+    return (state if saved == state else saved), out  # unchanged: nothing to write
+
+
+def build_app(cfg: Config, **settings):
+    decide = functools.partial(handle, deck=cfg.deck_layout)
+    return faust_runtime.build_app(cfg, PROCESS, INPUTS, decide, accepts=ACCEPTS,
+                                   table="campaigns", shared_table="scored-wells", **settings)
+
+
+def run(cfg: Config) -> None:
+    """Run the experiment worker until SIGINT/SIGTERM; start more and they share the
+    partitions."""
+    faust_runtime.run(build_app(cfg), cfg)

@@ -1,7 +1,9 @@
 """gRPC gateway benchmark: N concurrent device streams (mutual TLS, one certificate each) from
-this one process, R readings/s each, through `labbus gateway grpc` to Kafka (acks=all).
+one simulator process (or --sim-processes P sharing them), R readings/s each, through
+`labbus gateway grpc` to Kafka (acks=all).
 
     .venv/bin/python tests/bench/bench_gateway.py [--devices 1000] [--rate 5] [--seconds 30]
+        [--sim-processes 1]
 
 Measures, over the window after a warm-up: readings/s acknowledged by the gateway (an ack is
 sent only once the broker acknowledged the event), device-send -> ack latency p50/p99, and the

@@ -29,6 +29,7 @@ from labbus.events.codec import default_codec
 from labbus.events.model import (
     DeadLetter,
     Event,
+    ExperimentRequested,
     MeasurementRecorded,
     RobotRunRequested,
     WellDispensed,
@@ -37,6 +38,7 @@ from labbus.events.model import (
 from labbus.events.topics import (
     COLOUR_READINGS,
     DEAD_LETTER,
+    EXPERIMENTS,
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_VALIDATED,
     ROBOT_RUNS,
@@ -84,6 +86,14 @@ def run_request(tag: str, i: int) -> Event:
                                     protocol_text=text, recipes=recipes)
 
 
+def experiment_request(tag: str, i: int) -> Event:
+    xid = f"{tag}-{i}"
+    return ExperimentRequested.create(
+        source="t", subject=xid, sequence=1, experiment_id=xid, target_hex=None,
+        target_lab=[50.0, 10.0 + i % 5, -20.0], dyes=["red", "blue"], budget_wells=16,
+        batch_size=4, tolerance_de=2.0, requested_by="t")
+
+
 SPECS = [
     Spec(("process", "validate"), "validator", MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED,
          reading, lambda e: derived_id(e.event_id, "validated"), "identical ids", 3000),
@@ -91,6 +101,10 @@ SPECS = [
          lambda e: derived_id(e.event_id, "measured"), "identical ids", 60),
     Spec(("agent", "ot2", "--simulate"), "agent-ot2", ROBOT_RUNS, ROBOT_RUNS, run_request,
          lambda e: derived_id(e.run_id, "finished"), "none", 4),
+    # each request leads to a first proposal; state lives in faust Tables (a re-handled input
+    # after kill -9 re-emits the same ids)
+    Spec(("process", "experiment"), "experiment", EXPERIMENTS, EXPERIMENTS, experiment_request,
+         lambda e: derived_id(e.event_id, "proposed/0"), "identical ids", 40),
 ]
 
 

@@ -129,3 +129,11 @@ def test_faust_is_pinned_to_the_tested_minor_version():
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert "faust-streaming>=0.15.3,<0.16" in project["project"]["dependencies"]
     assert version("faust-streaming").startswith("0.15.")
+
+
+def test_the_faust_internals_of_the_stateful_driver_are_as_tested():
+    from labbus.events import faust_runtime
+
+    changed = [name for name, tested in faust_runtime.UPSTREAM_SOURCES.items()
+               if faust_speedups.source_hash(name) != tested]
+    assert not changed, f"faust changed under the delivery guard: {changed}"

@@ -1,0 +1,542 @@
+"""The faust driver for stateful processors: state in faust Tables backed by changelog topics.
+
+    record ──Step.decode──► event ──handler(state, event, record, shared)──► (new state, outputs)
+       │                                                                         │
+       └─ undecodable, or the handler raised ──► DeadLetter (once)               ▼
+                   outputs produced through Deliveries (idempotent, acks=all), acknowledged
+                   ──► then the Table (and the shared table) updated and the changelog flushed
+                   ──► then the faust event acked, so faust commits its offset only after all that
+
+A processor is its input topics (all co-partitioned: same key, same partition count), a plain
+handler and the names of its tables; this module builds the faust app around them:
+
+- a **Table keyed by the input key** (the aggregate id): `handler` gets that key's value (None
+  when there is none) and returns the new value (None deletes the key; return the same object
+  to leave it as it is). Values must be JSON-able; the handler must not modify the value it was
+  given. Table partition p lives on the worker that owns input partition p: two workers share the
+  partitions and every key is decided by exactly one of them; a restarted worker recovers its
+  partitions from the changelog (compacted), not from the input topics.
+- optionally a **shared table** every worker holds in full (`SharedLog`, e.g. learning shared
+  across aggregates), passed to the handler as `Shared`: reads see the table plus this event's
+  writes, which are produced with the outputs. A worker writes only keys of its own partitions,
+  which keeps one writer per key (see processors/experiment.py).
+
+Processing guarantee: at-least-once (faust's default; README "Guarantees"). A crash between the
+outputs' acks and the changelog's leaves the input uncommitted: it is handled again on restart
+against the state before it and re-emits the same events with the same ids (handlers derive ids
+from their inputs), which id-keyed consumers drop. An input handled again against a state that
+already holds it (changelog written, offset not yet committed) must decide nothing new: handlers
+are idempotent per input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faust
+import mode
+
+from labbus.events import kafka, metrics
+from labbus.events.codec import Codec, DecodeError
+from labbus.events.config import Config
+from labbus.events.model import Event
+from labbus.events.runtime import Backoff, Deliveries, Outgoing, Record, Step, retrying
+from labbus.events.topics import TopicSpec, group_id, topic_name
+
+log = logging.getLogger(__name__)
+
+
+class Shared:
+    """A GlobalTable as one event's handler sees it: the table plus this event's own writes,
+    which reach the table only once the event's outputs are acknowledged (`apply`). Any mapping
+    will do as the table (a dict in unit tests)."""
+
+    def __init__(self, table: Any = None) -> None:
+        self.table = {} if table is None else table
+        self.writes: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self.writes:
+            return self.writes[key]
+        return self.table.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.writes or key in self.table
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.writes[key] = value
+
+    def apply(self) -> bool:
+        """Write the staged values into the table; True when there were any."""
+        for key, value in self.writes.items():
+            self.table[key] = value
+        wrote = bool(self.writes)
+        self.writes = {}
+        return wrote
+
+
+_MISSING = object()
+
+
+async def _read_to(consumer: Any, ends: dict) -> bool:
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True
+
+CHANGELOG_CONFIGS = {  # compacted and cleaned often: a reader reads ~one record per live key
+    "cleanup.policy": "compact", "segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": "60000", "min.insync.replicas": "1"}
+
+
+class SharedLog:
+    """A table every worker holds in full: a compacted topic, read from the beginning at start
+    (compaction keeps it to about one record per key) and followed from then on; each worker
+    writes only keys nobody else writes (the experiment processor puts its partition in them).
+
+    faust's GlobalTable is the same idea, but written from a stream it stopped the stream: with
+    faust-streaming 0.15.3 the agent received no further events after the first write (with
+    and without `synchronize_all_active_partitions`), so labbus keeps this one itself."""
+
+    def __init__(self, cfg: Config, topic: str, partitions: int) -> None:
+        self.cfg = cfg
+        self.topic = topic
+        self.partitions = partitions
+        self.values: dict[str, Any] = {}
+        self.own: dict[str, Any] = {}  # written here, not yet read back
+        self.ready = asyncio.Event()  # read to the end offsets found at start
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        """A local write: visible at once; its record reaches the topic through `outgoing`."""
+        self.values[key] = value
+        self.own[key] = value
+
+    def outgoing(self, writes: dict[str, Any]) -> list[Outgoing]:
+        return [Outgoing(self.topic, json.dumps(k).encode(),
+                         json.dumps(v, separators=(",", ":")).encode())
+                for k, v in writes.items()]
+
+    async def create(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import TopicAlreadyExistsError
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap)
+        await admin.start()
+        try:
+            if self.topic not in set(await admin.list_topics()):
+                try:
+                    await admin.create_topics([NewTopic(self.topic, self.partitions, 1,
+                                                        topic_configs=CHANGELOG_CONFIGS)])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            await admin.close()
+
+    async def follow(self, stopping: Callable[[], bool]) -> None:
+        from aiokafka import TopicPartition
+
+        await retrying(self.create, Backoff("shared", "kafka"))
+        consumer = kafka.consumer(self.cfg, group=None)
+        await retrying(consumer.start, Backoff("shared", "kafka"))
+        try:
+            tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            started = time.monotonic()
+            n = 0
+            while not stopping():
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for r in records:
+                        n += 1
+                        self.read(json.loads(r.key), None if r.value is None
+                                  else json.loads(r.value))
+                if not self.ready.is_set() and await _read_to(consumer, ends):
+                    log.info("shared table read", extra={
+                        "topic": self.topic, "records": n, "keys": len(self.values),
+                        "seconds": round(time.monotonic() - started, 2)})
+                    self.ready.set()
+        finally:
+            await consumer.stop()
+
+    def read(self, key: str, value: Any) -> None:
+        """A record read from the topic."""
+        if key in self.own:  # our own write: keep it until its record comes back
+            if self.own[key] == value:
+                del self.own[key]
+            return
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
+
+# The faust internals the delivery guard relies on, as tested with faust-streaming 0.15.3 (sha256
+# of inspect.getsource): perform_seek sets `_committed_offset` to the offsets it seeks to, seek()
+# resets the read offset so a sought-back range is delivered again, and the drain loop delivers
+# a record only at or past that read offset. tests/unit/test_faust_speedups.py checks them with
+# the faust patches' guard.
+UPSTREAM_SOURCES: dict[str, str] = {
+    "faust.transport.consumer:Consumer.perform_seek":
+        "0e8c130ff4b0afd82c0be9c5fd831316e10febc62c94032833911096e156d7c6",
+    "faust.transport.consumer:Consumer.seek":
+        "b86a9fe05f956b30cf299c787b6787c6e0349cbf1ae556f2456a1e97b15dbb22",
+    "faust.transport.consumer:Consumer._drain_messages":
+        "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",
+}
+
+
+class DeliveryGuard:
+    """Makes sure every input record reaches the handler, whatever faust does around a rebalance.
+
+    faust-streaming 0.15.3 sometimes loses records that its consumer had already handed to a
+    stream's buffer when a rebalance begins: the buffer is cleared, but faust's read offset for
+    the partition is already past those records, so they are neither delivered again nor
+    committed. Seen in about one takeover in five in the two-processor test (records fetched
+    before a takeover never reached the handler; the partition's commit stopped at the first of
+    them and the campaigns they belonged to never finished).
+
+    The guard keeps, per input partition, `done`: every offset up to it has been handled (the
+    committed offset minus one counts too: faust commits only what was handled; with no commit
+    and nothing handled yet, the log start minus one). A record past
+    `done + 1` means the ones before it were skipped; a partition whose consumer position (the
+    next offset it returns) is past `done + 1` while the handler has been idle means records
+    vanished on their way. Either
+    way the partition is sought back to `done + 1` and faust delivers again from there; handlers
+    are idempotent per input (see the module docstring), so a record handled twice is harmless.
+    """
+
+    IDLE_S = 3.0  # handler idle this long, a position past `done + 1`: records were lost
+
+    def __init__(self, process: str) -> None:
+        self.process = process
+        self.done: dict[Any, int] = {}
+        self.seeking: set = set()  # sought back, waiting for the first record delivered again
+        self.last_handled = time.monotonic()
+
+    def _floor(self, tp: Any, committed: int | None) -> int | None:
+        done = self.done.get(tp)
+        if committed is not None and (done is None or committed - 1 > done):
+            done = self.done[tp] = committed - 1
+        return done
+
+    def handled(self, tp: Any, offset: int, committed: int | None) -> int | None:
+        """Record a handled offset; returns the offset to seek back to when some were skipped."""
+        self.last_handled = time.monotonic()
+        done = self._floor(tp, committed)
+        if done is None or offset <= done + 1:
+            self.seeking.discard(tp)
+            if done is None or offset == done + 1:
+                self.done[tp] = offset
+            return None  # the next one, or one handled again after a seek
+        if tp in self.seeking:
+            return None  # the rest of a batch fetched before the seek
+        self.seeking.add(tp)
+        return done + 1
+
+    def lost(self, positions: dict, committed: dict) -> dict:
+        """Partitions whose consumer position (the next offset it will return) is past records
+        never handled: {tp: offset to seek back to}."""
+        if time.monotonic() - self.last_handled < self.IDLE_S:
+            return {}
+        out = {}
+        for tp, position in positions.items():
+            done = self._floor(tp, committed.get(tp))
+            if position is not None and done is not None and position > done + 1:
+                out[tp] = done + 1
+                self.seeking.add(tp)
+        return out
+
+
+# handler(state or None, event, record, shared) -> (new state, events to emit)
+StatefulHandler = Callable[[Any, Event, Record, Shared], tuple[Any, Iterable[Event]]]
+
+
+def data_dir(cfg: Config, process: str) -> Path:
+    """faust's data directory (in-memory tables keep nothing there): under LABBUS_HOME."""
+    return cfg.home / "faust" / group_id(cfg, process)
+
+
+def record_of(message: Any) -> Record:
+    """A faust Message as a Record (faust keeps the log time in seconds; Record in ms)."""
+    ts = message.timestamp
+    return Record(message.topic, message.partition, message.offset, message.key, message.value,
+                  round(ts * 1000) if ts is not None else 0)
+
+
+class Decided:
+    """What one record led to: outputs, and the state to write once they are acknowledged."""
+
+    __slots__ = ("outputs", "key", "state", "new_state", "shared")
+
+    def __init__(self, outputs: list[Outgoing], key: str | None = None, state: Any = None,
+                 new_state: Any = None, shared: Shared | None = None) -> None:
+        self.outputs = outputs
+        self.key = key
+        self.state = state
+        self.new_state = new_state
+        self.shared = shared
+
+
+def decide(step: Step, handler: StatefulHandler, rec: Record, table: Any,
+           shared_table: Any = None) -> Decided:
+    """Decode, look up the key's state, run the handler: the dead-letter policy of `Step`
+    (undecodable input or a handler that raised: one dead letter, state unchanged)."""
+    try:
+        event = step.decode(rec)
+    except DecodeError as exc:
+        return Decided([step.dead_letter(rec, exc)])
+    if event is None:
+        return Decided([])
+    key = rec.key.decode("utf-8", "replace") if rec.key is not None else ""
+    state = table.get(key)
+    shared = Shared(shared_table) if shared_table is not None else Shared()
+    try:
+        new_state, events = handler(state, event, rec, shared)
+        outputs = [step.encode(e) for e in events]
+    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the process
+        log.exception("handler failed; dead-lettering the input",
+                      extra={"topic": rec.topic, "partition": rec.partition,
+                             "offset": rec.offset})
+        return Decided([step.dead_letter(rec, exc, "processing_error")])
+    return Decided(outputs, key, state, new_state, shared)
+
+
+def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: StatefulHandler,
+              *, accepts: Collection[str] | None = None, table: str = "state",
+              shared_table: str | None = None, codec: Codec | None = None,
+              **settings: Any) -> faust.App:
+    """A faust app running `handler` over `inputs` with its state in Table `table` (and, when
+    named, a GlobalTable `shared_table`). `settings` override faust settings."""
+    partitions = {spec.partitions for spec in inputs}
+    if len(partitions) != 1:
+        raise ValueError(f"inputs of {process} are not co-partitioned: {partitions}")
+    (n_partitions,) = partitions
+    datadir = data_dir(cfg, process)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    options: dict[str, Any] = dict(
+        # stock faust transport: with the validator's `labbus://` transport a restarted worker
+        # sometimes stood still after its recovery (three times in eight restarts; never in
+        # ten with this one)
+        broker=f"kafka://{cfg.kafka_bootstrap}",
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        datadir=str(datadir),
+        web_enabled=False,
+        topic_allow_declare=True,  # the tables' changelog topics (inputs exist already)
+        topic_disable_leader=True,  # no leader-only work; its topic would be one more to await
+        topic_partitions=n_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        broker_session_timeout=10.0,  # a killed worker's partitions move on within ~10 s
+        broker_heartbeat_interval=1.0,
+        producer_acks=-1,
+        processing_guarantee="at_least_once",
+    )
+    options.update(settings)
+    app = faust.App(group_id(cfg, process), **options)
+    step = Step(cfg, process, accepts, codec)
+    source = app.topic(*(topic_name(cfg, spec) for spec in inputs), key_type=bytes,
+                       value_type=bytes)
+    # Compacted changelogs, cleaned often: a worker's recovery reads about one record per key
+    # plus what was written since the last cleaning, not every update ever made.
+    changelog = {"segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1",
+                 "delete.retention.ms": "60000"}
+    states = app.Table(table, default=None, partitions=n_partitions, key_type=str,
+                       extra_topic_configs=changelog)  # keys and values as JSON
+    shared = None
+    if shared_table is not None:
+        shared = SharedLog(cfg, f"{group_id(cfg, process)}-{shared_table}-changelog",
+                           n_partitions)
+
+        @app.service
+        class FollowShared(mode.Service):
+            """Reads the shared table in full, then follows it."""
+
+            @mode.Service.task
+            async def _follow(self) -> None:
+                await shared.follow(lambda: self.should_stop)
+
+    busy: dict[str, Any] = {"stage": None}
+    guard = DeliveryGuard(process)
+    inputs_by_name = {topic_name(cfg, spec) for spec in inputs}
+
+    async def _seek_back(tp: Any, offset: int, why: str) -> None:
+        consumer = app.consumer
+        if tp not in consumer.assignment():
+            return
+        log.warning("faust lost records; reading again", extra={
+            "topic": tp.topic, "partition": tp.partition, "from_offset": offset, "why": why})
+        metrics.REDELIVERIES.labels(process, tp.topic).inc()
+        await consumer.seek(tp, offset)
+
+    @app.timer(1.0)
+    async def recover_lost_records() -> None:
+        """Records read by faust's consumer that never reached the handler (see DeliveryGuard)."""
+        consumer = app.consumer
+        if (busy["stage"] is not None or app.rebalancing or not consumer.flow_active
+                or not app.tables.recovery.completed.is_set()):
+            return
+        paused = consumer._paused_partitions
+        assigned = [tp for tp in consumer.assignment()
+                    if tp.topic in inputs_by_name and tp not in paused]
+        positions = {tp: await consumer.position(tp) for tp in assigned}
+        floors = {tp: consumer._committed_offset.get(tp) for tp in assigned}
+        never = [tp for tp, c in floors.items() if c is None and tp not in guard.done]
+        if never:  # nothing committed, nothing handled: everything from the log start is due
+            floors.update(await consumer.earliest_offsets(*never))
+        lost = guard.lost(positions, floors)
+        for tp, offset in lost.items():
+            await _seek_back(tp, offset, "read but never handled")
+    debug = bool(os.environ.get("LABBUS_FAUST_DEBUG"))
+    handled: dict = {}
+
+    @app.agent(source, name=f"{process}-handler")
+    async def run_handler(stream):
+        busy.update(stage="output producer started", since=time.monotonic())
+        producer = kafka.producer(cfg)  # labbus's idempotent acks=all producer, in faust's loop
+        await retrying(producer.start, Backoff(process, "kafka"))
+        if shared is not None:
+            busy.update(stage="shared table read")
+            await shared.ready.wait()
+        busy.update(stage=None)
+        log.info("handler started")
+        try:
+            await _handle_stream(stream, producer)
+        finally:
+            await producer.stop()
+
+    async def _handle_stream(stream, producer) -> None:
+        backoff = Backoff(process, "kafka")
+        async for _ in stream:
+            event = stream.current_event
+            started = time.perf_counter()
+            rec = record_of(event.message)
+            tp = event.message.tp
+            if tp.topic in inputs_by_name:
+                skipped_to = guard.handled(tp, rec.offset,
+                                          app.consumer._committed_offset.get(tp))
+                if skipped_to is not None:
+                    await _seek_back(tp, skipped_to, "records skipped before this one")
+            if debug:
+                tp = event.message.tp
+                last = handled.get(tp)
+                if last is None or rec.offset != last + 1:
+                    log.warning("faust delivery jump", extra={
+                        "tp": f"{rec.topic}/{rec.partition}", "offset": rec.offset, "last": last,
+                        "generation": app.consumer_generation_id,
+                        "read_offset": app.consumer._read_offset.get(tp),
+                        "committed": app.consumer._committed_offset.get(tp)})
+                handled[tp] = rec.offset
+            busy.update(stage="decide", since=time.monotonic(), at=(rec.topic, rec.partition,
+                                                                   rec.offset))
+            metrics.EVENTS_IN.labels(process, rec.topic).inc()
+            decided = decide(step, handler, rec, states, shared)
+            outputs = decided.outputs
+            writes = decided.shared.writes if decided.shared is not None else {}
+            if shared is not None and writes:
+                outputs = outputs + shared.outgoing(writes)
+            if outputs:
+                busy.update(stage="outputs acked", since=time.monotonic())
+                await retrying(lambda o=outputs: _deliver(producer, process, o), backoff)
+            if shared is not None and writes:
+                decided.shared.apply()  # into the local copy (its records are on the broker)
+            if decided.key is not None and decided.new_state is not decided.state:
+                if decided.new_state is None:
+                    states.pop(decided.key, None)
+                else:
+                    states[decided.key] = decided.new_state
+                busy.update(stage="changelog flushed", since=time.monotonic())
+                await app.producer.flush()  # the changelog on the broker before the offset
+            # faust acks the event when the loop asks for the next one: after all of the above
+            log.debug("handled %s/%s@%s: %d outputs", rec.topic, rec.partition, rec.offset,
+                      len(decided.outputs))
+            busy.update(stage=None)
+            metrics.LAST_PROGRESS.labels(process).set(time.time())
+            metrics.PROCESSING_SECONDS.labels(process).observe(time.perf_counter() - started)
+            metrics.record_lag(process, rec.topic, rec.partition, rec.offset + 1,
+                               app.consumer.highwater(event.message.tp))
+
+    @app.timer(5.0)
+    async def report_stalls() -> None:
+        """One log line while an event waits more than 10 s for one step (broker down)."""
+        if busy["stage"] is not None and time.monotonic() - busy["since"] > 10:
+            log.warning("event waiting for %s", busy["stage"],
+                        extra={"position": busy.get("at"),
+                               "waiting_s": round(time.monotonic() - busy["since"], 1)})
+
+    if os.environ.get("LABBUS_FAUST_DEBUG"):
+        @app.timer(3.0)
+        async def _debug_state() -> None:
+            c = app.consumer
+            rec = app.tables.recovery
+            positions: Any = {}
+            try:
+                inner = c._thread._ensure_consumer()
+                paused = sorted(str(tp) for tp in inner.paused())
+                assigned = sorted(str(tp) for tp in inner.assignment())
+                sub = inner._subscription.subscription
+                for tp in inner.assignment():
+                    st = sub.assignment.state_value(tp) if sub else None
+                    positions[f"{tp.topic[-12:]}/{tp.partition}"] = (
+                        st._position if st else "?", c._read_offset.get(tp),
+                        c.highwater(tp), bool(app.topics._tp_index.get(tp)))
+                fetcher = app._fetcher._drainer
+                drainer = ("none" if fetcher is None else "done" if fetcher.done()
+                           else "running")
+            except Exception as exc:  # noqa: BLE001
+                paused = assigned = repr(exc)
+                drainer = "?"
+            log.warning("faust debug", extra={
+                "assigned": assigned, "aiokafka_paused": paused,
+                "active": sorted(str(tp) for tp in (c._active_partitions or ())),
+                "faust_paused": sorted(str(tp) for tp in c._paused_partitions),
+                "buffered": sorted(str(tp) for tp in c._buffered_partitions),
+                "flow_active": app.flow_control.is_active(),
+                "rebalancing": app.rebalancing,
+                "in_recovery": rec.in_recovery, "completed": rec.completed.is_set(),
+                "active_remaining": rec.active_remaining_total(),
+                "standby_remaining": rec.standby_remaining_total(),
+                "busy": busy.get("stage"), "at": busy.get("at"), "drainer": drainer,
+                "positions(pos,read,hw,indexed)": positions,
+                "suspended": app.consumer.suspend_flow.is_set()})
+
+    app.labbus_tables = (states, shared)  # for tests and tools
+    return app
+
+
+async def _deliver(producer: Any, process: str, outputs: list[Outgoing]) -> None:
+    sent = Deliveries(producer, process)
+    for out in outputs:
+        await sent.send(out)
+    await sent.acked()
+
+
+def run(app: faust.App, cfg: Config) -> None:
+    """Run the app's worker until SIGINT/SIGTERM (topics of the catalog created first)."""
+    from faust.worker import Worker
+
+    asyncio.run(kafka.ensure_topics(cfg))
+    worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
+                    override_logging=False)
+    worker.execute_from_commandline()

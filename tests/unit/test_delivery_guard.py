@@ -1,0 +1,61 @@
+"""The faust runtime's delivery guard (events/faust_runtime.DeliveryGuard): plain logic."""
+
+from labbus.events.faust_runtime import DeliveryGuard
+
+TP = ("t", 0)
+
+
+def test_contiguous_offsets_need_no_seek():
+    guard = DeliveryGuard("p")
+    assert [guard.handled(TP, o, None) for o in range(5)] == [None] * 5
+    assert guard.done[TP] == 4
+
+
+def test_a_skipped_range_is_read_again_once():
+    guard = DeliveryGuard("p")
+    guard.handled(TP, 10, 10)
+    assert guard.handled(TP, 15, None) == 11  # 11..14 never reached the handler
+    assert guard.handled(TP, 16, None) is None  # rest of the stale batch: one seek is enough
+    for o in range(11, 17):  # delivered again from 11
+        assert guard.handled(TP, o, None) is None
+    assert guard.done[TP] == 16
+    assert guard.handled(TP, 20, None) == 17  # a later gap is caught again
+
+
+def test_records_handled_again_after_a_rebalance_are_not_a_gap():
+    guard = DeliveryGuard("p")
+    for o in range(354, 381):
+        guard.handled(TP, o, None)
+    assert guard.handled(TP, 370, 354) is None  # faust went back to the committed offset
+    assert guard.done[TP] == 380
+
+
+def test_the_committed_offset_counts_as_handled():
+    guard = DeliveryGuard("p")
+    assert guard.handled(TP, 168, 168) is None  # a partition taken over at its commit
+    other = ("t", 1)
+    assert guard.handled(other, 272, 168) == 168  # taken over, but the first records vanished
+
+
+def test_records_read_but_never_handled_are_found_once_the_handler_is_idle():
+    guard = DeliveryGuard("p")
+    for o in range(530, 536):
+        guard.handled(TP, o, None)
+    assert guard.lost({TP: 551}, {TP: 536}) == {}  # handled just now: may still be on its way
+    guard.last_handled -= DeliveryGuard.IDLE_S
+    assert guard.lost({TP: 551}, {TP: 536}) == {TP: 536}  # the consumer returned 536..550
+    assert guard.lost({TP: 536}, {TP: 536}) == {}  # everything returned was handled
+    assert guard.lost({TP: None}, {TP: None}) == {}  # no position yet
+
+
+def test_a_partition_sought_to_its_commit_is_not_lost():
+    guard = DeliveryGuard("p")
+    guard.last_handled -= DeliveryGuard.IDLE_S
+    assert guard.lost({TP: 102}, {TP: 102}) == {}  # nothing returned since the seek
+
+
+def test_a_partition_never_handled_is_checked_from_the_log_start():
+    guard = DeliveryGuard("p")
+    guard.last_handled -= DeliveryGuard.IDLE_S
+    assert guard.lost({TP: 11}, {TP: 0}) == {TP: 0}  # 0..10 returned, none delivered
+    assert guard.handled(TP, 0, None) is None and guard.done[TP] == 0
