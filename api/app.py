@@ -91,6 +91,8 @@ DEVICES_KEY = cursor.Key.of(device_id=str)
 MEASUREMENTS_KEY = cursor.Key.of(measured_at=datetime, measurement_id=uuid.UUID)
 EXPERIMENTS_KEY = cursor.Key.of(experiment_id=str)
 COMMANDS_KEY = cursor.Key.of(index=int)
+DEVICE_COMMANDS_KEY = cursor.Key.of(first_at=datetime, command_id=str)
+ALERTS_KEY = cursor.Key.of(detected_at=datetime, alert_id=uuid.UUID)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="Items per page.")]
 Cursor = Annotated[str | None, Query(
@@ -100,6 +102,7 @@ Cursor = Annotated[str | None, Query(
 DeviceId = Annotated[str, Path(description="A device id.")]
 ExperimentId = Annotated[str, Path(description="An experiment id.")]
 RunId = Annotated[str, Path(description="A robot run id.")]
+CommandId = Annotated[str, Path(description="A command id.")]
 
 
 # The SVG routes keep response_class=Response (no media type of its own), so that their error
@@ -119,14 +122,37 @@ def _links(source: str, **targets: dict[str, str]) -> dict:
 
 
 _FIRST_DEVICE = {"device_id": "items/0/device_id"}
+_FIRST_COMMAND = {"command_id": "items/0/command_id"}
 _FIRST_EXPERIMENT = {"experiment_id": "items/0/experiment_id"}
 _THIS_EXPERIMENT = {"experiment_id": "experiment_id"}
 
 
+def _page(rows: list, limit: int, key: cursor.Key, item=dict) -> dict:
+    """A page of `limit` items from `rows` (one more fetched tells whether a next page exists),
+    with the cursor of its last row."""
+    page = rows[:limit]
+    return {"items": [item(r) for r in page],
+            "next_cursor": key.encode(page[-1]) if len(rows) > limit else None}
+
+
+_STATE = ("status", "status_reason", "status_at", "last_heartbeat_at")
+
+
 def _device(row: asyncpg.Record) -> dict:
-    return {"device_id": row["device_id"], "device_type": row["device_type"],
-            "model": row["model"], "location": row["location"], "metrics": list(row["metrics"]),
-            "attributes": row["attributes"], "registered_at": row["registered_at"]}
+    """A device_overview row (registered) or a devices row (perhaps known from status only)."""
+    body = {"device_id": row["device_id"]}
+    if row["registered_at"] is not None:
+        body.update({"device_type": row["device_type"], "model": row["model"],
+                     "location": row["location"], "metrics": list(row["metrics"]),
+                     "attributes": row["attributes"], "registered_at": row["registered_at"],
+                     "specs": row["specs"], "spec_version": row["spec_version"]})
+    body.update({name: row[name] for name in _STATE})
+    return body
+
+
+_COMMAND_COLUMNS = """command_id, device_id, idempotency_key, command_type, payload, issued_by,
+    issued_at, expires_at, status, status_at, progress, result, error, reason_code, reason,
+    updated_at"""
 
 
 class Observe:
@@ -181,36 +207,44 @@ def create_app(cfg: Config) -> FastAPI:
 
     errors.install(app)
 
-    @app.get("/devices", summary="List devices", operation_id="list_devices",
-             response_model=models.DevicePage,
+    @app.get("/devices", summary="List registered devices, with their status",
+             operation_id="list_devices", response_model=models.DevicePage,
              responses=_links("list_devices", get_device=_FIRST_DEVICE,
                               device_measurements=_FIRST_DEVICE)
              | errors.responses(400, 422, 503))
     async def list_devices(
         request: Request,
-        device_type: str | None = None,
+        type_: Annotated[str | None, Query(
+            alias="type", description="Only devices of this type, e.g. ph-meter.")] = None,
+        device_type: Annotated[str | None, Query(
+            deprecated=True, description="The former name of `type`.")] = None,
+        status: Annotated[models.DeviceStatus | None, Query(
+            description="Only devices whose current status is this one.")] = None,
         limit: Limit = 100,
         cursor_: Cursor = None,
     ) -> dict:
         after = DEVICES_KEY.decode(cursor_)[0] if cursor_ else ""
-        if _unstorable(device_type):
+        if type_ is not None and device_type is not None and type_ != device_type:
+            raise HTTPException(400, "type and device_type name the same filter; give one")
+        kind = type_ if type_ is not None else device_type
+        if _unstorable(kind):
             return {"items": [], "next_cursor": None}
         rows = await request.app.state.pg.fetch(
             """SELECT * FROM device_overview
                WHERE device_id > $1 AND ($2::text IS NULL OR device_type = $2)
-               ORDER BY device_id LIMIT $3""", after, device_type, limit + 1)
-        page = rows[:limit]
-        nxt = DEVICES_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [_device(r) for r in page], "next_cursor": nxt}
+                 AND ($3::text IS NULL OR status = $3)
+               ORDER BY device_id LIMIT $4""", after, kind, status, limit + 1)
+        return _page(rows, limit, DEVICES_KEY, _device)
 
-    @app.get("/devices/{device_id}", summary="One device with its latest readings and counts",
+    @app.get("/devices/{device_id}",
+             summary="One device: registration, status and its history, latest readings",
              operation_id="get_device", response_model=models.DeviceDetail,
              response_model_exclude_unset=True, responses=errors.responses(404, 422, 503))
     async def get_device(request: Request, device_id: DeviceId) -> dict:
         if _unstorable(device_id):
             raise HTTPException(404, f"no device {device_id!r}")
-        row = await request.app.state.pg.fetchrow(
-            "SELECT * FROM device_overview WHERE device_id = $1", device_id)
+        pg = request.app.state.pg
+        row = await pg.fetchrow("SELECT * FROM devices WHERE device_id = $1", device_id)
         summary = await request.app.state.mongo[cfg.mongo_db].devices.find_one(
             {"_id": device_id}, {"latest": 1, "counts": 1, "total_measurements": 1})
         if row is None and summary is None:
@@ -219,6 +253,11 @@ def create_app(cfg: Config) -> FastAPI:
         summary = summary or {}
         body.update({"latest": summary.get("latest", {}), "counts": summary.get("counts", {}),
                      "total_measurements": summary.get("total_measurements", 0)})
+        history = await pg.fetch(
+            """SELECT event_id, status, reason, occurred_at, source FROM device_status_history
+               WHERE device_id = $1 ORDER BY source_offset DESC, event_id LIMIT 100""",
+            device_id) if row is not None and row["status"] is not None else []
+        body["status_history"] = [dict(r) for r in history]
         return body
 
     @app.get("/devices/{device_id}/measurements",
@@ -298,9 +337,7 @@ def create_app(cfg: Config) -> FastAPI:
                  AND (measured_at, measurement_id) > ($5, $6)
                ORDER BY measured_at, measurement_id LIMIT $7""",
             device_id, metric, from_, to, after_t, after_id, limit + 1)
-        page = rows[:limit]
-        nxt = MEASUREMENTS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, MEASUREMENTS_KEY)
 
     @app.get("/experiments", summary="List colour-mixing experiments",
              operation_id="list_experiments", response_model=models.ExperimentPage,
@@ -322,9 +359,7 @@ def create_app(cfg: Config) -> FastAPI:
             f"""SELECT {_EXPERIMENT_COLUMNS} FROM experiments e
                 WHERE experiment_id > $1 AND ($2::text IS NULL OR status = $2)
                 ORDER BY experiment_id LIMIT $3""", after, status, limit + 1)
-        page = rows[:limit]
-        nxt = EXPERIMENTS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, EXPERIMENTS_KEY)
 
     async def _experiment(pg, experiment_id: str) -> dict:
         if _unstorable(experiment_id):
@@ -404,9 +439,79 @@ def create_app(cfg: Config) -> FastAPI:
                       created_at, started_at, completed_at
                FROM robot_commands WHERE run_id = $1 AND index > $2
                ORDER BY index LIMIT $3""", run_id, min(max(after, -1), 2**31 - 1), limit + 1)
-        page = rows[:limit]
-        nxt = COMMANDS_KEY.encode(page[-1]) if len(rows) > limit else None
-        return {"items": [dict(r) for r in page], "next_cursor": nxt}
+        return _page(rows, limit, COMMANDS_KEY)
+
+    @app.get("/commands", summary="Commands to devices, newest first",
+             description="Ordered by the time of each command's first event (its issue, once "
+                         "known) and id, newest first; cursor-paginated. `status` is the "
+                         "command's current status (see DeviceCommand).",
+             operation_id="list_commands", response_model=models.DeviceCommandPage,
+             responses=_links("list_commands", get_command=_FIRST_COMMAND)
+             | errors.responses(400, 422, 503))
+    async def list_commands(
+        request: Request,
+        device: Annotated[str | None, Query(description="Only this device's commands.")] = None,
+        status: Annotated[models.CommandStatus | None, Query(
+            description="Only commands whose current status is this one.")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
+    ) -> dict:
+        before_t, before_id = DEVICE_COMMANDS_KEY.decode(cursor_) if cursor_ else (None, None)
+        if _unstorable(device):
+            return {"items": [], "next_cursor": None}
+        rows = await request.app.state.pg.fetch(
+            f"""SELECT {_COMMAND_COLUMNS}, first_at FROM commands
+                WHERE ($1::text IS NULL OR device_id = $1) AND ($2::text IS NULL OR status = $2)
+                  AND ($3::timestamptz IS NULL OR (first_at, command_id) < ($3, $4))
+                ORDER BY first_at DESC, command_id DESC LIMIT $5""",
+            device, status, before_t, before_id, limit + 1)
+        return _page(rows, limit, DEVICE_COMMANDS_KEY, _command)
+
+    @app.get("/commands/{command_id}", summary="One command with its full status history",
+             operation_id="get_command", response_model=models.DeviceCommandDetail,
+             responses=_links("get_command", get_device={"device_id": "device_id"})
+             | errors.responses(404, 422, 503))
+    async def get_command(request: Request, command_id: CommandId) -> dict:
+        pg = request.app.state.pg
+        row = None if _unstorable(command_id) else await pg.fetchrow(
+            f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE command_id = $1", command_id)
+        if row is None:
+            raise HTTPException(404, f"no command {command_id!r}")
+        body = _command(row)
+        body["history"] = [dict(r) for r in await pg.fetch(
+            """SELECT event_id, status, occurred_at, source, detail FROM command_events
+               WHERE command_id = $1 ORDER BY occurred_at, status_rank, event_id""", command_id)]
+        return body
+
+    @app.get("/alerts", summary="Anomalies flagged in devices' readings, oldest first",
+             description="Ordered by detection time and id, oldest first, from `since` "
+                         "(inclusive); cursor-paginated.",
+             operation_id="list_alerts", response_model=models.AlertPage,
+             responses=_links("list_alerts", get_device=_FIRST_DEVICE)
+             | errors.responses(400, 422, 503))
+    async def list_alerts(
+        request: Request,
+        since: Annotated[datetime | None, BeforeValidator(_rfc3339), Query(
+            description="Alerts detected at or after this time; RFC 3339, e.g. "
+                        "2026-03-01T12:00:00Z.")] = None,
+        device: Annotated[str | None, Query(description="Only this device's alerts.")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
+    ) -> dict:
+        after_t, after_id = _EARLIEST, uuid.UUID(int=0)
+        if cursor_:
+            after_t, after_id = ALERTS_KEY.decode(cursor_)
+        if _unstorable(device):
+            return {"items": [], "next_cursor": None}
+        rows = await request.app.state.pg.fetch(
+            """SELECT alert_id, device_id, metric, value, unit, measured_at, measurement_id, rule,
+                      score, threshold, window_mean, window_stddev, window_count, detected_at
+               FROM alerts
+               WHERE ($1::text IS NULL OR device_id = $1) AND detected_at >= $2
+                 AND (detected_at, alert_id) > ($3, $4)
+               ORDER BY detected_at, alert_id LIMIT $5""",
+            device, _utc(since) or _EARLIEST, after_t, after_id, limit + 1)
+        return _page(rows, limit, ALERTS_KEY)
 
     @app.get("/health/live", summary="The process is up", operation_id="live",
              response_model=models.Live)
@@ -600,6 +705,10 @@ async def _mongo_summary(db, experiment_id: str) -> dict | None:
                               "command_types": r.get("command_types", {}),
                               "command_statuses": r.get("command_statuses", {})}
                      for run_id, r in (doc.get("runs") or {}).items()}}
+
+
+def _command(row: asyncpg.Record) -> dict:
+    return {name: value for name, value in row.items() if name != "first_at"}
 
 
 def _scope_route(scope) -> str:

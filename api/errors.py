@@ -3,9 +3,10 @@
 - 422: a parameter does not match its declared schema (type, range, format), as FastAPI
   validates it; `errors` lists each offending parameter.
 - 400: the parameters match the schema but cannot be answered: a cursor that this route did not
-  issue, `from` after `to`, a bucketed series without its metric/from/to or over its bucket cap.
+  issue, `from` after `to`, a bucketed series without its metric/from/to or over its bucket cap,
+  `type` and `device_type` that differ.
   (An OpenAPI schema cannot say which strings are cursors.)
-- 404: no such device, experiment or robot run.
+- 404: no such device, command, experiment or robot run.
 - 503: PostgreSQL or MongoDB does not answer.
 
 All are `Error`: `{"detail": "<message>", "errors": [...]}`.
@@ -47,7 +48,8 @@ class Error(BaseModel):
 _DESCRIPTIONS = {
     400: "Parameters that match the schema but cannot be answered: a cursor this route did not "
          "issue, `from` after `to`, `bucket` without `metric`, `from` and `to` (or with "
-         "`cursor`), `agg` without `bucket`, more buckets than a request may have.",
+         "`cursor`), `agg` without `bucket`, more buckets than a request may have, `type` and "
+         "`device_type` that differ.",
     404: "No such resource.",
     422: "A parameter does not match its schema.",
     503: "PostgreSQL or MongoDB does not answer.",

@@ -5,14 +5,39 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 NEXT_CURSOR = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
-class Device(BaseModel):
+DeviceStatus = Literal["ONLINE", "OFFLINE", "MAINTENANCE", "ERROR"]
+CommandStatus = Literal["ISSUED", "ACCEPTED", "STARTED", "COMPLETED", "FAILED", "REJECTED",
+                        "TIMED_OUT"]
+
+
+class MeasurementSpec(BaseModel):
+    metric: str
+    unit: str
+    min: float | None = Field(description="Lowest valid value; null: unbounded.")
+    max: float | None = Field(description="Highest valid value; null: unbounded.")
+    expected_interval_s: float = Field(description="Seconds between two readings in normal "
+                                                   "operation.")
+
+
+class DeviceState(BaseModel):
+    """What the device's status events and heartbeats say (all null until the first)."""
+
+    status: DeviceStatus | None = Field(
+        None, description="The latest DeviceStatusChanged, in log order; null before any.")
+    status_reason: str | None = None
+    status_at: datetime | None = Field(None, description="When the status changed.")
+    last_heartbeat_at: datetime | None = Field(
+        None, description="The latest heartbeat's time (never moves backwards).")
+
+
+class Device(DeviceState):
     device_id: str
     device_type: str
     model: str
@@ -20,6 +45,9 @@ class Device(BaseModel):
     metrics: list[str]
     attributes: dict[str, Any]
     registered_at: datetime
+    specs: list[MeasurementSpec] = Field(description="Measurement specs (DeviceRegistered v2); "
+                                                     "empty for a v1 registration.")
+    spec_version: int
 
 
 class DevicePage(BaseModel):
@@ -34,9 +62,18 @@ class Latest(BaseModel):
     measurement_id: str
 
 
-class DeviceDetail(BaseModel):
-    """Metadata from PostgreSQL (absent while only readings are known), latest values and counts
-    from MongoDB."""
+class StatusChange(BaseModel):
+    event_id: uuid.UUID
+    status: DeviceStatus
+    reason: str
+    occurred_at: datetime
+    source: str = Field(description="Who said so: the device (through the gateway) or a "
+                                    "processor.")
+
+
+class DeviceDetail(DeviceState):
+    """Metadata and status from PostgreSQL (the registration's fields are absent while only
+    readings, status or heartbeats are known), latest values and counts from MongoDB."""
 
     device_id: str
     device_type: str | None = None
@@ -45,9 +82,13 @@ class DeviceDetail(BaseModel):
     metrics: list[str] | None = None
     attributes: dict[str, Any] | None = None
     registered_at: datetime | None = None
+    specs: list[MeasurementSpec] | None = None
+    spec_version: int | None = None
     latest: dict[str, Latest] = Field(description="Per metric, its latest reading.")
     counts: dict[str, int] = Field(description="Per metric, its number of readings.")
     total_measurements: int
+    status_history: list[StatusChange] = Field(
+        description="Its status changes, newest first (at most 100).")
 
 
 class Measurement(BaseModel):
@@ -191,3 +232,70 @@ class Live(BaseModel):
 class Readiness(BaseModel):
     status: str = Field(description="ok, or unavailable.")
     checks: dict[str, str] = Field(description="postgres and mongo: ok, or why not.")
+
+
+class DeviceCommand(BaseModel):
+    """A command to a device. `status` is the highest-ranked status its events gave it, whatever
+    order they were projected in: ISSUED < ACCEPTED < STARTED < TIMED_OUT < REJECTED < COMPLETED
+    < FAILED (the last four are final). Fields of CommandIssued are null while only later events
+    are known."""
+
+    command_id: str
+    device_id: str
+    idempotency_key: str | None
+    command_type: str | None
+    payload: Any = Field(description="The command's JSON payload.")
+    issued_by: str | None
+    issued_at: datetime | None
+    expires_at: datetime | None
+    status: CommandStatus
+    status_at: datetime = Field(description="When the event that set `status` happened.")
+    progress: float | None = Field(description="The highest progress a CommandStarted reported.")
+    result: Any = Field(description="CommandCompleted's JSON result, when completed.")
+    error: str | None = Field(description="CommandFailed's error, when failed.")
+    reason_code: str | None = Field(description="Why rejected (the processor's code) or "
+                                                "timed_out.")
+    reason: str | None
+    updated_at: datetime = Field(description="The time of its latest event.")
+
+
+class DeviceCommandPage(BaseModel):
+    items: list[DeviceCommand]
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class CommandEvent(BaseModel):
+    event_id: uuid.UUID
+    status: CommandStatus
+    occurred_at: datetime
+    source: str
+    detail: dict[str, Any] = Field(description="What the event added: command_type, issued_by, "
+                                               "expires_at, progress, result, error, "
+                                               "reason_code, reason.")
+
+
+class DeviceCommandDetail(DeviceCommand):
+    history: list[CommandEvent] = Field(
+        description="Every event of the command, by time (ties by status rank).")
+
+
+class Alert(BaseModel):
+    alert_id: uuid.UUID = Field(description="The AnomalyDetected event's id.")
+    device_id: str
+    metric: str
+    value: float
+    unit: str
+    measured_at: datetime
+    measurement_id: uuid.UUID
+    rule: str = Field(description="The rule that flagged the reading, e.g. zscore.")
+    score: float
+    threshold: float
+    window_mean: float
+    window_stddev: float
+    window_count: int
+    detected_at: datetime
+
+
+class AlertPage(BaseModel):
+    items: list[Alert]
+    next_cursor: str | None = NEXT_CURSOR

@@ -1,4 +1,5 @@
-"""PostgreSQL read models: `devices` and `measurements` (see migrations/postgres)."""
+"""PostgreSQL read models: devices (with status and heartbeats), measurements, commands, alerts
+and colour-mixing campaigns (see migrations/postgres)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from aiokafka import TopicPartition
 from labbus.events import model as m
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
-from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.model import DeviceHeartbeat, DeviceRegistered, MeasurementValidated
 from labbus.events.runtime import Fence, Positioned
 from labbus.events.topics import (
+    ALERTS,
     COLOUR_READINGS,
+    COMMANDS,
+    DEVICE_STATUS,
     DEVICES,
     EXPERIMENTS,
     MEASUREMENTS_VALIDATED,
@@ -25,6 +29,7 @@ from labbus.events.topics import (
 )
 from labbus.projections import partitions
 from labbus.projections.migrate import migrate
+from labbus.projections.postgres_devices import DEVICE_SQL, HEARTBEATS, heartbeat_args
 
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,
@@ -40,18 +45,23 @@ ON CONFLICT (measurement_id, measured_at) DO NOTHING
 
 UPSERT_DEVICES = """
 INSERT INTO devices (device_id, device_type, model, location, metrics, attributes,
-                     registered_at, last_event_id)
+                     registered_at, last_event_id, specs, spec_version)
 SELECT d.device_id, d.device_type, d.model, d.location,
        ARRAY(SELECT jsonb_array_elements_text(d.metrics)), d.attributes,
-       'epoch'::timestamptz + d.registered_us * interval '1 microsecond', d.event_id
+       'epoch'::timestamptz + d.registered_us * interval '1 microsecond', d.event_id, d.specs,
+       d.spec_version
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
-            $7::bigint[], $8::uuid[])
-     AS d(device_id, device_type, model, location, metrics, attributes, registered_us, event_id)
+            $7::bigint[], $8::uuid[], $9::jsonb[], $10::int[])
+     AS d(device_id, device_type, model, location, metrics, attributes, registered_us, event_id,
+          specs, spec_version)
 ON CONFLICT (device_id) DO UPDATE SET
     device_type = EXCLUDED.device_type, model = EXCLUDED.model, location = EXCLUDED.location,
     metrics = EXCLUDED.metrics, attributes = EXCLUDED.attributes,
-    registered_at = EXCLUDED.registered_at, last_event_id = EXCLUDED.last_event_id
-WHERE devices.registered_at <= EXCLUDED.registered_at
+    registered_at = EXCLUDED.registered_at, last_event_id = EXCLUDED.last_event_id,
+    specs = EXCLUDED.specs, spec_version = EXCLUDED.spec_version
+WHERE devices.registered_at IS NULL  -- the row was made by status or heartbeats
+   OR (devices.spec_version, devices.registered_at)
+      <= (EXCLUDED.spec_version, EXCLUDED.registered_at)
 """
 
 UPSERT_POSITIONS = """
@@ -89,7 +99,8 @@ class PostgresProjection:
 
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
-                (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS)]
+                (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
+                 DEVICE_STATUS, COMMANDS, ALERTS)]
 
     async def start(self) -> None:
         self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN",
@@ -121,10 +132,11 @@ class PostgresProjection:
                     next_offsets: dict[TopicPartition, int]) -> None:
         m_rows = []
         devices: dict[str, dict] = {}
-        campaign: list[tuple[str, tuple]] = []  # (sql, args) in log order
+        beats: dict[str, int] = {}  # device -> its latest heartbeat in the batch (µs)
+        statements: list[tuple[str, tuple]] = []  # (sql, args) in log order
         for p in events:
             if p.event_type in CAMPAIGN_SQL:
-                campaign.extend(CAMPAIGN_SQL[p.event_type](p.record))
+                statements.extend(CAMPAIGN_SQL[p.event_type](p.record))
                 continue
             r = p.record
             if p.event_type == MeasurementValidated.TYPE:
@@ -133,6 +145,11 @@ class PostgresProjection:
                                p.offset))
             elif p.event_type == DeviceRegistered.TYPE:
                 devices[r["device_id"]] = r  # the last registration in the batch wins
+            elif p.event_type == DeviceHeartbeat.TYPE:
+                if r["occurred_at"] > beats.get(r["device_id"], -2**63):
+                    beats[r["device_id"]] = r["occurred_at"]
+            elif p.event_type in DEVICE_SQL:
+                statements.extend(DEVICE_SQL[p.event_type](p))
         async with self.pool.acquire() as con, con.transaction():
             await self._check_positions(con, next_offsets)
             if m_rows:
@@ -144,8 +161,11 @@ class PostgresProjection:
                     [d["model"] for d in ds], [d["location"] for d in ds],
                     [json.dumps(d["metrics"]) for d in ds],
                     [json.dumps(d["attributes"]) for d in ds],
-                    [d["occurred_at"] for d in ds], [d["event_id"] for d in ds])
-            for sql, rows in _runs(campaign):
+                    [d["occurred_at"] for d in ds], [d["event_id"] for d in ds],
+                    [json.dumps(d["specs"]) for d in ds], [d["spec_version"] for d in ds])
+            if beats:
+                await con.execute(HEARTBEATS, *heartbeat_args(beats))
+            for sql, rows in _runs(statements):
                 await con.executemany(sql, rows)
             tps = list(next_offsets)
             await con.execute(UPSERT_POSITIONS, self.name, [tp.topic for tp in tps],

@@ -22,7 +22,16 @@ from aiokafka import TopicPartition
 
 from labbus.deploy.demo import LABBUS
 from labbus.events.codec import default_codec
-from labbus.events.model import DeviceRegistered, MeasurementValidated
+from labbus.events.model import (
+    AnomalyDetected,
+    CommandAccepted,
+    CommandCompleted,
+    CommandIssued,
+    DeviceHeartbeat,
+    DeviceRegistered,
+    DeviceStatusChanged,
+    MeasurementValidated,
+)
 from labbus.events.runtime import Positioned
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
@@ -40,11 +49,14 @@ T0 = datetime(2026, 3, 1, tzinfo=UTC)
 # fake topic names: the seeded positions must not steer the session's real projectors
 TOPICS = {"devices": "contract-test.devices", "validated": "contract-test.validated",
           "experiments": "contract-test.experiments", "runs": "contract-test.runs",
-          "readings": "contract-test.readings"}
+          "readings": "contract-test.readings", "status": "contract-test.status",
+          "commands": "contract-test.commands", "alerts": "contract-test.alerts"}
+MONGO = ("devices", "validated", "experiments", "runs", "readings")  # the Mongo view's topics
 
 
 def seed_batches() -> list[list[Positioned]]:
-    """Two devices, 40 readings of the first (several per timestamp), one finished campaign."""
+    """Two devices with their status, 40 readings of the first (several per timestamp), two
+    commands (one completed), two alerts, one finished campaign."""
     t = dict(source="contract-test")
     by_topic: dict[str, list] = {
         "devices": [DeviceRegistered.create(
@@ -55,6 +67,26 @@ def seed_batches() -> list[list[Positioned]]:
             device_id="contract-ph-1", metric="ph" if i % 3 else "temperature", value=7.0,
             unit="pH" if i % 3 else "degC", measured_at=T0 + timedelta(seconds=i // 4))
             for i in range(40)],
+        "status": [e for device in DEVICES for e in (
+            DeviceStatusChanged.create(**t, subject=device, sequence=1, device_id=device,
+                                       status="ONLINE", reason="registered"),
+            DeviceHeartbeat.create(**t, subject=device, sequence=2, device_id=device,
+                                   gateway="gw"))],
+        "commands": [e for i, cid in enumerate(("contract-cmd-1", "contract-cmd-2")) for e in (
+            CommandIssued.create(**t, subject="contract-ph-1", sequence=i, command_id=cid,
+                                 device_id="contract-ph-1", idempotency_key=cid,
+                                 command_type="calibrate", payload_json='{"points": [4, 7]}',
+                                 expires_at=T0 + timedelta(seconds=30), issued_by="operator"),
+            CommandAccepted.create(**t, subject="contract-ph-1", sequence=i, command_id=cid,
+                                   device_id="contract-ph-1"))][:3] + [
+            CommandCompleted.create(**t, subject="contract-ph-1", sequence=9,
+                                    command_id="contract-cmd-1", device_id="contract-ph-1",
+                                    result_json='{"slope": 0.99}')],
+        "alerts": [AnomalyDetected.create(
+            **t, subject="contract-ph-1", sequence=i, occurred_at=T0 + timedelta(seconds=i),
+            device_id="contract-ph-1", metric="ph", value=13.0, unit="pH", measured_at=T0,
+            measurement_id=uuid.uuid4(), rule="zscore", score=9.0, threshold=4.0,
+            window_mean=7.0, window_stddev=0.1, window_count=40) for i in range(2)],
         **campaign_events(XID)}
     codec = default_codec()
     return [[Positioned(TopicPartition(TOPICS[alias], 0), offset,
@@ -65,13 +97,14 @@ def seed_batches() -> list[list[Positioned]]:
 def seed(cfg) -> None:
     async def write():
         pg, mongo = PostgresProjection(cfg), MongoProjection(cfg)
-        mongo.aliases = {topic: alias for alias, topic in TOPICS.items()}
+        mongo.aliases = {topic: alias for alias, topic in TOPICS.items() if alias in MONGO}
         await pg.start()
         await mongo.start()
         try:
             for batch in seed_batches():
                 await pg.apply(batch, {})  # no positions: nothing to compare with later
-                await mongo.apply(batch, {batch[-1].tp: batch[-1].offset + 1})
+                if batch[0].tp.topic in mongo.aliases:
+                    await mongo.apply(batch, {batch[-1].tp: batch[-1].offset + 1})
         finally:
             await pg.stop()
             await mongo.stop()
