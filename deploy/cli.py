@@ -289,6 +289,94 @@ def process_experiment(metrics_port: int | None) -> None:
     PROCESSES["experiment"].run(cfg)
 
 
+@process.command("devices")
+@metrics_option
+def process_devices(metrics_port: int | None) -> None:
+    """Device status and command lifecycle: OFFLINE when heartbeats stop
+    (LABBUS_OFFLINE_AFTER_INTERVALS × the device's interval), ONLINE when they resume;
+    CommandRejected (unknown or offline device, payload against the command's JSON Schema,
+    idempotency key reused) and CommandTimedOut. Start more: they share the devices."""
+    from labbus.deploy.bootstrap import PROCESSES
+
+    cfg = _cfg()
+    _start_process("devices", cfg, metrics_port)
+    PROCESSES["devices"].run(cfg)
+
+
+# -- commands ---------------------------------------------------------------------------------
+@main.group()
+def command() -> None:
+    """Commands to devices (lab.commands)."""
+
+
+def _duration(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    raw = value.strip().lower()
+    for unit in ("ms", "s", "m", "h"):
+        if raw.endswith(unit):
+            raw, scale = raw[: -len(unit)], units[unit]
+            break
+    else:
+        scale = 1
+    try:
+        seconds = float(raw) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected e.g. 30s, 2m, 500ms") from None
+    if not 0 < seconds <= 86400:
+        raise click.BadParameter(f"{value!r}: must be within (0, 24h]")
+    return seconds
+
+
+@command.command("send")
+@click.argument("device")
+@click.argument("command_type")
+@click.option("--payload", default="{}", show_default=True, help="The command's JSON object.")
+@click.option("--timeout", "timeout", default="30s", show_default=True,
+              help="expires_at = now + this (30s, 2m, 500ms).")
+@click.option("--idempotency-key", default=None,
+              help="Same key for the same device = the same command, executed once "
+                   "(default: a new uuid).")
+@click.option("--wait", is_flag=True,
+              help="Follow the command to its final state; exit 1 unless it completed.")
+def command_send(device: str, command_type: str, payload: str, timeout: str,
+                 idempotency_key: str | None, wait: bool) -> None:
+    """Publish a CommandIssued for DEVICE straight to Kafka; prints the command id."""
+    import json
+
+    from labbus.deploy import commands as cmds
+
+    seconds = _duration(timeout)
+    try:
+        parsed = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--payload")
+    cfg = _cfg()
+    issued = asyncio.run(cmds.send(cfg, device, command_type, parsed, seconds, idempotency_key))
+    click.echo(issued.command_id)
+    if not wait:
+        return
+    steps = ["issued", "accepted", "started", "final"]
+    with click.progressbar(length=len(steps) - 1, label=f"{command_type} on {device}",
+                           file=sys.stderr, item_show_func=lambda s: s) as bar:
+        seen = {"n": 0}
+
+        def on_event(event) -> None:
+            n = cmds.STEP.get(event.TYPE, 0)
+            if n > seen["n"]:
+                bar.update(n - seen["n"], cmds.describe(event))
+                seen["n"] = n
+
+        final = asyncio.run(cmds.follow(cfg, issued, on_event, seconds + 10))
+    if final is None:
+        raise click.ClickException(f"no final state for {issued.command_id} within "
+                                   f"{seconds + 10:g} s (is `labbus process devices` running?)")
+    click.echo(cmds.describe(final))
+    if not cmds.succeeded(final):
+        sys.exit(1)
+
+
 # -- the gRPC gateway and device certificates ------------------------------------------------
 @main.group()
 def gateway() -> None:

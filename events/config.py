@@ -82,6 +82,14 @@ SETTINGS: dict[str, Setting] = {
                                           "At start the gateway reads this many seconds of "
                                           "lab.commands back to find commands still open; a "
                                           "command should expire sooner than this."),
+    "offline_after_intervals": Setting(
+        "LABBUS_OFFLINE_AFTER_INTERVALS", "3",
+        "The device processor declares a device OFFLINE when no heartbeat came for this many of "
+        "its expected intervals (a number > 0; see \"Device status and commands\")."),
+    "command_schemas": Setting(
+        "LABBUS_COMMAND_SCHEMAS", "",
+        "Directory of command JSON Schemas, <dir>/<device type>/<command type>.json (empty = "
+        "the built-in schemas/commands)."),
     "deck_layout": Setting("LABBUS_DECK_LAYOUT", "",
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
@@ -111,6 +119,8 @@ class Config:
     gateway_port: int
     gateway_max_inflight: int
     gateway_command_lookback_s: int
+    offline_after_intervals: float = 3.0
+    command_schemas: Path | None = None
     deck_layout: DeckLayout = DEFAULT_DECK
     explicit: frozenset[str] = frozenset()
 
@@ -138,6 +148,22 @@ def _float(name: str, raw: str) -> float:
     if value < 0:
         raise ConfigError(f"{SETTINGS[name].env}={raw!r} must not be negative")
     return value
+
+
+def _positive(name: str, raw: str) -> float:
+    value = _float(name, raw)
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} must be a number greater than 0")
+    return value
+
+
+def _directory(name: str, raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not a directory")
+    return path
 
 
 def _instance_id(name: str, raw: str) -> str:
@@ -206,6 +232,9 @@ def load(environ: dict[str, str] | None = None) -> Config:
         gateway_max_inflight=_int("gateway_max_inflight", raw["gateway_max_inflight"], 1, 100_000),
         gateway_command_lookback_s=_int("gateway_command_lookback_s",
                                         raw["gateway_command_lookback_s"], 1, 90 * 86400),
+        offline_after_intervals=_positive("offline_after_intervals",
+                                          raw["offline_after_intervals"]),
+        command_schemas=_directory("command_schemas", raw["command_schemas"]),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )

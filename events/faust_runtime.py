@@ -32,6 +32,7 @@ are idempotent per input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -190,6 +191,101 @@ class SharedLog:
         else:
             self.values[key] = value
 
+class View:
+    """A read-only table every worker holds in full, decoded from a catalog topic read from the
+    beginning and followed (e.g. the compacted registrations on lab.devices, whose partitioning
+    differs from the processor's inputs). `reader(event_type, record dict)` returns
+    (key, value) to store, (key, None) to delete, or None to skip.
+
+    `caught_up_ms` is the wall-clock time (ms) up to which everything on the topic has been read:
+    the driver waits for it to pass an input's log time before deciding an input whose key the
+    view does not hold, so a registration published just before a command is seen."""
+
+    def __init__(self, cfg: Config, spec: TopicSpec,
+                 reader: Callable[[str, dict], tuple[str, Any] | None],
+                 codec: Codec | None = None) -> None:
+        from labbus.events.codec import default_codec
+
+        self.cfg = cfg
+        self.topic = topic_name(cfg, spec)
+        self.reader = reader
+        self.codec = codec or default_codec()
+        self.values: dict[str, Any] = {}
+        self.caught_up_ms = 0
+        self.ready = asyncio.Event()
+        self._poke = asyncio.Event()
+        self._moved = asyncio.Event()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def read(self, value: bytes | None) -> None:
+        try:
+            kind, record = self.codec.decode_record(value, plain=True)
+        except DecodeError:
+            return  # not ours to dead-letter: the topic's own consumers do
+        found = self.reader(kind, record)
+        if found is None:
+            return
+        key, stored = found
+        if stored is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = stored
+
+    async def caught_up(self, ts_ms: int, timeout_s: float = 5.0) -> bool:
+        """Wait (at most timeout_s) until everything logged before ts_ms has been read."""
+        deadline = time.monotonic() + timeout_s
+        while self.caught_up_ms < ts_ms:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._moved.clear()
+            self._poke.set()
+            try:
+                await asyncio.wait_for(self._moved.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    async def follow(self, stopping: Callable[[], bool], idle_s: float = 1.0) -> None:
+        from aiokafka import TopicPartition
+
+        consumer = kafka.consumer(self.cfg, group=None)
+        await retrying(consumer.start, Backoff("view", "kafka"))
+        try:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh topics
+            tps = [TopicPartition(self.topic, p)
+                   for p in sorted(consumer.partitions_for_topic(self.topic) or ())]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while not stopping():
+                asked_ms = int(time.time() * 1000)
+                self._poke.clear()
+                ends = await consumer.end_offsets(tps)
+                while not await _read_to(consumer, ends) and not stopping():
+                    batch = await consumer.getmany(timeout_ms=100, max_records=5000)
+                    for records in batch.values():
+                        for r in records:
+                            self.read(r.value)
+                self.caught_up_ms = asked_ms
+                self._moved.set()
+                if not self.ready.is_set():
+                    log.info("view read", extra={"topic": self.topic, "keys": len(self.values)})
+                    self.ready.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), idle_s)
+        finally:
+            await consumer.stop()
+
+
+# tick(states of the keys this worker owns, now in ms) -> events to emit
+Tick = Callable[[dict[str, Any], int], Iterable[Event]]
+
+
 # The faust internals the delivery guard relies on, as tested with faust-streaming 0.15.3 (sha256
 # of inspect.getsource): perform_seek sets `_committed_offset` to the offsets it seeks to, seek()
 # resets the read offset so a sought-back range is delivered again, and the drain loop delivers
@@ -297,6 +393,11 @@ class Decided:
         self.shared = shared
 
 
+def partition_of(record: Record) -> int:
+    """The partition a state belongs to, for handlers whose state a timer reads (`state["p"]`)."""
+    return record.partition
+
+
 def decide(step: Step, handler: StatefulHandler, rec: Record, table: Any,
            shared_table: Any = None) -> Decided:
     """Decode, look up the key's state, run the handler: the dead-letter policy of `Step`
@@ -324,9 +425,21 @@ def decide(step: Step, handler: StatefulHandler, rec: Record, table: Any,
 def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: StatefulHandler,
               *, accepts: Collection[str] | None = None, table: str = "state",
               shared_table: str | None = None, codec: Codec | None = None,
+              view: View | None = None, timers: Sequence[tuple[float, Tick]] = (),
               **settings: Any) -> faust.App:
     """A faust app running `handler` over `inputs` with its state in Table `table` (and, when
-    named, a GlobalTable `shared_table`). `settings` override faust settings."""
+    named, a GlobalTable `shared_table`). `settings` override faust settings.
+
+    `view`: a read-only `View` handed to the handler as its `shared` argument (instead of a
+    shared table). `timers`: [(interval_s, tick)]; every interval, once the worker's
+    partitions are recovered, `tick({key: state}, now_ms)` is called with the states of the
+    keys of the partitions this worker owns actively (not its standbys': a state must hold its
+    partition as `state["p"]`, see `partition_of`) and its events are produced through the
+    same idempotent producer. A tick changes no state: a processor that must remember what a
+    tick decided reads its own events back from its inputs (event-sourced), and derives their
+    ids from the state, so two ticks deciding the same thing emit one event id."""
+    if view is not None and shared_table is not None:
+        raise ValueError("a processor has a shared table or a view, not both")
     partitions = {spec.partitions for spec in inputs}
     if len(partitions) != 1:
         raise ValueError(f"inputs of {process} are not co-partitioned: {partitions}")
@@ -377,8 +490,18 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             async def _follow(self) -> None:
                 await shared.follow(lambda: self.should_stop)
 
+    if view is not None:
+        @app.service
+        class FollowView(mode.Service):
+            """Reads the view's topic in full, then follows it."""
+
+            @mode.Service.task
+            async def _follow(self) -> None:
+                await view.follow(lambda: self.should_stop)
+
     busy: dict[str, Any] = {"stage": None}
     guard = DeliveryGuard(process)
+    live: dict[str, Any] = {}  # the output producer, once started
     inputs_by_name = {topic_name(cfg, spec) for spec in inputs}
 
     async def _seek_back(tp: Any, offset: int, why: str) -> None:
@@ -419,6 +542,10 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         if shared is not None:
             busy.update(stage="shared table read")
             await shared.ready.wait()
+        if view is not None:
+            busy.update(stage="view read")
+            await view.ready.wait()
+        live["producer"] = producer
         busy.update(stage=None)
         log.info("handler started")
         try:
@@ -451,7 +578,11 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             busy.update(stage="decide", since=time.monotonic(), at=(rec.topic, rec.partition,
                                                                    rec.offset))
             metrics.EVENTS_IN.labels(process, rec.topic).inc()
-            decided = decide(step, handler, rec, states, shared)
+            if view is not None and rec.key is not None and (
+                    rec.key.decode("utf-8", "replace") not in view):
+                busy.update(stage="view caught up")
+                await view.caught_up(rec.timestamp)
+            decided = decide(step, handler, rec, states, shared if view is None else view)
             outputs = decided.outputs
             writes = decided.shared.writes if decided.shared is not None else {}
             if shared is not None and writes:
@@ -476,6 +607,35 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             metrics.PROCESSING_SECONDS.labels(process).observe(time.perf_counter() - started)
             metrics.record_lag(process, rec.topic, rec.partition, rec.offset + 1,
                                app.consumer.highwater(event.message.tp))
+
+    def owned_states() -> dict[str, Any]:
+        """The states of the keys of the input partitions this worker owns actively."""
+        first = topic_name(cfg, inputs[0])
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == first}
+        return {k: v for k, v in list(states.items())
+                if isinstance(v, dict) and v.get("p") in owned}
+
+    def add_timer(interval: float, tick: Tick) -> None:
+        name = f"{process}-tick-{getattr(tick, '__name__', 'tick')}"
+
+        @app.timer(interval, name=name)
+        async def _tick() -> None:
+            producer = live.get("producer")
+            if (producer is None or app.rebalancing
+                    or not app.tables.recovery.completed.is_set()):
+                return
+            try:
+                outputs = [step.encode(e) for e in tick(owned_states(), int(time.time() * 1000))]
+            except Exception:  # noqa: BLE001 - a tick that raised must not stop the worker
+                log.exception("timer failed", extra={"timer": name})
+                return
+            if outputs:
+                await retrying(lambda o=outputs: _deliver(producer, process, o),
+                               Backoff(process, "kafka"))
+                metrics.LAST_PROGRESS.labels(process).set(time.time())
+
+    for interval, tick in timers:
+        add_timer(interval, tick)
 
     @app.timer(5.0)
     async def report_stalls() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -192,6 +193,22 @@ class CommandTimedOut(Event):
     command_id: str
     device_id: str
     expires_at: datetime
+
+
+def command_id_for(device_id: str, idempotency_key: str) -> str:
+    """A repeated idempotency key for a device is the same command."""
+    return derived_id(f"device/{device_id}", f"command/{idempotency_key}")
+
+
+def command_digest(command_type: str, payload_json: str) -> str:
+    """What a command asks for, independent of JSON formatting: an idempotency key used again
+    with another digest is a conflict, with the same digest the same command."""
+    try:
+        payload = json.loads(payload_json or "{}")
+    except ValueError:
+        payload = payload_json
+    canon = json.dumps([command_type, payload], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
 # The final states of a command: after one of these nothing more happens to it.

@@ -54,11 +54,11 @@ def metadata(name: str, insecure: bool, role: str = "device") -> tuple:
 
 
 def registration(device_id: str, device_type: str, location: str = "lab-1",
-                 interval_s: float = 1.0) -> pb.RegisterDeviceRequest:
+                 interval_s: float = 1.0, heartbeat_s: float = 1.0) -> pb.RegisterDeviceRequest:
     model, channels = DEVICE_TYPES[device_type]
     return pb.RegisterDeviceRequest(
         device_id=device_id, device_type=device_type, model=model, location=location,
-        attributes={"simulated": "true"},
+        attributes={"simulated": "true", "heartbeat_interval_s": f"{heartbeat_s:g}"},
         specs=[pb.MeasurementSpec(metric=m, unit=u, min=typ - 100 * noise,
                                   max=typ + 100 * noise, expected_interval_s=interval_s)
                for m, u, typ, noise in channels])
@@ -152,7 +152,8 @@ class SimDevice:
         stub = pb_grpc.GatewayStub(ch)
         md = metadata(self.device_id, insecure)
         await stub.RegisterDevice(registration(self.device_id, self.device_type,
-                                               interval_s=1.0 / self.rate if self.rate else 1.0),
+                                               interval_s=1.0 / self.rate if self.rate else 1.0,
+                                               heartbeat_s=self.heartbeat_s),
                                   metadata=md, timeout=30, wait_for_ready=True)
         call = stub.StreamData(metadata=md)
         lock = asyncio.Lock()

@@ -52,6 +52,7 @@ from labbus.events.model import (
     DeviceSpecChanged,
     DeviceStatusChanged,
     MeasurementRecorded,
+    command_id_for,
     derived_id,
     utcnow,
 )
@@ -82,9 +83,6 @@ def reading_id(device_id: str, sequence: int) -> str:
     return derived_id(f"device/{device_id}", f"seq/{sequence}")
 
 
-def command_id_for(device_id: str, idempotency_key: str) -> str:
-    """A repeated idempotency key for a device is the same command."""
-    return derived_id(f"device/{device_id}", f"command/{idempotency_key}")
 
 
 def _us(when) -> int:

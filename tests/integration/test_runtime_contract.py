@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiokafka import TopicPartition
@@ -27,6 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from labbus.events import kafka
 from labbus.events.codec import default_codec
 from labbus.events.model import (
+    CommandIssued,
     DeadLetter,
     Event,
     ExperimentRequested,
@@ -37,6 +39,7 @@ from labbus.events.model import (
 )
 from labbus.events.topics import (
     COLOUR_READINGS,
+    COMMANDS,
     DEAD_LETTER,
     EXPERIMENTS,
     MEASUREMENTS_RECORDED,
@@ -86,6 +89,14 @@ def run_request(tag: str, i: int) -> Event:
                                     protocol_text=text, recipes=recipes)
 
 
+def command_for_unknown_device(tag: str, i: int) -> Event:
+    device = f"{tag}-ghost-{i % 3}"
+    return CommandIssued.create(
+        source="t", subject=device, sequence=i, command_id=f"{tag}-cmd-{i}", device_id=device,
+        idempotency_key=f"k{i}", command_type="measure", payload_json="{}",
+        expires_at=datetime.now(UTC) + timedelta(hours=1), issued_by="t")
+
+
 def experiment_request(tag: str, i: int) -> Event:
     xid = f"{tag}-{i}"
     return ExperimentRequested.create(
@@ -105,6 +116,9 @@ SPECS = [
     # after kill -9 re-emits the same ids)
     Spec(("process", "experiment"), "experiment", EXPERIMENTS, EXPERIMENTS, experiment_request,
          lambda e: derived_id(e.event_id, "proposed/0"), "identical ids", 40),
+    # each command for an unknown device is rejected (state per device, a view of lab.devices)
+    Spec(("process", "devices"), "devices", COMMANDS, COMMANDS, command_for_unknown_device,
+         lambda e: derived_id(e.event_id, "rejected"), "identical ids", 40),
 ]
 
 
