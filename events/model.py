@@ -232,6 +232,25 @@ class MeasurementRejected(Event):
     reason: str
 
 
+# -- quality (issue 9): anomalies flagged by rolling statistics, keyed by device id ------------
+
+@dataclass(frozen=True, slots=True)
+class AnomalyDetected(Event):
+    TYPE: ClassVar[str] = "lab.quality.AnomalyDetected"
+    device_id: str
+    metric: str
+    value: float
+    unit: str
+    measured_at: datetime
+    measurement_id: uuid.UUID
+    rule: str  # e.g. "zscore"
+    score: float
+    threshold: float
+    window_mean: float
+    window_stddev: float
+    window_count: int
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter(Event):
     TYPE: ClassVar[str] = "lab.deadletter.DeadLetter"
@@ -403,7 +422,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
                 DeviceRejected, CommandIssued, CommandAccepted, CommandStarted, CommandCompleted,
                 CommandFailed, CommandRejected, CommandTimedOut, MeasurementRecorded,
-                MeasurementValidated, MeasurementRejected, DeadLetter,
+                MeasurementValidated, MeasurementRejected, AnomalyDetected, DeadLetter,
                 ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,
                 RobotRunRequested, RobotRunStarted, RobotCommandExecuted, WellDispensed,
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,

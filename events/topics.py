@@ -66,6 +66,10 @@ COMMANDS = TopicSpec(
     retention_ms=30 * DAY_MS,
     description="Commands to devices and every status they pass through. Keyed by device, so one "
                 "device's commands and their statuses stay in order.")
+ALERTS = TopicSpec(
+    "lab.alerts", 3, "device_id", ("lab.quality.AnomalyDetected",), retention_ms=30 * DAY_MS,
+    description="Anomalies flagged in validated readings (flagged, not dropped), with the rule, "
+                "its score and the rolling window it was judged against.")
 
 EXPERIMENTS = TopicSpec(
     "lab.experiments", 3, "experiment_id",
@@ -88,7 +92,7 @@ COLOUR_READINGS = TopicSpec(
 
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
-    DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS,
+    DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
     EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
 )
 

@@ -23,6 +23,7 @@ from labbus.events.codec import (
 from labbus.events.model import (
     ENVELOPE_FIELDS,
     EVENT_TYPES,
+    AnomalyDetected,
     CommandAccepted,
     CommandCompleted,
     CommandFailed,
@@ -106,6 +107,10 @@ SAMPLES += [
     CommandRejected.create(source="p", subject="d1", sequence=6, reason_code="offline",
                            reason="device d1 is offline", **_CMD),
     CommandTimedOut.create(source="p", subject="d1", sequence=7, expires_at=T0, **_CMD),
+    AnomalyDetected.create(source="anomaly", subject="d1", sequence=8, device_id="d1",
+                           metric="temperature", value=99.5, unit="degC", measured_at=T0,
+                           measurement_id=uuid.UUID(int=7), rule="zscore", score=6.2,
+                           threshold=4.0, window_mean=21.0, window_stddev=0.4, window_count=120),
 ]
 
 _RECIPES = [{"well": "A1", "volumes": {"red": 60.0, "blue": 40.0}, "water_ul": 100.0},
