@@ -81,6 +81,13 @@ def experiment(cfg: Config, stop: Stop | None = None) -> None:
     app.run(cfg)
 
 
+def anomalies(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (rolling statistics in a Table): runs until SIGINT/SIGTERM."""
+    from labbus.processors import anomaly as app
+
+    app.run(cfg)
+
+
 PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("agent-reader", "simulated plate reader: WellDispensed -> WellColourMeasured",
             plate_reader),
@@ -90,4 +97,6 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("validator", "faust validator: MeasurementRecorded -> Validated/Rejected",
             validator),
     Process("experiment", "colour-mixing campaigns", experiment),
+    Process("anomalies", "rolling statistics: MeasurementValidated -> AnomalyDetected",
+            anomalies),
 )}
