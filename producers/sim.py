@@ -89,7 +89,11 @@ class FleetSimulator:
                 source=d.source, subject=d.device_id, sequence=d.sequence,
                 device_id=d.device_id, device_type=d.device_type, model=model,
                 location=d.location, metrics=[c[0] for c in channels],
-                attributes={"simulated": "true"}))
+                attributes={"simulated": "true"}, spec_version=1,
+                # the quality rules' specs: the unit, and 100 noise widths either side
+                specs=[{"metric": m, "unit": u, "min": typical - 100 * noise,
+                        "max": typical + 100 * noise, "expected_interval_s": 1.0}
+                       for m, u, typical, noise in channels]))
         return out
 
     def reading(self, i: int) -> tuple[bytes, bytes, str | None]:
