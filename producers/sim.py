@@ -36,7 +36,9 @@ class SimDevice:
     device_id: str
     device_type: str
     location: str
-    sequence: int = 0
+    # per device, increasing across restarts of the simulator (the quality rule `sequence`):
+    # starts from the clock in µs, as the gRPC simulator's devices do
+    sequence: int = field(default_factory=lambda: time.time_ns() // 1000)
     sent_good: list[bytes] = field(default_factory=list)
 
     @property
