@@ -88,6 +88,13 @@ def devices(cfg: Config, stop: Stop | None = None) -> None:
     lifecycle.run(cfg)
 
 
+def anomalies(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (rolling statistics in a Table): runs until SIGINT/SIGTERM."""
+    from labbus.processors import anomaly as app
+
+    app.run(cfg)
+
+
 PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("agent-reader", "simulated plate reader: WellDispensed -> WellColourMeasured",
             plate_reader),
@@ -99,4 +106,6 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("experiment", "colour-mixing campaigns", experiment),
     Process("devices", "device status (ONLINE/OFFLINE from heartbeats) and command lifecycle "
             "(rejections, timeouts, idempotency)", devices),
+    Process("anomalies", "rolling statistics: MeasurementValidated -> AnomalyDetected",
+            anomalies),
 )}

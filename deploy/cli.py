@@ -377,6 +377,20 @@ def command_send(device: str, command_type: str, payload: str, timeout: str,
         sys.exit(1)
 
 
+@process.command("anomalies")
+@metrics_option
+def process_anomalies(metrics_port: int | None) -> None:
+    """Flag anomalous readings: rolling statistics per device and metric (a faust Table) turn
+    outliers into AnomalyDetected on lab.alerts (flagged, not dropped). Thresholds:
+    LABBUS_ANOMALY_THRESHOLD, LABBUS_ANOMALY_WARMUP, LABBUS_ANOMALY_ALPHA. Start more than one:
+    they share the partitions."""
+    from labbus.deploy.bootstrap import PROCESSES
+
+    cfg = _cfg()
+    _start_process("anomalies", cfg, metrics_port)
+    PROCESSES["anomalies"].run(cfg)
+
+
 # -- the gRPC gateway and device certificates ------------------------------------------------
 @main.group()
 def gateway() -> None:

@@ -90,6 +90,25 @@ SETTINGS: dict[str, Setting] = {
         "LABBUS_COMMAND_SCHEMAS", "",
         "Directory of command JSON Schemas, <dir>/<device type>/<command type>.json (empty = "
         "the built-in schemas/commands)."),
+    "quality_future_s": Setting("LABBUS_QUALITY_FUTURE_S", "1",
+                                "Validated readings whose device time is more than this many "
+                                "seconds ahead of the validator's clock get quality suspect "
+                                "(rule future_time); LABBUS_MAX_CLOCK_SKEW_S rejects them."),
+    "quality_horizon_s": Setting("LABBUS_QUALITY_HORIZON_S", "3600",
+                                 "Validated readings whose device time is older than this many "
+                                 "seconds get quality suspect (rule stale); "
+                                 "LABBUS_MAX_READING_AGE_DAYS rejects them."),
+    "anomaly_threshold": Setting("LABBUS_ANOMALY_THRESHOLD", "4",
+                                 "`process anomalies`: a reading whose |z-score| against its "
+                                 "device and metric's rolling statistics exceeds this is flagged "
+                                 "(AnomalyDetected on lab.alerts); > 0."),
+    "anomaly_warmup": Setting("LABBUS_ANOMALY_WARMUP", "20",
+                              "`process anomalies`: readings of a device and metric that build "
+                              "its statistics before any is judged (2 to 1000000)."),
+    "anomaly_alpha": Setting("LABBUS_ANOMALY_ALPHA", "0.05",
+                             "`process anomalies`: weight of a new reading in the exponentially "
+                             "weighted mean and variance (0 < alpha < 1; about 2/alpha readings "
+                             "make the window)."),
     "deck_layout": Setting("LABBUS_DECK_LAYOUT", "",
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
@@ -121,6 +140,11 @@ class Config:
     gateway_command_lookback_s: int
     offline_after_intervals: float = 3.0
     command_schemas: Path | None = None
+    quality_future_s: float = 1.0
+    quality_horizon_s: float = 3600.0
+    anomaly_threshold: float = 4.0
+    anomaly_warmup: int = 20
+    anomaly_alpha: float = 0.05
     deck_layout: DeckLayout = DEFAULT_DECK
     explicit: frozenset[str] = frozenset()
 
@@ -164,6 +188,16 @@ def _directory(name: str, raw: str) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not a directory")
     return path
+
+
+def _open_unit(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not a number") from None
+    if not 0 < value < 1:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} must be between 0 and 1 (exclusive)")
+    return value
 
 
 def _instance_id(name: str, raw: str) -> str:
@@ -235,6 +269,11 @@ def load(environ: dict[str, str] | None = None) -> Config:
         offline_after_intervals=_positive("offline_after_intervals",
                                           raw["offline_after_intervals"]),
         command_schemas=_directory("command_schemas", raw["command_schemas"]),
+        quality_future_s=_positive("quality_future_s", raw["quality_future_s"]),
+        quality_horizon_s=_positive("quality_horizon_s", raw["quality_horizon_s"]),
+        anomaly_threshold=_positive("anomaly_threshold", raw["anomaly_threshold"]),
+        anomaly_warmup=_int("anomaly_warmup", raw["anomaly_warmup"], 2, 1_000_000),
+        anomaly_alpha=_open_unit("anomaly_alpha", raw["anomaly_alpha"]),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )

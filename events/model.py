@@ -234,6 +234,10 @@ class MeasurementValidated(Event):
     value: float
     unit: str
     measured_at: datetime
+    # v2 (README "Quality and anomalies"): good / suspect / bad against the device's registered
+    # specs, and the rule that set suspect or bad; None in data written before v2
+    quality: str | None = None
+    quality_rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

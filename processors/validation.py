@@ -143,9 +143,18 @@ def _derived(reading: dict, event_type: str, purpose: str, now_us: int, source: 
     }
 
 
-def validated(reading: dict, now_us: int, source: str) -> dict:
-    """The MeasurementValidated record for a good reading."""
-    return _derived(reading, VALIDATED, "validated", now_us, source)
+VALIDATED_VERSION = 2  # MeasurementValidated v2: quality and quality_rule
+
+
+def validated(reading: dict, now_us: int, source: str, quality: str | None = None,
+              rule: str | None = None) -> dict:
+    """The MeasurementValidated record for a reading that passed validation, with its quality
+    and the rule that set it (processors/quality.py)."""
+    record = _derived(reading, VALIDATED, "validated", now_us, source)
+    record["schema_version"] = VALIDATED_VERSION
+    record["quality"] = quality
+    record["quality_rule"] = rule
+    return record
 
 
 def rejected(reading: dict, why: Rejection, now_us: int, source: str,

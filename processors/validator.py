@@ -21,6 +21,7 @@ from aiokafka import TopicPartition
 from labbus.events import kafka, metrics
 from labbus.events.codec import Codec, DecodeError, default_codec
 from labbus.events.config import Config
+from labbus.events.device_specs import DeviceSpecs
 from labbus.events.model import MeasurementRecorded
 from labbus.events.runtime import Record, Step
 from labbus.events.topics import (
@@ -30,7 +31,7 @@ from labbus.events.topics import (
     group_id,
     topic_name,
 )
-from labbus.processors import validation
+from labbus.processors import quality, validation
 from labbus.processors.faust_speedups import LeanMonitor, RawSchema
 
 PROCESS = "validator"
@@ -51,6 +52,12 @@ class Validator:
         self.validated_topic = topic_name(cfg, MEASUREMENTS_VALIDATED)
         self.rejected_topic = topic_name(cfg, MEASUREMENTS_REJECTED)
         self.step = Step(cfg, PROCESS, codec=self.codec)  # the runtime's dead-letter policy
+        # quality (processors/quality.py): every device's registered specs, followed from
+        # lab.devices, and the highest sequence seen per device on each partition
+        self.specs = DeviceSpecs(cfg, self.codec)
+        self.sequences = quality.Sequences()
+        self.future_us = round(cfg.quality_future_s * 1e6)
+        self.horizon_us = round(cfg.quality_horizon_s * 1e6)
 
     def handle(self, msg: Record, now_us: int) -> tuple[str, bytes, str | None]:
         """(topic, encoded event, rejection or dead-letter code or None)."""
@@ -70,10 +77,17 @@ class Validator:
             out = validation.rejected(reading, why, now_us, PROCESS,
                                       purpose=f"duplicate@{msg.partition}:{msg.offset}")
         else:
+            device, sequence = reading["device_id"], reading["sequence"]
+            last_sequences = self.sequences.partition(msg.partition)
+            last = last_sequences.get(device)
+            if last is None or sequence > last:
+                last_sequences[device] = sequence
             why = validation.check(reading, now_us, self.cfg.max_clock_skew_s,
                                    self.cfg.max_reading_age_days)
             if why is None:
-                out = validation.validated(reading, now_us, PROCESS)
+                q, rule = quality.judge(reading, self.specs.by_device.get(device), last, now_us,
+                                        self.future_us, self.horizon_us)
+                out = validation.validated(reading, now_us, PROCESS, q, rule)
                 encoded = self.codec.encode_plain(validation.VALIDATED, out)
                 return self.validated_topic, encoded, None
             out = validation.rejected(reading, why, now_us, PROCESS)
@@ -231,7 +245,8 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
                         lookback: int = 50_000) -> int:
     """Fill the duplicate windows with the ids of the last `lookback` readings before each
     partition's committed offset, so a duplicate of a reading seen before a restart is still
-    caught, and decisions after a restart equal those before it."""
+    caught, and decisions after a restart equal those before it; and the highest sequence per
+    device from the same readings (the quality rule `sequence`)."""
     consumer = kafka.consumer(cfg, group=group)
     await consumer.start()
     primed = 0
@@ -244,6 +259,7 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
             consumer.assign([tp])
             consumer.seek(tp, start)
             window = validator.windows[tp.partition]
+            last_sequences = validator.sequences.partition(tp.partition)
             while await consumer.position(tp) < committed:
                 fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
                 records = fetched.get(tp, [])
@@ -252,7 +268,10 @@ async def prime_windows(cfg: Config, validator: Validator, tps: list[TopicPartit
                         break
                     try:
                         _, reading = validator.codec.decode_record(rec.value, plain=True)
-                        window.first_offset(reading["event_id"], rec.offset)
+                        if window.first_offset(reading["event_id"], rec.offset) == rec.offset:
+                            device, sequence = reading["device_id"], reading["sequence"]
+                            if sequence > last_sequences.get(device, sequence - 1):
+                                last_sequences[device] = sequence
                         primed += 1
                     except (DecodeError, KeyError):
                         pass  # dead-lettered the first time round
@@ -312,16 +331,26 @@ def build_app(cfg: Config) -> faust.App:
         async def on_stop(self) -> None:
             await OutputProducer.producer.stop()
 
+    @app.service
+    class FollowDeviceSpecs(mode.Service):
+        """Every device's registered specs, for the quality rules (read in full at start)."""
+
+        @mode.Service.task
+        async def _follow(self) -> None:
+            await validator.specs.follow(lambda: self.should_stop)
+
     @app.on_partitions_revoked.connect
     async def forget_windows(app, revoked, **kwargs) -> None:  # noqa: ARG001
         windows_ready.clear()
         validator.windows.clear()
+        validator.sequences.clear()
 
     @app.on_partitions_assigned.connect
     async def remember_recent_ids(app, assigned, **kwargs) -> None:  # noqa: ARG001
         mine = [TopicPartition(tp.topic, tp.partition) for tp in assigned
                 if tp.topic == raw.get_topic_name()]
         primed = await prime_windows(cfg, validator, mine, group_id(cfg, PROCESS))
+        await validator.specs.ready.wait()  # no reading is judged before the specs are read
         windows_ready.set()
         log.info("dedup windows primed from the log", extra={"ids": primed})
 

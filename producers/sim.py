@@ -36,7 +36,9 @@ class SimDevice:
     device_id: str
     device_type: str
     location: str
-    sequence: int = 0
+    # per device, increasing across restarts of the simulator (the quality rule `sequence`):
+    # starts from the clock in µs, as the gRPC simulator's devices do
+    sequence: int = field(default_factory=lambda: time.time_ns() // 1000)
     sent_good: list[bytes] = field(default_factory=list)
 
     @property
@@ -89,7 +91,11 @@ class FleetSimulator:
                 source=d.source, subject=d.device_id, sequence=d.sequence,
                 device_id=d.device_id, device_type=d.device_type, model=model,
                 location=d.location, metrics=[c[0] for c in channels],
-                attributes={"simulated": "true"}))
+                attributes={"simulated": "true"}, spec_version=1,
+                # the quality rules' specs: the unit, and 100 noise widths either side
+                specs=[{"metric": m, "unit": u, "min": typical - 100 * noise,
+                        "max": typical + 100 * noise, "expected_interval_s": 1.0}
+                       for m, u, typical, noise in channels]))
         return out
 
     def reading(self, i: int) -> tuple[bytes, bytes, str | None]:

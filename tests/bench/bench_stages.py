@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from labbus.deploy.demo import LABBUS  # noqa: E402
 from labbus.events import config, kafka  # noqa: E402
 from labbus.events.topics import (  # noqa: E402
+    DEVICES,
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
@@ -82,6 +83,9 @@ async def main_async(args) -> None:
     base, env, cfg, db = await bench_environment()
     fleet_sim = sim.FleetSimulator(sim.make_fleet(100, seed=1, prefix="st"), seed=1)
     payloads = [fleet_sim.reading(i)[:2] for i in range(args.readings)]
+    # registered with specs, so every reading goes through all the quality rules
+    await produce(cfg, topic_name(cfg, DEVICES),
+                  [(r.key, fleet_sim.codec.encode(r)) for r in fleet_sim.registrations()])
     await produce(cfg, topic_name(cfg, MEASUREMENTS_RECORDED), payloads)
     outputs = (topic_name(cfg, MEASUREMENTS_VALIDATED), topic_name(cfg, MEASUREMENTS_REJECTED))
     try:

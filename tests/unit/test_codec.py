@@ -67,8 +67,10 @@ SAMPLES = [
                                correlation_id=uuid.uuid4(), device_id="d1",
                                metric="temperature", value=21.25, unit="degC"),
     MeasurementValidated.create(source="v", subject="d1", sequence=2, causation_id=uuid.uuid4(),
+                                schema_version=2,
                                 measurement_id=uuid.uuid4(), device_id="d1", metric="ph",
-                                value=7.0, unit="pH", measured_at=T0),
+                                value=7.0, unit="pH", measured_at=T0, quality="suspect",
+                                quality_rule="sequence"),
     MeasurementRejected.create(source="v", subject="d1", sequence=3, measurement_id=uuid.uuid4(),
                                device_id="d1", metric="ph", value=99.0, unit="pH",
                                measured_at=T0, reason_code="out_of_range", reason="too high"),
@@ -284,6 +286,37 @@ def test_device_registered_v1_bytes_decode_through_v2_with_empty_specs():
     new = codec.decode(codec.encode(SAMPLES[5]))
     assert new.specs[0]["max"] == 150.0 and new.specs[1]["min"] is None
     assert new.spec_version == 3
+
+
+def test_measurement_validated_v1_bytes_decode_through_v2_without_quality():
+    """Validated readings written before quality existed (the kept v1 schema) still decode:
+    quality and quality_rule None, the defaults; new bytes carry them."""
+    v1_path = SCHEMAS_DIR / "previous" / MeasurementValidated.TYPE / "v1.avsc"
+    v1 = json.loads(v1_path.read_text())
+    assert "quality" not in [f["name"] for f in v1["fields"]]
+    codec = default_codec()
+    old = SAMPLES[2]
+    record = {f: getattr(old.envelope, f) for f in ENVELOPE_FIELDS}
+    record.update(schema_version=1, measurement_id=old.measurement_id, device_id="d1",
+                  metric="ph", value=7.0, unit="pH", measured_at=T0)
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    (v1_entry,) = [e for e in codec.writers.values() if e.path == v1_path]
+    buf.write(v1_entry.fingerprint)
+    schemaless_writer(buf, parse_schema(v1), record)
+    event = codec.decode(buf.getvalue())
+    assert isinstance(event, MeasurementValidated) and event.value == 7.0
+    assert event.quality is None and event.quality_rule is None
+    assert event.envelope.schema_version == 1
+    assert codec.schema(MeasurementValidated.TYPE).version == 2
+    new = MeasurementValidated.create(
+        source="v", subject="d1", sequence=2, measurement_id=uuid.uuid4(), device_id="d1",
+        metric="ph", value=99.0, unit="pH", measured_at=T0, quality="bad", quality_rule="range")
+    back = codec.decode(codec.encode(new))
+    assert (back.quality, back.quality_rule) == ("bad", "range")
+    # the validator's hot-path records are v2 as well
+    from labbus.processors import validation
+    assert validation.VALIDATED_VERSION == codec.schema(MeasurementValidated.TYPE).version
 
 
 def _compatible(reader: dict, writer: dict) -> bool:
