@@ -7,7 +7,7 @@ LABBUS := $(VENV)/bin/labbus
 # keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
 ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query bench-gateway protos down lint
+.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-convergence: $(VENV)/.installed
 
 bench-gateway: setup
 	$(VENV)/bin/python tests/bench/bench_gateway.py --devices 1000 --rate 5
+
+bench-commands: setup
+	$(VENV)/bin/python tests/bench/bench_commands.py --devices 1000 --commands-per-s 200
+	$(VENV)/bin/python tests/bench/bench_commands.py --devices 1000 --commands-per-s 200 --path kafka
 
 # regenerate the gateway's checked-in stubs from producers/gateway/labbus_gateway.proto
 protos: $(VENV)/.installed

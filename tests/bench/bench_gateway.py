@@ -15,16 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -32,32 +26,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from labbus.deploy.demo import LABBUS  # noqa: E402
-from labbus.events import config, kafka  # noqa: E402
+from labbus.events import kafka  # noqa: E402
 from labbus.producers.gateway import devices as dev  # noqa: E402
-from labbus.producers.gateway import gctune, pki  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-
-
-class PeakRss(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+from labbus.producers.gateway import gctune  # noqa: E402
+from tests.bench.gwfleet import Namespace, PeakRss, Simulators, machine, pct  # noqa: E402
 
 
 def _worker(conn, args, pki_dir: str, target: str, part: int, parts: int) -> None:
@@ -105,42 +77,15 @@ async def _drive(conn, args, pki_dir: Path, target: str, part: int, parts: int) 
 
 
 async def main(args) -> dict:
-    namespace = f"bench-gw-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "LABBUS_NAMESPACE": namespace, "LABBUS_LOG_LEVEL": "WARNING"}
-    cfg = config.load(env)
-    pki_dir = Path(tempfile.mkdtemp(prefix="labbus-bench-pki-"))
-    env["LABBUS_PKI_DIR"] = str(pki_dir)
-    pki.init_ca(pki_dir)
-    fleet = dev.make_fleet(args.devices, args.rate, dev.Stats(), prefix="bench")
-    t0 = time.perf_counter()
-    dev.ensure_certs(pki_dir, fleet)
-    print(f"{args.devices} device certificates issued in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    ns = Namespace.create("bench-gw", args.devices)
+    cfg = ns.cfg
     await kafka.ensure_topics(cfg)
-    port = free_port()
-    log = open(pki_dir / "gateway.log", "w")
-    gw = subprocess.Popen([LABBUS, "gateway", "grpc", "--port", str(port), "--metrics-port",
-                           "-1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    gw, target = ns.start_gateway()
     rss = PeakRss(gw.pid)
     rss.start()
-    loop = asyncio.get_running_loop()
-    target = f"127.0.0.1:{port}"
-    ctx = multiprocessing.get_context("spawn")
-    pipes, procs = [], []
-    for part in range(args.sim_processes):
-        mine, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(theirs, args, str(pki_dir), target, part,
-                                                 args.sim_processes), daemon=True)
-        proc.start()
-        pipes.append(mine)
-        procs.append(proc)
-
-    async def each(message=None) -> list:
-        if message is not None:
-            for p in pipes:
-                p.send(message)
-        return list(await asyncio.gather(*(loop.run_in_executor(None, p.recv)
-                                           for p in pipes)))
+    sims = Simulators(_worker, (args, str(ns.pki_dir), target), args.sim_processes)
+    each = sims.each
+    pipes = sims.pipes
 
     finals: list = []
     try:
@@ -162,14 +107,11 @@ async def main(args) -> dict:
         parts = await each("end")
         finals = await asyncio.wait_for(each(), 120)
     finally:
-        for proc in procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
+        sims.join()
         rss.stopped.set()
         gw.terminate()
         gw.wait(30)
-        await kafka.delete_namespace_topics(cfg, namespace)
+        await kafka.delete_namespace_topics(cfg, ns.name)
     lat = [x for part in parts for x in part["latencies"]]
     acked = sum(part["acked"] for part in parts)
     sent = sum(part["sent"] for part in parts)
@@ -195,9 +137,7 @@ async def main(args) -> dict:
         "errors": errors, "reconnects": sum(f["reconnects"] for f in finals),
         "left_unacked": sum(f["left_unacked"] for f in finals),
         "load_average_1m": round(os.getloadavg()[0], 1),
-        "machine": f"{platform.system()} {platform.machine()}, {psutil.cpu_count()} cores, "
-                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB, "
-                   f"Python {platform.python_version()}",
+        "machine": machine(),
     }
     return result
 
