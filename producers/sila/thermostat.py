@@ -23,7 +23,11 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-from sila2.server import MetadataDict, ObservableCommandInstanceWithIntermediateResponses, SilaServer
+from sila2.server import (
+    MetadataDict,
+    ObservableCommandInstanceWithIntermediateResponses,
+    SilaServer,
+)
 
 from labbus.events.devices import is_loopback
 from labbus.producers.sila.generated.thermostat import (
