@@ -340,18 +340,22 @@ class Bridge:
         """Connect, register, subscribe, heartbeat; OFFLINE when the server stops answering,
         ONLINE when it answers again."""
         delay = 0.2
+        lost = ""  # why the last link broke
         while not stop.is_set():
             try:
                 client = await asyncio.wait_for(asyncio.to_thread(connect, self.s),
                                                 self.s.connect_timeout_s)
                 description = await asyncio.to_thread(describe, client, self.s)
             except Exception as exc:  # noqa: BLE001 - any failure to connect: retry
-                await self.set_status("OFFLINE", f"SiLA server {self.s.host}:{self.s.port} does "
-                                      f"not answer: {_short(exc)}", stop)
+                # OFFLINE only once a reconnect failed too: a server that ends its streams and
+                # answers again at once (a restart of its feature, a proxy) does not flap
+                reason = (f"SiLA server {self.s.host}:{self.s.port} does not answer: "
+                          f"{_short(exc)}")
+                await self.set_status("OFFLINE", f"{lost}; {reason}" if lost else reason, stop)
                 await _sleep(stop, delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            delay = 0.2
+            delay, lost = 0.2, ""
             link = _Link(client, description)
             await self.register(description, stop)
             self.link = link
@@ -364,8 +368,8 @@ class Bridge:
             finally:
                 self.online.clear()
                 await self.disconnect()
-            if not stop.is_set():
-                await self.set_status("OFFLINE", link.why, stop)
+            lost = link.why
+            log.info("link to the SiLA server broke; reconnecting", extra={"reason": lost})
 
     async def heartbeat(self, link: _Link, stop: asyncio.Event) -> None:
         """A DeviceHeartbeat every heartbeat_s while the server answers; returns when it does
