@@ -314,6 +314,7 @@ def agent_sila2(server: str, device_id: str, ca: Path | None, insecure: bool, he
 def agent_sila2_sim(host: str, port: int, name: str, insecure: bool, cert: Path | None,
                     key: Path | None, ramp_rate: float, interval: float) -> None:
     """A simulated SiLA 2 thermostat (a real SiLA 2 server, sila2 package)."""
+    import logging
     import signal as signal_mod
     import threading
 
@@ -321,8 +322,10 @@ def agent_sila2_sim(host: str, port: int, name: str, insecure: bool, cert: Path 
     from labbus.producers.sila import thermostat
 
     cfg = _cfg()
-    # sila2's server logs every property update at INFO (under its own logger names)
+    # sila2's server logs every property update at INFO (under its own logger names): those
+    # from WARNING up, labbus's own at LABBUS_LOG_LEVEL
     logs.configure("agent-sila2-sim", "WARNING" if cfg.log_level == "INFO" else cfg.log_level)
+    logging.getLogger("labbus").setLevel(cfg.log_level)
     server, _impl = thermostat.make_server(name, ramp_rate=ramp_rate, interval_s=interval)
     try:
         thermostat.start(server, host, port, insecure=insecure, pki_dir=cfg.pki_dir, cert=cert,

@@ -58,6 +58,7 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Backoff, Deliveries, Step, retrying, run_consumer
 from labbus.events.topics import COMMANDS, DEVICES, topic_name
+from labbus.producers.sila import load_sila2
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ def describe(client, settings: Settings) -> Description:
 
 def connect(settings: Settings):
     """A SilaClient (blocking; raises when the server does not answer)."""
+    load_sila2()
     from sila2.client import SilaClient
 
     if settings.insecure:
@@ -710,6 +712,7 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
 
 async def run(cfg: Config, stop: asyncio.Event, settings: Settings) -> None:
     """`labbus agent sila2`: until `stop`."""
+    load_sila2()  # before anything else imports protobuf
     bridge = Bridge(cfg, settings)
     try:
         await bridge.run(stop)

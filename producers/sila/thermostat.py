@@ -23,14 +23,18 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-from sila2.server import (
+from labbus.producers.sila import load_sila2
+
+load_sila2()
+
+from sila2.server import (  # noqa: E402
     MetadataDict,
     ObservableCommandInstanceWithIntermediateResponses,
     SilaServer,
 )
 
-from labbus.events.devices import is_loopback
-from labbus.producers.sila.generated.thermostat import (
+from labbus.events.devices import is_loopback  # noqa: E402
+from labbus.producers.sila.generated.thermostat import (  # noqa: E402
     Calibrate_Responses,
     CalibrationOutOfRange,
     HeaterFault,
@@ -96,6 +100,8 @@ class Thermostat(ThermostatBase):
             SetTemperature_IntermediateResponses],
     ) -> SetTemperature_Responses:
         self.executions += 1
+        log.info("SetTemperature executing", extra={"target": TargetTemperature,
+                                                    "execution": self.executions})
         if TargetTemperature > HEATER_LIMIT_C:
             raise HeaterFault(f"target {TargetTemperature} °C is above the heater's limit of "
                               f"{HEATER_LIMIT_C} °C")

@@ -1,6 +1,8 @@
 """The SiLA 2 bridge against a real SiLA 2 server and the real broker: the thermostat simulator
-(sila2 server on the code sila2-codegen generated) runs in this process on loopback with TLS from
-a test CA; the bridge runs as a user starts it (`labbus agent sila2`), so it can be killed -9."""
+(a sila2 server on the code sila2-codegen generated, `labbus agent sila2-sim`) on loopback with
+TLS from a test CA, and the bridge (`labbus agent sila2`), both started as a user starts them
+(sila2 must not be imported into the test process: see labbus.producers.sila), so either can be
+stopped, restarted or killed -9."""
 
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.producers.gateway import pki
-from labbus.producers.sila import thermostat
 from tests.conftest import REPO, free_port, read_topic, wait_for
 
 pytestmark = pytest.mark.services
@@ -37,25 +38,30 @@ DEVICE = f"thermo-{uuid.uuid4().hex[:6]}"
 
 
 class Sim:
-    """The SiLA 2 server, in this process (stopped and started again on the same port)."""
+    """The SiLA 2 server; its log counts the SetTemperature executions."""
 
-    def __init__(self, pki_dir) -> None:
-        self.pki_dir = pki_dir
+    def __init__(self, env, logdir) -> None:
+        self.env, self.logdir = env, logdir
         self.port = free_port()
-        self.server = self.impl = None
-        self.executions = 0  # SetTemperature runs of servers stopped before
+        self.proc: subprocess.Popen | None = None
+        self.logs: list = []
 
     def start(self) -> None:
-        self.server, self.impl = thermostat.make_server(ramp_rate=10.0, interval_s=0.2)
-        thermostat.start(self.server, "127.0.0.1", self.port, pki_dir=self.pki_dir)
+        self.logs.append(self.logdir / f"sim-{len(self.logs) + 1}.log")
+        self.proc = subprocess.Popen(
+            [LABBUS, "agent", "sila2-sim", "--port", str(self.port), "--ramp-rate", "10",
+             "--interval", "0.2"],
+            env={**self.env, "LABBUS_LOG_LEVEL": "INFO"}, stdout=open(self.logs[-1], "w"),
+            stderr=subprocess.STDOUT, cwd=REPO)
+        wait_for(lambda: "thermostat" in self.logs[-1].read_text(), 30, "the SiLA server")
 
     def stop(self) -> None:
-        if self.server is not None and self.server.running:
-            self.executions += self.impl.executions
-            self.server.stop(grace_period=0.2)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
 
     def total_executions(self) -> int:
-        return self.executions + (self.impl.executions if self.server.running else 0)
+        return sum(p.read_text().count("SetTemperature executing") for p in self.logs)
 
 
 class BridgeProc:
@@ -89,10 +95,11 @@ class BridgeProc:
 def rig(env, cfg, tmp_path_factory):
     pki_dir = tmp_path_factory.mktemp("pki")
     pki.init_ca(pki_dir)
-    sim = Sim(pki_dir)
+    logdir = tmp_path_factory.mktemp("logs")
+    env = {**env, "LABBUS_PKI_DIR": str(pki_dir)}
+    sim = Sim(env, logdir)
     sim.start()
-    bridge = BridgeProc({**env, "LABBUS_PKI_DIR": str(pki_dir), "LABBUS_LOG_LEVEL": "INFO"},
-                        sim.port, tmp_path_factory.mktemp("logs"))
+    bridge = BridgeProc({**env, "LABBUS_LOG_LEVEL": "INFO"}, sim.port, logdir)
     bridge.start()
     yield sim, bridge
     bridge.stop()
@@ -186,12 +193,12 @@ def test_observable_command_reports_progress_and_result(rig, cfg):
 
 
 def test_unobservable_command(rig, cfg):
-    sim, _ = rig
-    reading = sim.impl.temperature + sim.impl.offset
+    reading = [e for e in events_of(cfg, MEASUREMENTS_RECORDED)
+               if e.metric == "Thermostat.CurrentTemperature"][-1].value
     cid = issue(cfg, "Calibrate", {"ReferenceTemperature": reading + 0.5})  # bare name works
     done = final_of(cfg, cid)
     assert done.TYPE == "lab.command.CommandCompleted", done
-    assert json.loads(done.result_json)["Offset"] == pytest.approx(0.5, abs=0.01)
+    assert json.loads(done.result_json)["Offset"] == pytest.approx(0.5, abs=0.1)
     assert [e.TYPE.rsplit(".", 1)[1] for e in command_events(cfg, cid)] == [
         "CommandAccepted", "CommandStarted", "CommandCompleted"]
 

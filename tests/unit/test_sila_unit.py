@@ -3,7 +3,10 @@ feature definition to measurement specs and commands, ids and partitions."""
 
 from __future__ import annotations
 
+import collections
 import filecmp
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,41 +52,60 @@ def test_insecure_only_to_loopback(tmp_path):
         bridge.Settings("d", "127.0.0.1", 1, insecure=True, heartbeat_s=0).check()
 
 
-def test_specs_and_commands_from_the_feature_definition():
-    """What the bridge derives from the Thermostat feature, on a client of a real server."""
-    from sila2.client import SilaClient
+DESCRIBE = """
+import json, sys
+from labbus.producers.sila import bridge, thermostat
+from sila2.client import SilaClient
+port = int(sys.argv[1])
+server, _ = thermostat.make_server("unit-sim", interval_s=0.2)
+thermostat.start(server, "127.0.0.1", port, insecure=True)
+try:
+    client = SilaClient("127.0.0.1", port, insecure=True)
+    d = bridge.describe(client, bridge.Settings("t1", "127.0.0.1", port, insecure=True,
+                                                expected_interval_s=0.5))
+    client.close()
+finally:
+    server.stop(0.1)
+print(json.dumps({"specs": d.specs, "meta": d.meta, "uuid": thermostat.server_uuid("unit-sim"),
+                  "commands": {k: [c.observable, list(c.parameters)]
+                               for k, c in d.commands.items()}}))
+"""
 
-    from labbus.producers.sila import thermostat
+
+def test_specs_and_commands_from_the_feature_definition():
+    """What the bridge derives from the Thermostat feature, on a client of a real server (in a
+    subprocess: sila2 must not be imported here, see labbus.producers.sila)."""
     from tests.conftest import free_port
 
-    server, _ = thermostat.make_server("unit-sim", interval_s=0.2)
-    port = free_port()
-    thermostat.start(server, "127.0.0.1", port, insecure=True)
-    try:
-        client = SilaClient("127.0.0.1", port, insecure=True)
-        d = bridge.describe(client, bridge.Settings("t1", "127.0.0.1", port, insecure=True,
-                                                    expected_interval_s=0.5))
-        client.close()
-    finally:
-        server.stop(0.1)
-    assert d.specs == [
+    out = subprocess.run([sys.executable, "-c", DESCRIBE, str(free_port())], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    assert d["specs"] == [
         {"metric": "Thermostat.CurrentTemperature", "unit": "degC", "min": -40.0, "max": 150.0,
          "expected_interval_s": 0.5},
         {"metric": "Thermostat.HeaterPower", "unit": "%", "min": 0.0, "max": 100.0,
          "expected_interval_s": 0.5}]
-    assert d.commands["Thermostat.SetTemperature"] == bridge.SilaCommand(
-        "Thermostat", "SetTemperature", True, ("TargetTemperature",))
-    assert d.commands["Thermostat.Calibrate"].observable is False
-    assert d.meta["device_type"] == "Thermostat"
-    assert d.meta["attributes"]["sila_server_uuid"] == thermostat.server_uuid("unit-sim")
+    assert d["commands"] == {"Thermostat.SetTemperature": [True, ["TargetTemperature"]],
+                             "Thermostat.Calibrate": [False, ["ReferenceTemperature"]]}
+    assert d["meta"]["device_type"] == "Thermostat"
+    assert d["meta"]["attributes"]["sila_server_uuid"] == d["uuid"]
 
 
-def test_insecure_simulator_only_on_loopback():
-    from labbus.producers.sila import thermostat
+@pytest.mark.parametrize("args, message", [
+    (["agent", "sila2-sim", "--host", "0.0.0.0", "--insecure"], "refusing plain text on 0.0.0.0"),
+    (["agent", "sila2", "--server", "10.0.0.7:50052", "--device-id", "t", "--insecure"],
+     "refusing --insecure to 10.0.0.7"),
+    (["agent", "sila2", "--server", "10.0.0.7", "--device-id", "t"], "expected HOST:PORT"),
+    (["agent", "sila2", "--server", "10.0.0.7:1", "--device-id", "t", "--ca", "/nonexistent"],
+     "--ca /nonexistent: no such file"),
+])
+def test_bad_settings_are_refused_by_name(args, message, tmp_path):
+    from labbus.deploy.demo import LABBUS
 
-    server, _ = thermostat.make_server("unit-sim-2")
-    with pytest.raises(ValueError, match="refusing plain text on 0.0.0.0"):
-        thermostat.start(server, "0.0.0.0", 1, insecure=True)
+    out = subprocess.run([LABBUS, *args], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LABBUS_HOME": str(tmp_path)})
+    assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
 def test_partition_is_the_producers():
@@ -113,10 +135,10 @@ def test_shared_device_helpers():
 
 
 def test_results_and_errors_as_text():
-    from labbus.producers.sila.generated.thermostat import SetTemperature_Responses
-
-    assert bridge._result_json(SetTemperature_Responses(ReachedTemperature=30.0)) == (
+    responses = collections.namedtuple("SetTemperature_Responses", "ReachedTemperature")
+    assert bridge._result_json(responses(ReachedTemperature=30.0)) == (
         '{"ReachedTemperature": 30.0}')
+    assert "sila2" not in sys.modules  # nothing here imported it
     assert bridge._sila_error(ValueError("x" * 3000)) == ("ValueError: " + "x" * 3000)[:2000]
 
 
