@@ -7,7 +7,7 @@ LABBUS := $(VENV)/bin/labbus
 # keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
 ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos down lint
+.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos sila down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench-commands: setup
 # regenerate the gateway's checked-in stubs from producers/gateway/labbus_gateway.proto
 protos: $(VENV)/.installed
 	$(VENV)/bin/python -m labbus.producers.gateway.protos
+
+# the SiLA 2 simulator's feature code, from its Feature Definition
+sila: $(VENV)/.installed
+	$(VENV)/bin/sila2-codegen generate-feature-files --overwrite -o producers/sila/generated producers/sila/Thermostat.sila.xml
 
 down:
 	$(LABBUS) services down

@@ -55,6 +55,14 @@ async def ot2(cfg: Config, stop: Stop, robot_url: str | None = None) -> None:
             await client.aclose()
 
 
+async def sila2(cfg: Config, stop: Stop, settings=None) -> None:
+    """A SiLA 2 server as a device: readings, heartbeats, status, commands
+    (labbus.producers.sila.bridge; its commands through run_consumer)."""
+    from labbus.producers.sila import bridge
+
+    await bridge.run(cfg, stop, settings)
+
+
 async def postgres_view(cfg: Config, stop: Stop, batch: int = 5000) -> None:
     from labbus.projections.postgres import PostgresProjection
 
@@ -99,6 +107,8 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("agent-reader", "simulated plate reader: WellDispensed -> WellColourMeasured",
             plate_reader),
     Process("agent-ot2", "OT-2 agent: RobotRunRequested -> the run's events", ot2),
+    Process("agent-sila2", "SiLA 2 bridge: a SiLA server's properties -> readings, "
+            "lab.commands -> SiLA command executions", sila2),
     Process("projector-postgres", "PostgreSQL read models", postgres_view),
     Process("projector-mongo", "MongoDB documents", mongo_view),
     Process("validator", "faust validator: MeasurementRecorded -> Validated/Rejected",

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -259,6 +260,88 @@ def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -
 def agent_reader(seed: int, delay: float, metrics_port: int | None) -> None:
     """A simulated plate reader: a WellColourMeasured for each WellDispensed."""
     _run_process("agent-reader", metrics_port, seed=seed, delay_s=delay)
+
+
+@agent.command("sila2")
+@click.option("--server", required=True, metavar="HOST:PORT", help="The SiLA 2 server.")
+@click.option("--device-id", required=True, help="The labbus device id this server is.")
+@click.option("--ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM of the CA (or certificate) the server's certificate chains to "
+                   "(default: the labbus CA, LABBUS_PKI_DIR/ca.pem).")
+@click.option("--insecure", is_flag=True,
+              help="Plain text, no TLS: refused unless the server's address is loopback.")
+@click.option("--heartbeat", default=1.0, show_default=True,
+              help="Seconds between DeviceHeartbeats while the server answers.")
+@click.option("--expected-interval", default=1.0, show_default=True,
+              help="Seconds between readings stated in the measurement specs.")
+@click.option("--device-type", default=None,
+              help="Device type to register (default: the server's SiLA ServerType).")
+@click.option("--location", default="", help="Location to register.")
+@metrics_option
+def agent_sila2(server: str, device_id: str, ca: Path | None, insecure: bool, heartbeat: float,
+                expected_interval: float, device_type: str | None, location: str,
+                metrics_port: int | None) -> None:
+    """Bridge a SiLA 2 server: its observable properties become readings, lab.commands for
+    DEVICE_ID become SiLA command executions."""
+    from labbus.producers.sila import bridge
+
+    cfg = _cfg()
+    try:
+        host, port = bridge.parse_server(server)
+        settings = bridge.Settings(
+            device_id=device_id, host=host, port=port, insecure=insecure,
+            ca=None if insecure else (ca or cfg.pki_dir / "ca.pem"), heartbeat_s=heartbeat,
+            expected_interval_s=expected_interval, device_type=device_type, location=location)
+        settings.check()
+    except bridge.BridgeError as exc:
+        raise click.ClickException(str(exc)) from None
+    _run_process("agent-sila2", metrics_port, settings=settings)
+
+
+@agent.command("sila2-sim")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", type=int, default=50052, show_default=True, help="Port.")
+@click.option("--name", default="thermostat-sim", show_default=True,
+              help="SiLA server name (its UUID and certificate derive from it).")
+@click.option("--insecure", is_flag=True, help="Plain text: only on a loopback address.")
+@click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Server certificate PEM (default: one issued now from the labbus CA).")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Its private key PEM.")
+@click.option("--ramp-rate", default=5.0, show_default=True, help="Kelvin per second.")
+@click.option("--interval", default=0.5, show_default=True,
+              help="Seconds between observable property updates.")
+def agent_sila2_sim(host: str, port: int, name: str, insecure: bool, cert: Path | None,
+                    key: Path | None, ramp_rate: float, interval: float) -> None:
+    """A simulated SiLA 2 thermostat (a real SiLA 2 server, sila2 package)."""
+    import logging
+    import signal as signal_mod
+    import threading
+
+    from labbus.producers.gateway import pki
+    from labbus.producers.sila import thermostat
+
+    cfg = _cfg()
+    # sila2's server logs every property update at INFO (under its own logger names): those
+    # from WARNING up, labbus's own at LABBUS_LOG_LEVEL
+    logs.configure("agent-sila2-sim", "WARNING" if cfg.log_level == "INFO" else cfg.log_level)
+    logging.getLogger("labbus").setLevel(cfg.log_level)
+    server, _impl = thermostat.make_server(name, ramp_rate=ramp_rate, interval_s=interval)
+    try:
+        thermostat.start(server, host, port, insecure=insecure, pki_dir=cfg.pki_dir, cert=cert,
+                         key=key, name=name)
+    except (ValueError, pki.PkiError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"SiLA 2 thermostat {name!r} on {host}:{port} "
+               f"({'plain text' if insecure else 'TLS'})", err=True)
+    done = threading.Event()
+    for sig in (signal_mod.SIGINT, signal_mod.SIGTERM):
+        signal_mod.signal(sig, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        server.stop(grace_period=1)
 
 
 @main.group()

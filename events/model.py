@@ -163,6 +163,18 @@ class CommandStarted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CommandProgress(Event):
+    """How far a running command has come (SiLA 2 execution info and intermediate responses)."""
+
+    TYPE: ClassVar[str] = "lab.command.CommandProgress"
+    command_id: str
+    device_id: str
+    progress: float | None = None
+    remaining_s: float | None = None
+    intermediate_json: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CommandCompleted(Event):
     TYPE: ClassVar[str] = "lab.command.CommandCompleted"
     command_id: str
@@ -441,7 +453,8 @@ class ExperimentFailed(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
-                DeviceRejected, CommandIssued, CommandAccepted, CommandStarted, CommandCompleted,
+                DeviceRejected, CommandIssued, CommandAccepted, CommandStarted, CommandProgress,
+                CommandCompleted,
                 CommandFailed, CommandRejected, CommandTimedOut, MeasurementRecorded,
                 MeasurementValidated, MeasurementRejected, AnomalyDetected, DeadLetter,
                 ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,

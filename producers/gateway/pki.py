@@ -7,6 +7,8 @@ Files, under LABBUS_PKI_DIR (default `LABBUS_HOME/pki/`; keys mode 0600):
     gateway.pem, gateway.key        the gateway's server certificate (SAN: localhost, 127.0.0.1
                                     and any --host given to init-ca)
     devices/ID.pem, devices/ID.key  a client certificate: subject CN = ID, OU = its role
+    sila/NAME.pem, sila/NAME.key    a SiLA 2 server's certificate (the simulator's; SAN as the
+                                    gateway's, plus the server UUID extension SiLA 2 asks for)
 
 The device id is the certificate's subject CN. Its OU is its role: `device` (may register,
 stream and answer commands, as itself only) or `operator` (may send commands and query).
@@ -102,7 +104,8 @@ def _load_ca(p: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 
 def _sign(ca_cert, ca_key, subject: x509.Name, public_key, days: int, usage,
-          sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+          sans: list[x509.GeneralName] | None = None,
+          extra: tuple[x509.ExtensionType, ...] = ()) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder()
                .subject_name(subject).issuer_name(ca_cert.subject).public_key(public_key)
@@ -115,6 +118,8 @@ def _sign(ca_cert, ca_key, subject: x509.Name, public_key, days: int, usage,
                    ca_key.public_key()), critical=False))
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    for ext in extra:
+        builder = builder.add_extension(ext, critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
 
@@ -147,21 +152,47 @@ def init_ca(root: Path, hosts: tuple[str, ...] = (), force: bool = False) -> Pat
     return p
 
 
-def issue_server_cert(root: Path, hosts: tuple[str, ...] = ()) -> Paths:
-    p = paths(root)
-    ca_cert, ca_key = _load_ca(p)
+def _sans(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = []
     for host in ("localhost", "127.0.0.1", "::1", *hosts):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
+    return sans
+
+
+def issue_server_cert(root: Path, hosts: tuple[str, ...] = ()) -> Paths:
+    p = paths(root)
+    ca_cert, ca_key = _load_ca(p)
     key = _key()
     cert = _sign(ca_cert, ca_key, _name("labbus-gateway", "gateway"), key.public_key(), 825,
-                 ExtendedKeyUsageOID.SERVER_AUTH, sans)
+                 ExtendedKeyUsageOID.SERVER_AUTH, _sans(hosts))
     _write_key(p.server_key, key)
     _write_cert(p.server_cert, cert)
     return p
+
+
+SILA_SERVER_UUID_OID = x509.ObjectIdentifier("1.3.6.1.4.1.58583")  # SiLA 2 part B, 8.2.3
+
+
+def issue_sila_server_cert(root: Path, name: str, server_uuid: str,
+                           hosts: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A SiLA 2 server's certificate from the CA (issued again each time: it is cheap, and the
+    hosts may differ); returns (cert, key). It carries the server's UUID in the extension SiLA 2
+    clients check against the server's SiLAService/ServerUUID."""
+    if not ID_PATTERN.match(name):
+        raise PkiError(f"{name!r} is not a valid name: 1-128 letters, digits, '.', '_' or '-'")
+    p = paths(root)
+    ca_cert, ca_key = _load_ca(p)
+    key = _key()
+    cert = _sign(ca_cert, ca_key, _name(name, "sila-server"), key.public_key(), 825,
+                 ExtendedKeyUsageOID.SERVER_AUTH, _sans(hosts),
+                 (x509.UnrecognizedExtension(SILA_SERVER_UUID_OID, server_uuid.encode()),))
+    cert_path, key_path = p.root / "sila" / f"{name}.pem", p.root / "sila" / f"{name}.key"
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path
 
 
 def issue_cert(root: Path, name: str, role: str = "device", days: int = 825,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -38,6 +36,11 @@ from prometheus_client import Gauge
 from labbus.events import kafka, metrics
 from labbus.events.codec import DecodeError
 from labbus.events.config import Config
+from labbus.events.devices import (  # noqa: F401 - re-exported for callers of the gateway
+    is_loopback,
+    reading_id,
+    registration_events,
+)
 from labbus.events.model import (
     COMMAND_FINAL,
     CommandAccepted,
@@ -49,7 +52,6 @@ from labbus.events.model import (
     DeviceHeartbeat,
     DeviceRegistered,
     DeviceRejected,
-    DeviceSpecChanged,
     DeviceStatusChanged,
     MeasurementRecorded,
     command_id_for,
@@ -76,13 +78,6 @@ STREAMS = Gauge("labbus_gateway_streams", "Device streams open on this gateway")
 
 STATES = {pb.ONLINE: "ONLINE", pb.OFFLINE: "OFFLINE", pb.MAINTENANCE: "MAINTENANCE",
           pb.ERROR: "ERROR"}
-
-
-def reading_id(device_id: str, sequence: int) -> str:
-    """The event id of a device's message: the same (device, sequence) is the same event."""
-    return derived_id(f"device/{device_id}", f"seq/{sequence}")
-
-
 
 
 def _us(when) -> int:
@@ -308,24 +303,10 @@ class Gateway:
                     getattr(known, k) == v for k, v in meta.items()):
                 return pb.RegisterDeviceResponse(device_id=req.device_id,
                                                  spec_version=known.spec_version, changed=False)
-            version = 1 if known is None else known.spec_version + (known.specs != specs)
-            content = json.dumps([meta, specs], sort_keys=True).encode()
-            digest = hashlib.sha1(content).hexdigest()[:16]
-            source = f"{PROCESS}/{self.name}"
-            events = []
-            if known is not None and known.specs != specs:
-                events.append(DeviceSpecChanged.create(
-                    source=source, subject=req.device_id, sequence=version,
-                    event_id=uuid.UUID(derived_id(f"device/{req.device_id}",
-                                                  f"spec/{version}/{digest}")),
-                    device_id=req.device_id, spec_version=version, previous_specs=known.specs,
-                    specs=specs))
-            events.append(DeviceRegistered.create(
-                source=source, subject=req.device_id, sequence=version,
-                event_id=uuid.UUID(derived_id(f"device/{req.device_id}",
-                                              f"registered/{version}/{digest}")),
-                device_id=req.device_id, metrics=[s["metric"] for s in specs], specs=specs,
-                spec_version=version, **meta))
+            version, events = registration_events(
+                source=f"{PROCESS}/{self.name}", device_id=req.device_id, meta=meta, specs=specs,
+                known_specs=known.specs if known is not None else None,
+                known_version=known.spec_version if known is not None else None)
             await self.publish([self.step.encode(e) for e in events])
             entry = DeviceEntry(req.device_id, specs=specs, spec_version=version, **meta)
             if known is not None:
@@ -736,15 +717,6 @@ def handlers(gw: Gateway) -> grpc.GenericRpcHandler:
     assert set(methods) == set(pb.DESCRIPTOR.services_by_name["Gateway"].methods_by_name)
     assert pb_grpc.GatewayServicer  # the generated stubs are the clients' interface
     return grpc.method_handlers_generic_handler(SERVICE, methods)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def server_credentials(cfg: Config) -> grpc.ServerCredentials:

@@ -1,0 +1,284 @@
+"""The SiLA 2 bridge against a real SiLA 2 server and the real broker: the thermostat simulator
+(a sila2 server on the code sila2-codegen generated, `labbus agent sila2-sim`) on loopback with
+TLS from a test CA, and the bridge (`labbus agent sila2`), both started as a user starts them
+(sila2 must not be imported into the test process: see labbus.producers.sila), so either can be
+stopped, restarted or killed -9."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from labbus.deploy.demo import LABBUS
+from labbus.events import kafka
+from labbus.events.codec import default_codec
+from labbus.events.devices import reading_id
+from labbus.events.model import CommandIssued, derived_id
+from labbus.events.runtime import Deliveries, Step
+from labbus.events.topics import (
+    COMMANDS,
+    DEVICE_STATUS,
+    DEVICES,
+    MEASUREMENTS_RECORDED,
+    topic_name,
+)
+from labbus.producers.gateway import pki
+from tests.conftest import REPO, free_port, read_topic, wait_for
+
+pytestmark = pytest.mark.services
+
+DEVICE = f"thermo-{uuid.uuid4().hex[:6]}"
+
+
+class Sim:
+    """The SiLA 2 server; its log counts the SetTemperature executions."""
+
+    def __init__(self, env, logdir) -> None:
+        self.env, self.logdir = env, logdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.logs: list = []
+
+    def start(self) -> None:
+        self.logs.append(self.logdir / f"sim-{len(self.logs) + 1}.log")
+        self.proc = subprocess.Popen(
+            [LABBUS, "agent", "sila2-sim", "--port", str(self.port), "--ramp-rate", "10",
+             "--interval", "0.2"],
+            env={**self.env, "LABBUS_LOG_LEVEL": "INFO"}, stdout=open(self.logs[-1], "w"),
+            stderr=subprocess.STDOUT, cwd=REPO)
+        wait_for(lambda: "thermostat" in self.logs[-1].read_text(), 30, "the SiLA server")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+    def total_executions(self) -> int:
+        return sum(p.read_text().count("SetTemperature executing") for p in self.logs)
+
+
+class BridgeProc:
+    def __init__(self, env, port: int, logdir) -> None:
+        self.env, self.port, self.logdir = env, port, logdir
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.logdir / f"bridge-{self.starts}.log", "w")
+        self.proc = subprocess.Popen(
+            [LABBUS, "agent", "sila2", "--server", f"127.0.0.1:{self.port}", "--device-id",
+             DEVICE, "--heartbeat", "0.5", "--metrics-port", "-1"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def rig(env, cfg, tmp_path_factory):
+    pki_dir = tmp_path_factory.mktemp("pki")
+    pki.init_ca(pki_dir)
+    logdir = tmp_path_factory.mktemp("logs")
+    env = {**env, "LABBUS_PKI_DIR": str(pki_dir)}
+    sim = Sim(env, logdir)
+    sim.start()
+    bridge = BridgeProc({**env, "LABBUS_LOG_LEVEL": "INFO"}, sim.port, logdir)
+    bridge.start()
+    yield sim, bridge
+    bridge.stop()
+    sim.stop()
+
+
+def events_of(cfg, spec, **match) -> list:
+    codec = default_codec()
+    out = []
+    for r in asyncio.run(read_topic(cfg, topic_name(cfg, spec))):
+        e = codec.decode(r.value)
+        if getattr(e, "device_id", None) == DEVICE and all(
+                getattr(e, k, None) == v for k, v in match.items()):
+            out.append(e)
+    return out
+
+
+def command_events(cfg, command_id: str) -> list:
+    return [e for e in events_of(cfg, COMMANDS, command_id=command_id)
+            if e.TYPE != CommandIssued.TYPE]
+
+
+def issue(cfg, command_type: str, payload, key: str | None = None,
+          command_id: str | None = None) -> str:
+    """Publish a CommandIssued as the gateway's SendCommand does (same ids)."""
+    key = key or uuid.uuid4().hex
+    cid = command_id or derived_id(f"device/{DEVICE}", f"command/{key}")
+    event = CommandIssued.create(
+        source="test", subject=DEVICE, sequence=0, event_id=uuid.UUID(derived_id(cid, "issued")),
+        command_id=cid, device_id=DEVICE, idempotency_key=key, command_type=command_type,
+        payload_json=payload if isinstance(payload, str) else json.dumps(payload),
+        issued_by="test", expires_at=datetime.now(UTC) + timedelta(seconds=60))
+
+    async def send() -> None:
+        producer = kafka.producer(cfg)
+        await producer.start()
+        try:
+            sent = Deliveries(producer, "test")
+            await sent.send(Step(cfg, "test").encode(event))
+            await sent.acked()
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    return cid
+
+
+def final_of(cfg, cid: str, timeout: float = 20):
+    finals = ("CommandCompleted", "CommandFailed", "CommandRejected")
+    return wait_for(lambda: [e for e in command_events(cfg, cid)
+                             if e.TYPE.rsplit(".", 1)[1] in finals],
+                    timeout, f"a final state of {cid}")[0]
+
+
+def test_registers_and_publishes_readings(rig, cfg):
+    regs = wait_for(lambda: events_of(cfg, DEVICES), 30, "DeviceRegistered")
+    reg = regs[-1]
+    assert reg.device_type == "Thermostat" and reg.attributes["protocol"] == "sila2"
+    specs = {s["metric"]: s for s in reg.specs}
+    assert specs["Thermostat.CurrentTemperature"]["unit"] == "degC"
+    assert (specs["Thermostat.CurrentTemperature"]["min"],
+            specs["Thermostat.CurrentTemperature"]["max"]) == (-40.0, 150.0)
+    assert specs["Thermostat.HeaterPower"]["unit"] == "%"
+    assert "Thermostat.RampRate" not in specs  # not observable: not a reading
+    readings = wait_for(lambda: (lambda rs: rs if len(rs) >= 10 else None)(
+        [e for e in events_of(cfg, MEASUREMENTS_RECORDED)
+         if e.metric == "Thermostat.CurrentTemperature"]), 20, "10 temperature readings")
+    assert all(15 < r.value < 30 and r.unit == "degC" for r in readings)
+    everything = events_of(cfg, MEASUREMENTS_RECORDED) + events_of(cfg, DEVICE_STATUS)
+    assert all(e.event_id == uuid.UUID(reading_id(DEVICE, e.envelope.sequence))
+               for e in everything)
+    assert len({e.envelope.sequence for e in everything}) == len(everything)
+    status = events_of(cfg, DEVICE_STATUS)
+    assert [e.status for e in status if e.TYPE.endswith("StatusChanged")] == ["ONLINE"]
+    assert any(e.TYPE.endswith("DeviceHeartbeat") for e in status)
+
+
+def test_observable_command_reports_progress_and_result(rig, cfg):
+    cid = issue(cfg, "Thermostat.SetTemperature", {"TargetTemperature": 30.0})
+    done = final_of(cfg, cid)
+    assert done.TYPE == "lab.command.CommandCompleted", done
+    assert json.loads(done.result_json) == {"ReachedTemperature": 30.0}
+    kinds = [e.TYPE.rsplit(".", 1)[1] for e in command_events(cfg, cid)]
+    assert kinds[:2] == ["CommandAccepted", "CommandStarted"] and kinds[-1] == "CommandCompleted"
+    progress = [e for e in command_events(cfg, cid) if e.TYPE.endswith("CommandProgress")]
+    assert len(progress) >= 3 and kinds[2:-1] == ["CommandProgress"] * len(progress)
+    temps = [json.loads(p.intermediate_json)["CurrentTemperature"] for p in progress
+             if p.intermediate_json]
+    assert temps and temps == sorted(temps) and 21 <= temps[0] < temps[-1] <= 30.0
+    assert progress[-1].progress == pytest.approx(1.0)
+
+
+def test_unobservable_command(rig, cfg):
+    reading = [e for e in events_of(cfg, MEASUREMENTS_RECORDED)
+               if e.metric == "Thermostat.CurrentTemperature"][-1].value
+    cid = issue(cfg, "Calibrate", {"ReferenceTemperature": reading + 0.5})  # bare name works
+    done = final_of(cfg, cid)
+    assert done.TYPE == "lab.command.CommandCompleted", done
+    assert json.loads(done.result_json)["Offset"] == pytest.approx(0.5, abs=0.1)
+    assert [e.TYPE.rsplit(".", 1)[1] for e in command_events(cfg, cid)] == [
+        "CommandAccepted", "CommandStarted", "CommandCompleted"]
+
+
+@pytest.mark.parametrize("command_type, payload, expect", [
+    ("Thermostat.SetTemperature", {"TargetTemperature": 110.0},
+     "DefinedExecutionError: HeaterFault: target 110.0"),
+    ("Thermostat.SetTemperature", {"TargetTemperature": 500.0},
+     "ValidationError: Parameter value rejected: Constraint violated: MaximalInclusive(120.0)"),
+    ("Thermostat.Calibrate", {"ReferenceTemperature": 90.0},
+     "DefinedExecutionError: CalibrationOutOfRange"),
+])
+def test_sila_errors_fail_the_command(rig, cfg, command_type, payload, expect):
+    cid = issue(cfg, command_type, payload)
+    failed = final_of(cfg, cid)
+    assert failed.TYPE == "lab.command.CommandFailed", failed
+    assert failed.error.startswith(expect), failed.error
+
+
+@pytest.mark.parametrize("command_type, payload, code, text", [
+    ("Thermostat.Explode", {}, "unknown_command_type", "no command 'Thermostat.Explode'"),
+    ("Thermostat.SetTemperature", {"Target": 30}, "invalid_payload",
+     "missing ['TargetTemperature'], unknown ['Target']"),
+    ("Thermostat.SetTemperature", "[1, 2]", "invalid_payload", "must be a JSON object"),
+])
+def test_commands_it_cannot_map_are_rejected(rig, cfg, command_type, payload, code, text):
+    sim, _ = rig
+    before = sim.total_executions()
+    cid = issue(cfg, command_type, payload)
+    rejected = final_of(cfg, cid)
+    assert rejected.TYPE == "lab.command.CommandRejected", rejected
+    assert rejected.reason_code == code and text in rejected.reason, rejected.reason
+    assert [e.TYPE for e in command_events(cfg, cid)] == [rejected.TYPE]
+    assert sim.total_executions() == before
+
+
+def test_a_command_id_is_never_executed_twice(rig, cfg):
+    sim, bridge = rig
+    # a command already final, issued again: nothing happens
+    done_cid = issue(cfg, "SetTemperature", {"TargetTemperature": 25.0}, key="twice")
+    assert final_of(cfg, done_cid).TYPE == "lab.command.CommandCompleted"
+    before = sim.total_executions()
+    issue(cfg, "SetTemperature", {"TargetTemperature": 25.0}, key="twice")
+    # a slow one, and the bridge killed while the server runs it
+    slow = issue(cfg, "SetTemperature", {"TargetTemperature": 60.0})
+    wait_for(lambda: any(e.TYPE.endswith("CommandProgress") for e in command_events(cfg, slow)),
+             20, "the slow command to progress")
+    assert sim.total_executions() == before + 1
+    bridge.kill9()
+    bridge.start()
+    failed = final_of(cfg, slow, timeout=30)
+    assert failed.TYPE == "lab.command.CommandFailed" and failed.error.startswith(
+        "interrupted"), failed
+    # after the restart, the completed one issued a third time: still nothing
+    issue(cfg, "SetTemperature", {"TargetTemperature": 25.0}, key="twice")
+    marker = issue(cfg, "Calibrate", {"ReferenceTemperature": 500.0})  # handled after the above
+    final_of(cfg, marker, timeout=30)
+    assert sim.total_executions() == before + 1
+    assert len([e for e in command_events(cfg, done_cid)
+                if e.TYPE.endswith("CommandCompleted")]) == 1
+    assert len([e for e in command_events(cfg, slow) if e.TYPE.endswith("Failed")]) == 1
+
+
+def test_server_down_is_offline_and_back_is_online(rig, cfg):
+    sim, _ = rig
+
+    def statuses():
+        return [e.status for e in events_of(cfg, DEVICE_STATUS)
+                if e.TYPE.endswith("StatusChanged")]
+
+    wait_for(lambda: statuses()[-1:] == ["ONLINE"], 30, "ONLINE")
+    online_before = statuses().count("ONLINE")
+    time.sleep(0.5)
+    sim.stop()
+    wait_for(lambda: statuses()[-1:] == ["OFFLINE"], 15, "OFFLINE")
+    offline = [e for e in events_of(cfg, DEVICE_STATUS) if e.TYPE.endswith("StatusChanged")][-1]
+    assert f"127.0.0.1:{sim.port}" in offline.reason
+    sim.start()
+    wait_for(lambda: statuses()[-1:] == ["ONLINE"], 20, "ONLINE again")
+    assert statuses().count("ONLINE") == online_before + 1
+    n = len(events_of(cfg, MEASUREMENTS_RECORDED))
+    wait_for(lambda: len(events_of(cfg, MEASUREMENTS_RECORDED)) > n + 3, 15,
+             "readings after the restart")
