@@ -311,9 +311,9 @@ class DeliveryGuard:
     before a takeover never reached the handler; the partition's commit stopped at the first of
     them and the campaigns they belonged to never finished).
 
-    The guard keeps, per input partition, `done`: every offset up to it has been handled (the
-    committed offset minus one counts too: faust commits only what was handled; with no commit
-    and nothing handled yet, the log start minus one). A record past
+    The guard keeps, per input partition, `done`: every offset up to it has been handled (for a
+    partition this worker has not handled yet, the committed offset minus one; with no commit
+    either, the log start minus one). A record past
     `done + 1` means the ones before it were skipped; a partition whose consumer position (the
     next offset it returns) is past `done + 1` while the handler has been idle means records
     vanished on their way. Either
@@ -330,8 +330,12 @@ class DeliveryGuard:
         self.last_handled = time.monotonic()
 
     def _floor(self, tp: Any, committed: int | None) -> int | None:
+        """`done` for tp: what this worker handled, or (for a partition it has not handled
+        yet) the committed offset minus one. Once it has handled a partition it trusts only
+        that: faust's own commit was seen past records the handler never got (they had been
+        dropped from a stream buffer and acked)."""
         done = self.done.get(tp)
-        if committed is not None and (done is None or committed - 1 > done):
+        if done is None and committed is not None:
             done = self.done[tp] = committed - 1
         return done
 
