@@ -298,6 +298,11 @@ UPSTREAM_SOURCES: dict[str, str] = {
         "b86a9fe05f956b30cf299c787b6787c6e0349cbf1ae556f2456a1e97b15dbb22",
     "faust.transport.consumer:Consumer._drain_messages":
         "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",
+    # the commit cap wraps _new_offset, which _filter_committable_offsets calls per partition
+    "faust.transport.consumer:Consumer._new_offset":
+        "1d2c7ea89a7ad4f1a216c1d51936e569162cd66bd56f889e13fd29c910b58eb0",
+    "faust.transport.consumer:Consumer._filter_committable_offsets":
+        "dc5e9baf5d994485473ce80aed1873b9318f02d735fde21e285de3d0c52a5e0e",
 }
 
 
@@ -352,6 +357,15 @@ class DeliveryGuard:
             return None  # the rest of a batch fetched before the seek
         self.seeking.add(tp)
         return done + 1
+
+    def committable(self, tp: Any, offset: int | None) -> int | None:
+        """What faust may commit for tp: never past the contiguous handled offset. (faust's own
+        choice, `Consumer._new_offset`, can pass a record never acked: it checks the first
+        acked offset against the committed one with `> 1`.)"""
+        done = self.done.get(tp)
+        if offset is None or done is None:
+            return None
+        return min(offset, done + 1)
 
     def lost(self, positions: dict, committed: dict) -> dict:
         """Partitions whose consumer position (the next offset it will return) is past records
@@ -508,6 +522,20 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
     live: dict[str, Any] = {}  # the output producer, once started
     inputs_by_name = {topic_name(cfg, spec) for spec in inputs}
 
+    def _cap_commits(consumer: Any) -> None:
+        """faust commits what `_new_offset` returns; for input partitions, cap it with the
+        guard so no offset is committed past a record the handler has not handled."""
+        if getattr(consumer, "_labbus_capped", False):
+            return
+        choose = consumer._new_offset
+
+        def new_offset(tp: Any) -> int | None:
+            offset = choose(tp)
+            return guard.committable(tp, offset) if tp.topic in inputs_by_name else offset
+
+        consumer._new_offset = new_offset
+        consumer._labbus_capped = True
+
     async def _seek_back(tp: Any, offset: int, why: str) -> None:
         consumer = app.consumer
         if tp not in consumer.assignment():
@@ -551,6 +579,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             await view.ready.wait()
         live["producer"] = producer
         busy.update(stage=None)
+        _cap_commits(app.consumer)
         log.info("handler started")
         try:
             await _handle_stream(stream, producer)

@@ -69,7 +69,7 @@ def validated(cfg) -> dict[str, MeasurementValidated]:
     codec = default_codec()
     out = {}
     for r in run(read_topic(cfg, topic_name(cfg, MEASUREMENTS_VALIDATED))):
-        if r.key.decode().endswith(TAG):
+        if r.key and r.key.decode(errors="replace").endswith(TAG):
             e = codec.decode(r.value)
             out[str(e.measurement_id)] = e
     return out
@@ -78,7 +78,7 @@ def validated(cfg) -> dict[str, MeasurementValidated]:
 def alerts(cfg) -> list[AnomalyDetected]:
     codec = default_codec()
     return [codec.decode(r.value) for r in run(read_topic(cfg, topic_name(cfg, ALERTS)))
-            if r.key.decode() == DEVICE]
+            if r.key == DEVICE.encode()]
 
 
 async def committed_at_end(cfg) -> bool:

@@ -59,3 +59,13 @@ def test_a_partition_never_handled_is_checked_from_the_log_start():
     guard.last_handled -= DeliveryGuard.IDLE_S
     assert guard.lost({TP: 11}, {TP: 0}) == {TP: 0}  # 0..10 returned, none delivered
     assert guard.handled(TP, 0, None) is None and guard.done[TP] == 0
+
+
+def test_nothing_is_committed_past_a_record_not_handled():
+    guard = DeliveryGuard("p")
+    assert guard.committable(TP, 250) is None  # nothing handled here yet
+    for o in range(240, 248):
+        guard.handled(TP, o, 240)
+    assert guard.committable(TP, 250) == 248  # faust would skip 248 and 249: capped
+    assert guard.committable(TP, 245) == 245
+    assert guard.committable(TP, None) is None
