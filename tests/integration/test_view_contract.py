@@ -80,6 +80,10 @@ def stream(prefix: str, n: int, poison: set[int] = frozenset()) -> list[tuple[by
 class ViewContract:
     """Subclasses say how to build the view, count its rows and move its positions."""
 
+    # a view started in a test first catches up on the session's whole validated topic (every
+    # earlier test's readings); SecantusDB, the Mongo-compatible dev server, is the slow one
+    catch_up_s = 90
+
     process: str  # `labbus project <process>`
 
     def make_view(self, cfg):
@@ -173,12 +177,14 @@ class ViewContract:
         run(publish(cfg, stream(prefix, n)))
         for threshold in (n // 4, n // 2):
             proc = processes.start("project", self.process, "--batch", "300")
-            wait_for(lambda t=threshold: self.rows(cfg, prefix) >= t, 90, f"{threshold} rows")
+            wait_for(lambda t=threshold: self.rows(cfg, prefix) >= t, self.catch_up_s,
+                     f"{threshold} rows")
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             assert self.rows(cfg, prefix) <= n
         processes.start("project", self.process, "--batch", "300")
-        wait_for(lambda: self.rows(cfg, prefix) >= n, 120, "every row after the restart")
+        wait_for(lambda: self.rows(cfg, prefix) >= n, self.catch_up_s + 30,
+                 "every row after the restart")
         assert self.rows(cfg, prefix) == n
 
     def test_an_unwritable_event_is_dead_lettered_once_and_the_rest_projected(self, cfg,
@@ -187,7 +193,8 @@ class ViewContract:
         poison = {57, 58, 301}
         run(publish(cfg, stream(prefix, n, poison)))
         proc = processes.start("project", self.process)
-        wait_for(lambda: self.rows(cfg, prefix) >= n - len(poison), 60, "the good rows")
+        wait_for(lambda: self.rows(cfg, prefix) >= n - len(poison), self.catch_up_s,
+                 "the good rows")
 
         def letters():
             codec = default_codec()
@@ -213,7 +220,8 @@ class ViewContract:
             run(publish(cfg, stream(prefix, n)))
             proc = processes.start("project", self.process, "--batch", "200",
                                    extra_env=self.env_through(cfg, proxy.port))
-            wait_for(lambda: self.rows(cfg, prefix) >= n, 60, "rows before the outage")
+            wait_for(lambda: self.rows(cfg, prefix) >= n, self.catch_up_s,
+                     "rows before the outage")
             proxy.cut()
             run(publish(cfg, stream(prefix + "-during", n)))
             for _ in range(40):  # 20 s down
@@ -276,6 +284,7 @@ class TestPostgresView(ViewContract):
 
 class TestMongoView(ViewContract):
     process = "mongo"
+    catch_up_s = 300
 
     def make_view(self, cfg):
         return MongoProjection(cfg)
