@@ -148,6 +148,21 @@ class CommandIssued(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CommandDispatched(Event):
+    """The device-lifecycle processor found a CommandIssued acceptable; relays deliver only
+    these to devices, so a rejected command never reaches one. A copy of the command."""
+
+    TYPE: ClassVar[str] = "lab.command.CommandDispatched"
+    command_id: str
+    device_id: str
+    idempotency_key: str
+    command_type: str
+    payload_json: str
+    expires_at: datetime
+    issued_by: str
+
+
+@dataclass(frozen=True, slots=True)
 class CommandAccepted(Event):
     TYPE: ClassVar[str] = "lab.command.CommandAccepted"
     command_id: str
@@ -453,8 +468,8 @@ class ExperimentFailed(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
-                DeviceRejected, CommandIssued, CommandAccepted, CommandStarted, CommandProgress,
-                CommandCompleted,
+                DeviceRejected, CommandIssued, CommandDispatched, CommandAccepted, CommandStarted,
+                CommandProgress, CommandCompleted,
                 CommandFailed, CommandRejected, CommandTimedOut, MeasurementRecorded,
                 MeasurementValidated, MeasurementRejected, AnomalyDetected, DeadLetter,
                 ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,

@@ -60,9 +60,9 @@ DEVICE_REJECTED = TopicSpec(
     description="Requests the gateway refused: identity, permission, malformed input; the reason.")
 COMMANDS = TopicSpec(
     "lab.commands", 6, "device_id",
-    ("lab.command.CommandIssued", "lab.command.CommandAccepted", "lab.command.CommandStarted",
-     "lab.command.CommandProgress", "lab.command.CommandCompleted", "lab.command.CommandFailed",
-     "lab.command.CommandRejected", "lab.command.CommandTimedOut"),
+    ("lab.command.CommandIssued", "lab.command.CommandDispatched", "lab.command.CommandAccepted",
+     "lab.command.CommandStarted", "lab.command.CommandProgress", "lab.command.CommandCompleted",
+     "lab.command.CommandFailed", "lab.command.CommandRejected", "lab.command.CommandTimedOut"),
     retention_ms=30 * DAY_MS,
     description="Commands to devices and every status they pass through. Keyed by device, so one "
                 "device's commands and their statuses stay in order.")
