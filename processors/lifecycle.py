@@ -9,7 +9,11 @@ interval per device. State per device (JSON, faust Table `devices`):
      "hb": {"id", "seq", "at" (log time ms), "dev_us" (device time)} | None,
      "pending": id of a status event emitted and not yet read back | None,
      "cmds": {command_id: {"k": idempotency key, "t": command type, "h": digest of type and
-              payload, "exp": expires_at µs, "s": issued|accepted|started|<final>}}}
+              payload, "exp": expires_at µs, "s": dispatched|accepted|started|<final>}}}
+
+A CommandIssued is judged here once: refused → CommandRejected; acceptable → CommandDispatched,
+a copy of the command, which is all the relays (gRPC gateway, SiLA 2 bridge) deliver to devices.
+So a rejected command never reaches a device, and a repeated idempotency key is dispatched once.
 
 Everything here is plain code: `handle` (one input event) and `tick` (the timer) are pure
 functions of their arguments; the faust driver (events/faust_runtime.py) runs them.
@@ -29,6 +33,7 @@ from typing import Any
 from labbus.events.model import (
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
     CommandIssued,
     CommandRejected,
@@ -48,6 +53,7 @@ PROCESS = "devices"
 FINAL = {CommandCompleted.TYPE: "completed", CommandFailed.TYPE: "failed",
          CommandRejected.TYPE: "rejected", CommandTimedOut.TYPE: "timed_out"}
 PROGRESS = {CommandAccepted.TYPE: "accepted", CommandStarted.TYPE: "started"}
+ORDER = {"dispatched": 0, "accepted": 1, "started": 2}
 FINAL_STATES = set(FINAL.values())
 COMMAND_MEMORY_US = 24 * 3600 * 1_000_000  # final commands remembered this long past expiry
 # Rejection reasons (CommandRejected.reason_code)
@@ -163,6 +169,16 @@ def _rejected(cmd: CommandIssued, code: str, reason: str, command_id: str | None
         device_id=cmd.device_id, reason_code=code, reason=reason)
 
 
+def _dispatched(cmd: CommandIssued) -> Event:
+    return CommandDispatched.create(
+        source=PROCESS, subject=cmd.device_id, sequence=0,
+        event_id=uuid.UUID(derived_id(cmd.event_id, "dispatched")), causation_id=cmd.event_id,
+        correlation_id=cmd.envelope.correlation_id, command_id=cmd.command_id,
+        device_id=cmd.device_id, idempotency_key=cmd.idempotency_key,
+        command_type=cmd.command_type, payload_json=cmd.payload_json,
+        expires_at=cmd.expires_at, issued_by=cmd.issued_by)
+
+
 def conflict_id(command_id: str, issued_event_id: Any) -> str:
     """The id a refused repetition of an idempotency key with another payload is rejected
     under (the original command keeps its id and its course)."""
@@ -204,8 +220,10 @@ def handle(state: dict | None, event: Event, record: Any, registry: Any, *,
     elif event.TYPE in FINAL or event.TYPE in PROGRESS:
         cmds = dict(s["cmds"])
         c = cmds.get(event.command_id)
-        if c is not None and c["s"] not in FINAL_STATES:
-            cmds[event.command_id] = {**c, "s": FINAL.get(event.TYPE) or PROGRESS[event.TYPE]}
+        new = FINAL.get(event.TYPE) or PROGRESS[event.TYPE]
+        if c is not None and c["s"] not in FINAL_STATES and (
+                new in FINAL_STATES or ORDER[new] > ORDER.get(c["s"], -1)):
+            cmds[event.command_id] = {**c, "s": new}
             s["cmds"] = cmds
     _forget(s, record.timestamp * 1000)
     return s, out
@@ -228,7 +246,8 @@ def _issued(s: dict, cmd: CommandIssued, record: Any, registry: Any, specs: Comm
     s["cmds"] = {**s["cmds"], cmd.command_id: entry}
     refusal = _refusal(s, cmd, registry, specs)
     if refusal is None:
-        return []
+        entry["s"] = "dispatched"
+        return [_dispatched(cmd)]
     entry["s"] = "rejected"
     return [_rejected(cmd, *refusal)]
 

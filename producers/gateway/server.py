@@ -12,7 +12,9 @@ send and relays commands to them.
   for their acknowledgement to be written; at the limit the gateway stops reading that stream,
   and gRPC's flow control stops the device.
 - Commands: the gateway follows lab.commands (and lab.devices, for registrations) and sends each
-  open CommandIssued down its device's stream, again after every reconnect until it is final.
+  open CommandDispatched (a CommandIssued the device-lifecycle processor accepted; a rejected
+  one never reaches a device) down its device's stream, again after every reconnect until it is
+  final. A device may report on a command only once it was dispatched to it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from labbus.events.model import (
     COMMAND_FINAL,
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
     CommandIssued,
     CommandRejected,
@@ -224,6 +227,7 @@ class Gateway:
         self.streams: dict[str, DeviceStream] = {}
         self.open_commands: dict[str, dict[str, pb.Command]] = collections.defaultdict(dict)
         self.command_device: dict[str, tuple[str, int]] = {}  # command id -> (device, expires)
+        self.dispatched: set[str] = set()  # command ids dispatched (the device may report on)
         self.ready = asyncio.Event()
         self.pool = None
         self.readings_topic = topic_name(cfg, MEASUREMENTS_RECORDED)
@@ -554,7 +558,7 @@ class Gateway:
     def _command_update(self, device_id: str, msg: pb.DeviceMessage) -> Outgoing:
         u = msg.command_update
         owner = self.command_device.get(u.command_id)
-        if owner is None:
+        if owner is None or u.command_id not in self.dispatched:
             raise Refused(grpc.StatusCode.NOT_FOUND, "unknown_command",
                           f"command {u.command_id!r} is unknown to this gateway")
         if owner[0] != device_id:
@@ -651,8 +655,11 @@ class Gateway:
                     entry.last_acked, entry.last_seen_us = known.last_acked, known.last_seen_us
                 self.devices[r["device_id"]] = entry
         elif kind == CommandIssued.TYPE:
+            self.command_device.setdefault(r["command_id"], (r["device_id"], r["expires_at"]))
+        elif kind == CommandDispatched.TYPE:
             expires = r["expires_at"]
             self.command_device.setdefault(r["command_id"], (r["device_id"], expires))
+            self.dispatched.add(r["command_id"])
             if expires <= _now_us():
                 return
             cmd = pb.Command(command_id=r["command_id"], command_type=r["command_type"],
@@ -677,6 +684,7 @@ class Gateway:
             for cid, (_device, expires) in list(self.command_device.items()):
                 if expires < horizon:
                     del self.command_device[cid]
+                    self.dispatched.discard(cid)
             for cmds in list(self.open_commands.values()):
                 for cid, cmd in list(cmds.items()):
                     if cmd.expires_at_unix_us <= now:

@@ -13,8 +13,9 @@ as one labbus device.
   (`reading_id`); the sequence is max(previous + 1, clock in µs), so it increases across
   restarts.
 - Commands: the kernel's `run_consumer` on lab.commands (its own consumer group per device; the
-  input offset is committed only after the outputs are acknowledged). A CommandIssued for this
-  device becomes a SiLA command execution: see `Commands`.
+  input offset is committed only after the outputs are acknowledged). A CommandDispatched for
+  this device (a CommandIssued the device-lifecycle processor accepted) becomes a SiLA command
+  execution: see `Commands`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from labbus.events.model import (
     COMMAND_FINAL,
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
-    CommandIssued,
     CommandProgress,
     CommandRejected,
     CommandStarted,
@@ -456,7 +457,8 @@ def _break(link: _Link, why: str) -> None:
 class Commands:
     """The run_consumer handler for lab.commands.
 
-    A CommandIssued for this device:
+    A CommandDispatched for this device (never a CommandIssued: a command the device-lifecycle
+    processor rejected never reaches the instrument):
     - command type `Feature.Command` (or just `Command` when one feature has it) unknown to the
       server, or a payload that is not a JSON object with exactly the command's parameters →
       CommandRejected (unknown_command_type / invalid_payload), nothing executed;
@@ -482,7 +484,7 @@ class Commands:
         self.stop = stop
         self.final: set[str] = set()
         self.begun: set[str] = set()
-        self.accepts = {CommandIssued.TYPE, *COMMAND_FINAL, *STARTED_OR_LATER}
+        self.accepts = {CommandDispatched.TYPE, *COMMAND_FINAL, *STARTED_OR_LATER}
 
     def _note(self, event_type: str, command_id: str) -> None:
         if event_type in COMMAND_FINAL:
@@ -523,7 +525,7 @@ class Commands:
         if event.device_id != self.b.device_id:
             return
         cid = event.command_id
-        if event.TYPE != CommandIssued.TYPE:
+        if event.TYPE != CommandDispatched.TYPE:
             self._note(event.TYPE, cid)
             return
         if cid in self.final:
@@ -553,7 +555,7 @@ class Commands:
         matches = [c for key, c in commands.items() if key.split(".", 1)[1] == command_type]
         return matches[0] if len(matches) == 1 else None
 
-    async def _wait_online(self, cmd: CommandIssued) -> bool:
+    async def _wait_online(self, cmd: CommandDispatched) -> bool:
         """True once the server is connected; False when the command expired first. Raises
         Stopping when the bridge stops meanwhile (nothing committed: handled after restart)."""
         while not self.b.online.is_set():
@@ -570,7 +572,7 @@ class Commands:
                 w.cancel()
         return True
 
-    async def execute(self, cmd: CommandIssued) -> AsyncIterator[Event]:
+    async def execute(self, cmd: CommandDispatched) -> AsyncIterator[Event]:
         cid = cmd.command_id
         if cmd.expires_at <= utcnow():
             log.info("command expired before it reached the device", extra={"command": cid})

@@ -51,8 +51,8 @@ from tests.bench.gwfleet import Namespace, PeakRss, Simulators, cpu_s, machine, 
 
 OPERATOR = "bench-operator"
 PAYLOAD = {"spectrophotometer": {"wavelength_nm": 600}}  # the others' measure: {} is valid
-STAGES = ("lab.command.CommandIssued", "lab.command.CommandAccepted",
-          "lab.command.CommandStarted")
+STAGES = ("lab.command.CommandIssued", "lab.command.CommandDispatched",
+          "lab.command.CommandAccepted", "lab.command.CommandStarted")
 
 
 def _sim_worker(conn, devices: int, rate: float, heartbeat_s: float, pki_dir: str, target: str,
@@ -312,9 +312,7 @@ async def main(args) -> dict:
         "issued_to_final_read_ms": _ms(lat),
         "breakdown_from_issue_ms": {
             "issue_call_returned": _ms(returned),
-            "CommandIssued_read": _ms(stage[STAGES[0]]),
-            "CommandAccepted_read": _ms(stage[STAGES[1]]),
-            "CommandStarted_read": _ms(stage[STAGES[2]]),
+            **{f"{name.rsplit('.', 1)[1]}_read": _ms(stage[name]) for name in STAGES},
             "final_read": _ms(lat),
             "final_logged_to_read": _ms(logged_to_read),
             "issue_start_lag": _ms(issuer.lag[len(warm):]),

@@ -155,7 +155,7 @@ def test_command_happy_path_failure_timeout_with_command_send(cfg, env, devices)
     assert late.returncode == 1 and "timed out" in out
     late_events = [type(e).__name__ for e in command_events(cfg, device,
                                                              command_id_for(device, "late"))]
-    assert late_events == ["CommandIssued", "CommandTimedOut"]
+    assert late_events == ["CommandIssued", "CommandDispatched", "CommandTimedOut"]
     time.sleep(1.5)  # a completed command is never timed out
     assert "CommandTimedOut" not in {type(e).__name__ for e in command_events(cfg, device, ok_id)}
 
@@ -191,8 +191,10 @@ def test_rejections_and_idempotency(cfg, env, devices):
     wait_for(lambda: any(isinstance(e, CommandCompleted)
                          for e in command_events(cfg, device, cid)), 30, "completion")
     kinds = [type(e).__name__ for e in command_events(cfg, device, cid)]
-    # three requests under one command id (the refused one too), one execution, no rejection
+    # three requests under one command id (the refused one too), dispatched once, one
+    # execution, no rejection
     assert kinds.count("CommandIssued") == 3 and "CommandRejected" not in kinds, kinds
+    assert kinds.count("CommandDispatched") == 1, kinds
     assert kinds.count("CommandCompleted") == 1
 
 
@@ -210,7 +212,8 @@ def test_a_restart_keeps_state_from_the_changelog(cfg, env, devices):
     try:
         # the open command (state from the changelog, input already committed) times out once
         wait_for(lambda: [type(e).__name__ for e in command_events(cfg, device, cid)]
-                 == ["CommandIssued", "CommandTimedOut"], 60, "the timeout after the restart")
+                 == ["CommandIssued", "CommandDispatched", "CommandTimedOut"], 60,
+                 "the timeout after the restart")
         # and the device is still known ONLINE: a new command is not refused as offline
         ok = send(env, device, "measure", {"wavelength_nm": 610}, "--idempotency-key", "r2",
                   "--timeout", "3s")

@@ -15,9 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from labbus.deploy.demo import LABBUS
 from labbus.events.codec import DecodeError, default_codec
+from labbus.events.model import DeviceStatusChanged
 from labbus.events.topics import (
     COMMANDS,
     DEVICE_REJECTED,
+    DEVICE_STATUS,
     DEVICES,
     MEASUREMENTS_RECORDED,
     topic_name,
@@ -27,7 +29,7 @@ from labbus.producers.gateway import labbus_gateway_pb2 as pb
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc
 from labbus.producers.gateway import pki
 from labbus.producers.gateway.server import reading_id
-from tests.conftest import REPO, free_port, read_topic
+from tests.conftest import REPO, Processes, free_port, read_topic
 
 pytestmark = pytest.mark.services
 
@@ -97,6 +99,15 @@ def gateway(env, pki_dir, tmp_path_factory):
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="module")
+def lifecycle(env, tmp_path_factory):
+    """The device-lifecycle processor: it dispatches (or rejects) what SendCommand issues."""
+    procs = Processes(env, tmp_path_factory.mktemp("lifecycle"))
+    procs.start("process", "devices")
+    yield
+    procs.stop_all()
 
 
 def _channel(gw: Gateway, name: str, role: str = "device") -> grpc.aio.Channel:
@@ -293,15 +304,27 @@ async def test_garbage_and_malformed_streams_get_a_status_and_others_keep_stream
     assert any("not a labbus.gateway.v1.DeviceMessage" in e.reason for e in rejected)
 
 
-async def test_a_command_reaches_its_device_and_its_statuses_are_events(gateway, cfg):
+async def test_a_command_reaches_its_device_and_its_statuses_are_events(gateway, lifecycle, cfg):
+    """Dispatched by the lifecycle processor, relayed by the gateway, answered by the device;
+    a command the processor rejects (its payload breaks the command's schema) never reaches the
+    device."""
     stats = dev.Stats()
     device = dev.SimDevice(f"spec-{uuid.uuid4().hex[:6]}", "spectrophotometer", 2.0, stats)
     stop = asyncio.Event()
     pki.issue_cert(gateway.pki_dir, device.device_id)
     runner = asyncio.create_task(device.run(gateway.target, gateway.pki_dir, stop))
     await asyncio.wait_for(device.connected.wait(), 15)
+
+    async def online():
+        return any(e.TYPE == DeviceStatusChanged.TYPE and e.device_id == device.device_id
+                   and e.status == "ONLINE" for e in await _decoded(cfg, DEVICE_STATUS))
+
+    await _wait_for(online, 60, f"{device.device_id} ONLINE")
     async with _channel(gateway, "operator-1", "operator") as ch:
         stub = pb_grpc.GatewayStub(ch)
+        bad = await stub.SendCommand(pb.SendCommandRequest(
+            device_id=device.device_id, command_type="measure",
+            payload_json='{"wavelength_nm": 5}', timeout_s=30))
         req = pb.SendCommandRequest(device_id=device.device_id, command_type="measure",
                                     payload_json='{"wavelength_nm": 600}', timeout_s=30,
                                     idempotency_key="k-1")
@@ -312,19 +335,27 @@ async def test_a_command_reaches_its_device_and_its_statuses_are_events(gateway,
                                                          command_type="x", payload_json="[1"))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    async def statuses():
-        events = [e for e in await _decoded(cfg, COMMANDS)
-                  if getattr(e, "command_id", None) == sent.command_id]
-        types = [type(e).__name__ for e in events]
+    async def of(command_id):
+        return [e for e in await _decoded(cfg, COMMANDS)
+                if getattr(e, "command_id", None) == command_id]
+
+    async def completed():
+        types = [type(e).__name__ for e in await of(sent.command_id)]
         return types if "CommandCompleted" in types else None
 
-    types = await _wait_for(statuses, 20, "CommandCompleted")
-    assert types == ["CommandIssued", "CommandAccepted", "CommandStarted", "CommandCompleted"]
+    types = await _wait_for(completed, 30, "CommandCompleted")
+    assert types == ["CommandIssued", "CommandDispatched", "CommandAccepted", "CommandStarted",
+                     "CommandCompleted"]
     assert stats.commands_completed == 1
-    completed = [e for e in await _decoded(cfg, COMMANDS)
-                 if getattr(e, "command_id", None) == sent.command_id][-1]
-    assert '"wavelength_nm": 600' in completed.result_json
-    assert completed.envelope.subject == device.device_id  # keyed by device
+    completed_event = (await of(sent.command_id))[-1]
+    assert '"wavelength_nm": 600' in completed_event.result_json
+    assert completed_event.envelope.subject == device.device_id  # keyed by device
+    # the refused one was issued before, on the same partition: the device never got it
+    refused = await of(bad.command_id)
+    assert [type(e).__name__ for e in refused] == ["CommandIssued", "CommandRejected"]
+    assert refused[-1].reason_code == "bad_payload"
+    assert bad.command_id not in device.handled_commands
+    assert device.handled_commands == {sent.command_id}
     stop.set()
     await asyncio.wait_for(runner, 15)
 

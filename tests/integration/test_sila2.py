@@ -2,7 +2,8 @@
 (a sila2 server on the code sila2-codegen generated, `labbus agent sila2-sim`) on loopback with
 TLS from a test CA, and the bridge (`labbus agent sila2`), both started as a user starts them
 (sila2 must not be imported into the test process: see labbus.producers.sila), so either can be
-stopped, restarted or killed -9."""
+stopped, restarted or killed -9. The device-lifecycle processor (`labbus process devices`) runs
+too: the bridge executes only the commands it dispatched."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from labbus.deploy.demo import LABBUS
 from labbus.events import kafka
 from labbus.events.codec import DecodeError, default_codec
 from labbus.events.devices import reading_id
-from labbus.events.model import CommandIssued, derived_id
+from labbus.events.model import CommandDispatched, CommandIssued, derived_id
 from labbus.events.runtime import Deliveries, Step
 from labbus.events.topics import (
     COMMANDS,
@@ -30,7 +31,7 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.producers.gateway import pki
-from tests.conftest import REPO, free_port, read_topic, wait_for
+from tests.conftest import REPO, Processes, free_port, read_topic, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -97,13 +98,24 @@ def rig(env, cfg, tmp_path_factory):
     pki.init_ca(pki_dir)
     logdir = tmp_path_factory.mktemp("logs")
     env = {**env, "LABBUS_PKI_DIR": str(pki_dir)}
+    # OFFLINE decided by the processor is not under test here (the bridge's own statuses are)
+    lifecycle = Processes({**env, "LABBUS_OFFLINE_AFTER_INTERVALS": "60"}, logdir)
+    lifecycle.start("process", "devices")
     sim = Sim(env, logdir)
     sim.start()
     bridge = BridgeProc({**env, "LABBUS_LOG_LEVEL": "INFO"}, sim.port, logdir)
     bridge.start()
+    # the processor dispatches once it has heard of the device: probe until a command is
+    # dispatched (one the bridge refuses without touching the instrument)
+    def probe():
+        cid = issue(cfg, "Thermostat.Probe", {})
+        return wait_for(lambda: [e.TYPE for e in command_events(cfg, cid)
+                                 if e.TYPE != CommandIssued.TYPE], 60, "the probe's fate")
+    wait_for(lambda: CommandDispatched.TYPE in probe(), 90, "the processor dispatching")
     yield sim, bridge
     bridge.stop()
     sim.stop()
+    lifecycle.stop_all()
 
 
 def events_of(cfg, spec, **match) -> list:
@@ -121,17 +133,25 @@ def events_of(cfg, spec, **match) -> list:
 
 
 def command_events(cfg, command_id: str) -> list:
+    """What happened to a command after it was issued (dispatched, then the bridge's events)."""
     return [e for e in events_of(cfg, COMMANDS, command_id=command_id)
             if e.TYPE != CommandIssued.TYPE]
 
 
+def kinds(cfg, command_id: str) -> list[str]:
+    return [e.TYPE.rsplit(".", 1)[1] for e in command_events(cfg, command_id)]
+
+
 def issue(cfg, command_type: str, payload, key: str | None = None,
-          command_id: str | None = None) -> str:
-    """Publish a CommandIssued as the gateway's SendCommand does (same ids)."""
+          command_id: str | None = None, as_dispatched: bool = False) -> str:
+    """Publish a CommandIssued as the gateway's SendCommand does (same ids); `as_dispatched`:
+    a CommandDispatched instead, as the lifecycle processor sends one again after a crash."""
     key = key or uuid.uuid4().hex
     cid = command_id or derived_id(f"device/{DEVICE}", f"command/{key}")
-    event = CommandIssued.create(
-        source="test", subject=DEVICE, sequence=0, event_id=uuid.UUID(derived_id(cid, "issued")),
+    cls = CommandDispatched if as_dispatched else CommandIssued
+    event = cls.create(
+        source="test", subject=DEVICE, sequence=0,
+        event_id=uuid.UUID(derived_id(cid, "dispatched" if as_dispatched else "issued")),
         command_id=cid, device_id=DEVICE, idempotency_key=key, command_type=command_type,
         payload_json=payload if isinstance(payload, str) else json.dumps(payload),
         issued_by="test", expires_at=datetime.now(UTC) + timedelta(seconds=60))
@@ -171,11 +191,12 @@ def test_registers_and_publishes_readings(rig, cfg):
         [e for e in events_of(cfg, MEASUREMENTS_RECORDED)
          if e.metric == "Thermostat.CurrentTemperature"]), 20, "10 temperature readings")
     assert all(15 < r.value < 30 and r.unit == "degC" for r in readings)
-    everything = events_of(cfg, MEASUREMENTS_RECORDED) + events_of(cfg, DEVICE_STATUS)
+    everything = events_of(cfg, MEASUREMENTS_RECORDED) + [
+        e for e in events_of(cfg, DEVICE_STATUS) if e.envelope.source != "devices"]
     assert all(e.event_id == uuid.UUID(reading_id(DEVICE, e.envelope.sequence))
                for e in everything)
     assert len({e.envelope.sequence for e in everything}) == len(everything)
-    status = events_of(cfg, DEVICE_STATUS)
+    status = [e for e in events_of(cfg, DEVICE_STATUS) if e.envelope.source != "devices"]
     assert [e.status for e in status if e.TYPE.endswith("StatusChanged")] == ["ONLINE"]
     assert any(e.TYPE.endswith("DeviceHeartbeat") for e in status)
 
@@ -185,10 +206,11 @@ def test_observable_command_reports_progress_and_result(rig, cfg):
     done = final_of(cfg, cid)
     assert done.TYPE == "lab.command.CommandCompleted", done
     assert json.loads(done.result_json) == {"ReachedTemperature": 30.0}
-    kinds = [e.TYPE.rsplit(".", 1)[1] for e in command_events(cfg, cid)]
-    assert kinds[:2] == ["CommandAccepted", "CommandStarted"] and kinds[-1] == "CommandCompleted"
+    seen = kinds(cfg, cid)
+    assert seen[:3] == ["CommandDispatched", "CommandAccepted", "CommandStarted"]
+    assert seen[-1] == "CommandCompleted"
     progress = [e for e in command_events(cfg, cid) if e.TYPE.endswith("CommandProgress")]
-    assert len(progress) >= 3 and kinds[2:-1] == ["CommandProgress"] * len(progress)
+    assert len(progress) >= 3 and seen[3:-1] == ["CommandProgress"] * len(progress)
     temps = [json.loads(p.intermediate_json)["CurrentTemperature"] for p in progress
              if p.intermediate_json]
     assert temps and temps == sorted(temps) and 21 <= temps[0] < temps[-1] <= 30.0
@@ -206,8 +228,8 @@ def test_unobservable_command(rig, cfg):
     done = final_of(cfg, cid)
     assert done.TYPE == "lab.command.CommandCompleted", done
     assert json.loads(done.result_json)["Offset"] == pytest.approx(0.5, abs=0.1)
-    assert [e.TYPE.rsplit(".", 1)[1] for e in command_events(cfg, cid)] == [
-        "CommandAccepted", "CommandStarted", "CommandCompleted"]
+    assert kinds(cfg, cid) == [
+        "CommandDispatched", "CommandAccepted", "CommandStarted", "CommandCompleted"]
 
 
 @pytest.mark.parametrize("command_type, payload, expect", [
@@ -225,20 +247,23 @@ def test_sila_errors_fail_the_command(rig, cfg, command_type, payload, expect):
     assert failed.error.startswith(expect), failed.error
 
 
-@pytest.mark.parametrize("command_type, payload, code, text", [
-    ("Thermostat.Explode", {}, "unknown_command_type", "no command 'Thermostat.Explode'"),
+@pytest.mark.parametrize("command_type, payload, code, text, by", [
+    ("Thermostat.Explode", {}, "unknown_command_type", "no command 'Thermostat.Explode'",
+     "bridge"),
     ("Thermostat.SetTemperature", {"Target": 30}, "invalid_payload",
-     "missing ['TargetTemperature'], unknown ['Target']"),
-    ("Thermostat.SetTemperature", "[1, 2]", "invalid_payload", "must be a JSON object"),
+     "missing ['TargetTemperature'], unknown ['Target']", "bridge"),
+    ("Thermostat.SetTemperature", "[1, 2]", "bad_payload", "must be a JSON object",
+     "processor"),  # never dispatched: the bridge never sees it
 ])
-def test_commands_it_cannot_map_are_rejected(rig, cfg, command_type, payload, code, text):
+def test_commands_it_cannot_map_are_rejected(rig, cfg, command_type, payload, code, text, by):
     sim, _ = rig
     before = sim.total_executions()
     cid = issue(cfg, command_type, payload)
     rejected = final_of(cfg, cid)
     assert rejected.TYPE == "lab.command.CommandRejected", rejected
     assert rejected.reason_code == code and text in rejected.reason, rejected.reason
-    assert [e.TYPE for e in command_events(cfg, cid)] == [rejected.TYPE]
+    expected = ["CommandDispatched", "CommandRejected"] if by == "bridge" else ["CommandRejected"]
+    assert kinds(cfg, cid) == expected
     assert sim.total_executions() == before
 
 
@@ -259,9 +284,11 @@ def test_a_command_id_is_never_executed_twice(rig, cfg):
     failed = final_of(cfg, slow, timeout=30)
     assert failed.TYPE == "lab.command.CommandFailed" and failed.error.startswith(
         "interrupted"), failed
-    # after the restart, the completed one issued a third time: still nothing
-    issue(cfg, "SetTemperature", {"TargetTemperature": 25.0}, key="twice")
-    marker = issue(cfg, "Calibrate", {"ReferenceTemperature": 500.0})  # handled after the above
+    # after the restart, the completed one dispatched again (as the lifecycle processor does
+    # when it crashed before recording the dispatch): the bridge remembers it, still nothing
+    issue(cfg, "SetTemperature", {"TargetTemperature": 25.0}, key="twice", as_dispatched=True)
+    marker = issue(cfg, "Calibrate", {"ReferenceTemperature": 500.0},  # handled after the above
+                   as_dispatched=True)
     final_of(cfg, marker, timeout=30)
     assert sim.total_executions() == before + 1
     assert len([e for e in command_events(cfg, done_cid)
@@ -272,16 +299,17 @@ def test_a_command_id_is_never_executed_twice(rig, cfg):
 def test_server_down_is_offline_and_back_is_online(rig, cfg):
     sim, _ = rig
 
-    def statuses():
+    def statuses():  # as the bridge reports them
         return [e.status for e in events_of(cfg, DEVICE_STATUS)
-                if e.TYPE.endswith("StatusChanged")]
+                if e.TYPE.endswith("StatusChanged") and e.envelope.source != "devices"]
 
     wait_for(lambda: statuses()[-1:] == ["ONLINE"], 30, "ONLINE")
     online_before = statuses().count("ONLINE")
     time.sleep(0.5)
     sim.stop()
     wait_for(lambda: statuses()[-1:] == ["OFFLINE"], 15, "OFFLINE")
-    offline = [e for e in events_of(cfg, DEVICE_STATUS) if e.TYPE.endswith("StatusChanged")][-1]
+    offline = [e for e in events_of(cfg, DEVICE_STATUS) if e.TYPE.endswith("StatusChanged")
+               and e.envelope.source != "devices"][-1]
     assert f"127.0.0.1:{sim.port}" in offline.reason
     sim.start()
     wait_for(lambda: statuses()[-1:] == ["ONLINE"], 20, "ONLINE again")

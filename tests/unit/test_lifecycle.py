@@ -10,6 +10,7 @@ import pytest
 from labbus.events.config import ConfigError, load
 from labbus.events.model import (
     CommandCompleted,
+    CommandDispatched,
     CommandIssued,
     CommandRejected,
     CommandTimedOut,
@@ -117,23 +118,31 @@ def test_commands_are_rejected_for_unknown_offline_and_bad_payloads():
         _, out = run([issue("spec-1", f"k-{code}-{len(payload)}", ctype, payload)], s)
         assert rejections(out)[0][0] == code, (payload, ctype)
         assert out[0].reason
-    _, out = run([issue("spec-1", "good")], s)
-    assert out == []
+        assert not any(isinstance(e, CommandDispatched) for e in out)  # never reaches a device
+    good = issue("spec-1", "good")
+    _, out = run([good], s)
+    assert [type(e) for e in out] == [CommandDispatched]
+    d = out[0]
+    assert (d.command_id, d.device_id, d.command_type, d.payload_json, d.expires_at,
+            d.idempotency_key, d.issued_by) == (
+        good.command_id, good.device_id, good.command_type, good.payload_json, good.expires_at,
+        good.idempotency_key, good.issued_by)
+    assert d.envelope.causation_id == good.event_id
 
 
 def test_a_repeated_key_is_one_command_and_another_payload_is_refused():
     s = online()
     first = issue("spec-1", "k1")
     s, out = run([first], s)
-    assert out == []
-    s2, out = run([issue("spec-1", "k1")], s)  # same key and payload: nothing
+    assert [type(e) for e in out] == [CommandDispatched]
+    s2, out = run([issue("spec-1", "k1")], s)  # same key and payload: nothing, not dispatched again
     assert out == [] and s2["cmds"] == s["cmds"]
     other = issue("spec-1", "k1", payload={"wavelength_nm": 700})
     s3, out = run([other], s)
     assert rejections(out) == [("idempotency_conflict", lc.conflict_id(first.command_id,
                                                                        other.event_id))]
     assert out[0].envelope.causation_id == other.event_id
-    assert s3["cmds"][first.command_id]["s"] == "issued"  # the original stands
+    assert s3["cmds"][first.command_id]["s"] == "dispatched"  # the original stands
 
 
 def test_open_commands_time_out_once_and_final_ones_do_not():
