@@ -30,7 +30,7 @@ demo: setup
 	$(LABBUS) demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=25
 
 bench: setup
 	$(VENV)/bin/python tests/bench/bench_pipeline.py

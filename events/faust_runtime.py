@@ -4,8 +4,10 @@
        │                                                                         │
        └─ undecodable, or the handler raised ──► DeadLetter (once)               ▼
                    outputs produced through Deliveries (idempotent, acks=all), acknowledged
-                   ──► then the Table (and the shared table) updated and the changelog flushed
-                   ──► then the faust event acked, so faust commits its offset only after all that
+                   ──► then the Table (and the shared table) updated
+                   ──► the changelog flushed in batches (every FLUSH_EVERY writes or
+                       FLUSH_AFTER_S): no offset is committed past a state write not yet
+                       flushed, so faust commits an input only after all of the above
 
 A processor is its input topics (all co-partitioned: same key, same partition count), a plain
 handler and the names of its tables; this module builds the faust app around them:
@@ -26,29 +28,43 @@ outputs' acks and the changelog's leaves the input uncommitted: it is handled ag
 against the state before it and re-emits the same events with the same ids (handlers derive ids
 from their inputs), which id-keyed consumers drop. An input handled again against a state that
 already holds it (changelog written, offset not yet committed) must decide nothing new: handlers
-are idempotent per input.
+are idempotent per input. With batched flushes a restart may find the state of some of the
+uncommitted inputs of a partition on the changelog and not others — always a prefix in log
+order (one input partition writes one changelog partition, in order), and every output of that
+prefix acknowledged before its state was written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import faust
+import faust.streams as faust_streams
 import mode
 
 from labbus.events import kafka, metrics
 from labbus.events.codec import Codec, DecodeError
 from labbus.events.config import Config
 from labbus.events.model import Event
-from labbus.events.runtime import Backoff, Deliveries, Outgoing, Record, Step, retrying
+from labbus.events.runtime import (
+    Backoff,
+    Deliveries,
+    Outgoing,
+    Record,
+    Step,
+    retrying,
+    transient,
+)
 from labbus.events.topics import TopicSpec, group_id, topic_name
 
 log = logging.getLogger(__name__)
@@ -303,7 +319,22 @@ UPSTREAM_SOURCES: dict[str, str] = {
         "1d2c7ea89a7ad4f1a216c1d51936e569162cd66bd56f889e13fd29c910b58eb0",
     "faust.transport.consumer:Consumer._filter_committable_offsets":
         "dc5e9baf5d994485473ce80aed1873b9318f02d735fde21e285de3d0c52a5e0e",
+    # pipelined state writes: the Table takes the changelog partition from faust's current
+    # event (set for each write), and a revocation settles what is in flight after faust's own
+    # producer flush, in the on_partitions_revoked signal
+    "faust.tables.base:Collection.partition_for_key":
+        "3b2291811b8dd791cdd0e690b2b09d966a4e961e2a2861182241195696393bed",
+    "faust.tables.table:Table.on_key_set":
+        "a370e35ca55c2c7e36e93f0d4b485927c32d49199043cab2314572846184dd94",
+    "faust.app.base:App._on_partitions_revoked":
+        "d5c895bbe57dc73ae4d7f762f6fdc9fdd3abd02f9e05863ccfd8034082e5682f",
 }
+
+
+FLUSH_EVERY = 200  # state writes between changelog flushes, at most
+FLUSH_AFTER_S = 0.05  # and at most this long after the first unflushed write
+MAX_IN_FLIGHT = 500  # inputs decided whose outputs are not acknowledged yet, at most
+_MISSING = object()
 
 
 class DeliveryGuard:
@@ -333,6 +364,13 @@ class DeliveryGuard:
         self.done: dict[Any, int] = {}
         self.seeking: set = set()  # sought back, waiting for the first record delivered again
         self.last_handled = time.monotonic()
+        # per partition, the first offset whose state write may not be on the broker yet (the
+        # changelog is flushed in batches): commits stop there
+        self.unflushed: dict[Any, int] = {}
+        self.flushing: dict[Any, int] = {}
+        # per partition, the inputs handled whose outputs are not acknowledged or whose state
+        # is not written yet (the driver pipelines them), in offset order
+        self.in_flight: dict[Any, collections.deque] = {}
 
     def _floor(self, tp: Any, committed: int | None) -> int | None:
         """`done` for tp: what this worker handled, or (for a partition it has not handled
@@ -365,7 +403,40 @@ class DeliveryGuard:
         done = self.done.get(tp)
         if offset is None or done is None:
             return None
-        return min(offset, done + 1)
+        caps = [offset, done + 1, self.unflushed.get(tp, offset), self.flushing.get(tp, offset)]
+        if self.in_flight.get(tp):
+            caps.append(self.in_flight[tp][0])
+        return min(caps)
+
+    def started(self, tp: Any, offset: int) -> None:
+        """`offset` was decided; its outputs and state are on their way (commits stop there)."""
+        self.in_flight.setdefault(tp, collections.deque()).append(offset)
+
+    def settled(self, tp: Any, offset: int) -> None:
+        """`offset`'s outputs are acknowledged and its state is written."""
+        q = self.in_flight.get(tp)
+        if q:
+            if q[0] == offset:
+                q.popleft()
+            else:
+                with contextlib.suppress(ValueError):
+                    q.remove(offset)
+
+    def written(self, tp: Any, offset: int) -> None:
+        """The state `offset` led to was written to the Table; its changelog is not flushed."""
+        if tp not in self.unflushed:
+            self.unflushed[tp] = offset
+
+    def flush_started(self) -> dict:
+        """Everything written so far is in the flush that starts now (commits stay capped by it
+        until `flush_done`)."""
+        for tp, offset in self.unflushed.items():
+            self.flushing[tp] = min(offset, self.flushing.get(tp, offset))
+        self.unflushed = {}
+        return dict(self.flushing)
+
+    def flush_done(self) -> None:
+        self.flushing = {}
 
     def lost(self, positions: dict, committed: dict) -> dict:
         """Partitions whose consumer position (the next offset it will return) is past records
@@ -438,6 +509,41 @@ def decide(step: Step, handler: StatefulHandler, rec: Record, table: Any,
                              "offset": rec.offset})
         return Decided([step.dead_letter(rec, exc, "processing_error")])
     return Decided(outputs, key, state, new_state, shared)
+
+
+class Decisions:
+    """The Table as the next decision must see it: states decided but not yet written (their
+    outputs not acknowledged yet) over the Table."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.newest: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self.newest[key] if key in self.newest else self.table.get(key)
+
+    def items(self) -> list[tuple[str, Any]]:
+        merged = dict(self.table.items())
+        for key, value in self.newest.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return list(merged.items())
+
+
+class InFlight:
+    """One input decided: its faust event, what it decided, and its outputs' deliveries."""
+
+    __slots__ = ("event", "tp", "offset", "decided", "outputs", "sent")
+
+    def __init__(self, event: Any, tp: Any, offset: int, decided: Decided,
+                 outputs: list[Outgoing], sent: Deliveries | None) -> None:
+        self.event, self.tp, self.offset = event, tp, offset
+        self.decided, self.outputs, self.sent = decided, outputs, sent
+
+    def acked(self) -> bool:
+        return self.sent is not None and all(f.done() for f in self.sent.futures)
 
 
 def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: StatefulHandler,
@@ -565,6 +671,93 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             await _seek_back(tp, offset, "read but never handled")
     debug = bool(os.environ.get("LABBUS_FAUST_DEBUG"))
     handled: dict = {}
+    # Pipelined: an input's outputs are handed to the producer and the next input is decided
+    # at once (against `decisions`, the states decided so far); a later step awaits the
+    # acknowledgements in input order, then writes each state to the Table. So an input costs
+    # no broker round trip of its own, and the order that makes a crash safe holds: an input's
+    # outputs are acknowledged before its state is written, its state is written before the
+    # offset is committed (commits stop at the first input in flight). A processor with a shared
+    # table settles each input before the next (the shared table's local copy takes only what
+    # is on the broker).
+    # The changelog is flushed in batches too: commits stop at the first state write not yet
+    # flushed (`DeliveryGuard.unflushed`).
+    decisions = Decisions(states)
+    in_flight: collections.deque[InFlight] = collections.deque()
+    pending: dict[str, Any] = {"n": 0, "since": None}
+    settle_lock = asyncio.Lock()
+    flush_lock = asyncio.Lock()
+
+    async def flush_changelog() -> None:
+        async with flush_lock:
+            if not guard.unflushed:
+                return
+            pending.update(n=0, since=None)
+            guard.flush_started()
+            await app.producer.flush()
+            guard.flush_done()  # (not after an exception: the cap stays until a flush succeeds)
+
+    async def settle(producer: Any, *, wait: bool) -> None:
+        """Inputs in flight, oldest first, whose outputs are acknowledged (all of them when
+        `wait`): their states written to the Table."""
+        async with settle_lock:
+            while in_flight:
+                item = in_flight[0]
+                if item.outputs and not item.acked():
+                    if not wait:
+                        return
+                    busy.update(stage="outputs acked", since=time.monotonic())
+                    await _acked(producer, item)
+                in_flight.popleft()
+                _write(item)
+
+    async def _acked(producer: Any, item: InFlight) -> None:
+        try:
+            if item.sent is None:
+                raise ConnectionError("outputs were not handed to the producer")
+            await item.sent.acked()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            await retrying(lambda o=item.outputs: _deliver(producer, process, o),
+                           Backoff(process, "kafka"))
+
+    def _write(item: InFlight) -> None:
+        d = item.decided
+        if d.shared is not None and d.shared.writes:
+            d.shared.apply()  # into the local copy (its records are on the broker)
+        if d.key is not None and d.new_state is not d.state:
+            # the Table writes its changelog to the partition of faust's current event
+            token = faust_streams._current_event.set(weakref.ref(item.event))
+            try:
+                if d.new_state is None:
+                    states.pop(d.key, None)
+                else:
+                    states[d.key] = d.new_state
+            finally:
+                faust_streams._current_event.reset(token)
+            if decisions.newest.get(d.key, _MISSING) is d.new_state:
+                del decisions.newest[d.key]  # no later decision for the key in flight
+            guard.written(item.tp, item.offset)
+            pending["n"] += 1
+            pending["since"] = pending["since"] or time.monotonic()
+        guard.settled(item.tp, item.offset)
+
+    @app.timer(FLUSH_AFTER_S)
+    async def settle_when_idle() -> None:
+        producer = live.get("producer")
+        if busy["stage"] is None and producer is not None and in_flight:
+            await settle(producer, wait=True)
+        if busy["stage"] is None and guard.unflushed:
+            await flush_changelog()
+
+    @app.on_partitions_revoked.connect
+    async def settle_before_revocation(_app: Any, _revoked: Any, **_kw: Any) -> None:
+        """The next owner of a partition recovers its state from the changelog: everything
+        decided here must be on it before the rebalance completes."""
+        producer = live.get("producer")
+        if producer is not None and in_flight:
+            await settle(producer, wait=True)
+        await flush_changelog()
 
     @app.agent(source, name=f"{process}-handler")
     async def run_handler(stream):
@@ -587,7 +780,6 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             await producer.stop()
 
     async def _handle_stream(stream, producer) -> None:
-        backoff = Backoff(process, "kafka")
         async for _ in stream:
             event = stream.current_event
             started = time.perf_counter()
@@ -599,7 +791,6 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                 if skipped_to is not None:
                     await _seek_back(tp, skipped_to, "records skipped before this one")
             if debug:
-                tp = event.message.tp
                 last = handled.get(tp)
                 if last is None or rec.offset != last + 1:
                     log.warning("faust delivery jump", extra={
@@ -615,24 +806,32 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                     rec.key.decode("utf-8", "replace") not in view):
                 busy.update(stage="view caught up")
                 await view.caught_up(rec.timestamp)
-            decided = decide(step, handler, rec, states, shared if view is None else view)
+            decided = decide(step, handler, rec, decisions, shared if view is None else view)
             outputs = decided.outputs
             writes = decided.shared.writes if decided.shared is not None else {}
             if shared is not None and writes:
                 outputs = outputs + shared.outgoing(writes)
-            if outputs:
-                busy.update(stage="outputs acked", since=time.monotonic())
-                await retrying(lambda o=outputs: _deliver(producer, process, o), backoff)
-            if shared is not None and writes:
-                decided.shared.apply()  # into the local copy (its records are on the broker)
-            if decided.key is not None and decided.new_state is not decided.state:
-                if decided.new_state is None:
-                    states.pop(decided.key, None)
-                else:
-                    states[decided.key] = decided.new_state
+            changed = decided.key is not None and decided.new_state is not decided.state
+            if outputs or changed:
+                sent = None
+                if outputs:
+                    try:
+                        sent = Deliveries(producer, process)
+                        for out in outputs:
+                            await sent.send(out)
+                    except Exception as exc:
+                        if not transient(exc):
+                            raise
+                        sent = None  # settled with retries
+                if changed:
+                    decisions.newest[decided.key] = decided.new_state
+                guard.started(tp, rec.offset)
+                in_flight.append(InFlight(event, tp, rec.offset, decided, outputs, sent))
+            await settle(producer, wait=shared is not None or len(in_flight) >= MAX_IN_FLIGHT)
+            if pending["n"] >= FLUSH_EVERY or (
+                    pending["since"] and time.monotonic() - pending["since"] >= FLUSH_AFTER_S):
                 busy.update(stage="changelog flushed", since=time.monotonic())
-                await app.producer.flush()  # the changelog on the broker before the offset
-            # faust acks the event when the loop asks for the next one: after all of the above
+                await flush_changelog()
             log.debug("handled %s/%s@%s: %d outputs", rec.topic, rec.partition, rec.offset,
                       len(decided.outputs))
             busy.update(stage=None)
@@ -642,10 +841,11 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                                app.consumer.highwater(event.message.tp))
 
     def owned_states() -> dict[str, Any]:
-        """The states of the keys of the input partitions this worker owns actively."""
+        """The states (as decided, written or not yet) of the keys of the input partitions this
+        worker owns actively."""
         first = topic_name(cfg, inputs[0])
         owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == first}
-        return {k: v for k, v in list(states.items())
+        return {k: v for k, v in decisions.items()
                 if isinstance(v, dict) and v.get("p") in owned}
 
     def add_timer(interval: float, tick: Tick) -> None:

@@ -69,3 +69,27 @@ def test_nothing_is_committed_past_a_record_not_handled():
     assert guard.committable(TP, 250) == 248  # faust would skip 248 and 249: capped
     assert guard.committable(TP, 245) == 245
     assert guard.committable(TP, None) is None
+
+
+def test_nothing_is_committed_past_a_state_write_not_yet_flushed():
+    guard = DeliveryGuard("p")
+    other = ("t", 1)
+    for o in range(10, 20):
+        guard.handled(TP, o, 10)
+    guard.handled(other, 5, 5)
+    guard.written(TP, 12)
+    guard.written(TP, 15)  # the first unflushed write caps, not the latest
+    assert guard.committable(TP, 20) == 12
+    assert guard.committable(other, 6) == 6  # a partition without writes is not held back
+    guard.flush_started()
+    guard.written(TP, 18)  # written while the flush runs: not covered by it
+    assert guard.committable(TP, 20) == 12
+    guard.flush_done()
+    assert guard.committable(TP, 20) == 18
+    guard.flush_started()
+    assert guard.committable(TP, 20) == 18  # a flush that never finished keeps its cap
+    guard.written(TP, 19)
+    guard.flush_started()  # the next flush covers both
+    assert guard.committable(TP, 20) == 18
+    guard.flush_done()
+    assert guard.committable(TP, 20) == 20
