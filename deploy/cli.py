@@ -440,16 +440,24 @@ def command_send(device: str, command_type: str, payload: str, timeout: str,
     click.echo(issued.command_id)
     if not wait:
         return
-    steps = ["issued", "accepted", "started", "final"]
-    with click.progressbar(length=len(steps) - 1, label=f"{command_type} on {device}",
-                           file=sys.stderr, item_show_func=lambda s: s) as bar:
-        seen = {"n": 0}
+    label = f"{command_type} on {device}"
+    display = cmds.Display()
+    if sys.stderr.isatty():  # a bar: issued, dispatched, accepted, started (and how far), final
+        with click.progressbar(length=display.position_end, label=label, file=sys.stderr,
+                               item_show_func=lambda s: s, show_percent=False) as bar:
+            def on_event(event) -> None:
+                line = display.see(event)
+                if line is not None:  # a progress report may only change the text
+                    bar.current_item = line
+                    bar.update(display.position - bar.pos) if display.position > bar.pos \
+                        else bar.render_progress()
 
+            final = asyncio.run(cmds.follow(cfg, issued, on_event, seconds + 10))
+    else:  # a log: a line for each step and each progress report
         def on_event(event) -> None:
-            n = cmds.STEP.get(event.TYPE, 0)
-            if n > seen["n"]:
-                bar.update(n - seen["n"], cmds.describe(event))
-                seen["n"] = n
+            line = display.see(event)
+            if line is not None:
+                click.echo(f"{label}: {line}", err=True)
 
         final = asyncio.run(cmds.follow(cfg, issued, on_event, seconds + 10))
     if final is None:
