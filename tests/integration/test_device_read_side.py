@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -22,8 +23,10 @@ from labbus.events.model import (
     AnomalyDetected,
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
     CommandIssued,
+    CommandProgress,
     CommandRejected,
     CommandStarted,
     CommandTimedOut,
@@ -57,8 +60,17 @@ def _command_events(cid: str, minute: int, *steps: str, device: str = BAL) -> li
         "issued": lambda: _e(CommandIssued, device, t0, command_id=cid, idempotency_key=f"k-{cid}",
                              command_type="tare", payload_json='{"zero": true}',
                              expires_at=at(t0 + 30), issued_by="alice"),
+        "dispatched": lambda: _e(CommandDispatched, device, t0 + 0.5, command_id=cid,
+                                 idempotency_key=f"k-{cid}", command_type="tare",
+                                 payload_json='{"zero": true}', expires_at=at(t0 + 30),
+                                 issued_by="alice"),
         "accepted": lambda: _e(CommandAccepted, device, t0 + 1, command_id=cid),
         "started": lambda: _e(CommandStarted, device, t0 + 2, command_id=cid, progress=0.5),
+        "progress": lambda: _e(CommandProgress, device, t0 + 2.25, command_id=cid,
+                               progress=0.4, remaining_s=6.0, intermediate_json='{"mass_g": 5}'),
+        "progress2": lambda: _e(CommandProgress, device, t0 + 2.5, command_id=cid,
+                                progress=0.8, remaining_s=1.5,
+                                intermediate_json='{"mass_g": 10}'),
         "completed": lambda: _e(CommandCompleted, device, t0 + 3, command_id=cid,
                                 result_json='{"mass_g": 12.5}'),
         "failed": lambda: _e(CommandFailed, device, t0 + 3, command_id=cid, error="jammed"),
@@ -78,6 +90,14 @@ COMMAND_CASES = {
     "c-timeout": (("issued", "accepted", "timed_out"), "TIMED_OUT"),
     "c-rejected": (("rejected", "issued"), "REJECTED"),
     "c-failed": (("issued", "started", "failed"), "FAILED"),
+    # issued, dispatched, accepted, started, two progress reports, completed
+    "c-progress": (("issued", "dispatched", "accepted", "started", "progress", "progress2",
+                    "completed"), "COMPLETED"),
+    # older events after newer ones (the earlier report, a second dispatch and acceptance with
+    # ids of their own, as a relay restarted from an older position sends them): no regression
+    "c-regress": (("issued", "dispatched", "accepted", "started", "progress2", "progress",
+                   "dispatched", "accepted"), "STARTED"),
+    "c-dispatched": (("dispatched", "issued"), "DISPATCHED"),
 }
 
 
@@ -102,6 +122,8 @@ def log_events() -> list:
     for minute, (cid, (steps, _)) in enumerate(COMMAND_CASES.items(), start=1):
         events += _command_events(cid, minute, *steps)
     events.append(next(e for e in events if isinstance(e, CommandAccepted)))  # re-sent: dropped
+    events += [next(e for e in events if isinstance(e, cls))  # re-sent too, after completion
+               for cls in (CommandDispatched, CommandProgress)]
     alerts = [_e(AnomalyDetected, device, when, metric=metric, value=value, unit=unit,
                  measured_at=at(when - 1), measurement_id=uuid.uuid4(), rule="zscore",
                  score=score, threshold=4.0, window_mean=10.0, window_stddev=0.5,
@@ -194,6 +216,17 @@ def test_commands_end_in_the_status_their_events_rank_highest(projector, cfg):
     assert rows["c-race"]["reason"] is None  # the completion outranks the racing timeout
     assert rows["c-timeout"]["reason_code"] == "timed_out"
     assert rows["c-failed"]["error"] == "jammed"
+    # the latest progress report, whatever order the reports came in
+    for cid, minute in (("c-progress", 7), ("c-regress", 8)):
+        row = rows[cid]
+        assert (row["progress"], row["remaining_s"], row["intermediate"]) == (
+            0.8, 1.5, '{"mass_g": 10}'), cid
+        assert row["progress_at"] == at(minute * 60 + 2.5), cid
+    assert rows["c-regress"]["status_at"] == at(8 * 60 + 2)  # the CommandStarted's
+    assert rows["c-dispatched"]["status_at"] == at(9 * 60 + 0.5)
+    assert rows["c-dispatched"]["issued_at"] == at(9 * 60)  # from the later CommandIssued
+    assert rows["c-dispatched"]["payload"] == '{"zero": true}'
+    assert rows["c-dispatched"]["progress"] is None and rows["c-happy"]["remaining_s"] is None
     history = run(fetch(cfg.postgres_dsn, "SELECT command_id, count(*) AS n FROM command_events "
                                           "WHERE device_id = $1 GROUP BY 1", BAL))
     assert {r["command_id"]: r["n"] for r in history} == {
@@ -228,6 +261,46 @@ def test_every_order_of_a_commands_events_gives_the_same_row(cfg):
     assert len(rows) == 120
     assert {tuple(r) for r in rows} == {("COMPLETED", at(63), 0.5, '{"mass_g": 12.5}', None,
                                          "tare", at(60), at(60), at(91), 5)}
+
+
+def test_sampled_orders_of_a_progressing_command_give_the_same_row(cfg):
+    """60 shuffled orders of issued/dispatched/accepted/started/two progress reports/completed,
+    each event in its own transaction and one of them delivered twice: the same row and
+    history every time (of the 5,040 orders, a seeded sample)."""
+    codec = default_codec()
+    tp = TopicPartition("rs-perm.commands", 0)
+    steps = ("issued", "dispatched", "accepted", "started", "progress", "progress2", "completed")
+    rng = random.Random(20260301)
+
+    async def apply_all():
+        projection = PostgresProjection(cfg)
+        await projection.start()
+        try:
+            for i in range(60):
+                events = _command_events(f"perm-p-{i}", 1, *steps, device="rs-perm-p")
+                order = rng.sample(range(len(events)), len(events))
+                for j in order + [rng.choice(order)]:
+                    plain = codec.decode_record(codec.encode(events[j]), plain=True)
+                    await projection.apply([Positioned(tp, j, *plain)], {})
+        finally:
+            await projection.stop()
+
+    run(apply_all())
+    rows = run(fetch(cfg.postgres_dsn, """
+        SELECT status, status_at, progress, remaining_s, intermediate::text, progress_at,
+               result::text, command_type, issued_at, first_at, updated_at,
+               (SELECT string_agg(e.event_type || ':' || e.status, ' '
+                                  ORDER BY e.occurred_at, e.status_rank, e.event_id)
+                FROM command_events e WHERE e.command_id = c.command_id) AS history
+        FROM commands c WHERE device_id = 'rs-perm-p'"""))
+    assert len(rows) == 60
+    history = " ".join(f"lab.command.Command{t}:{s}" for t, s in (
+        ("Issued", "ISSUED"), ("Dispatched", "DISPATCHED"), ("Accepted", "ACCEPTED"),
+        ("Started", "STARTED"), ("Progress", "STARTED"), ("Progress", "STARTED"),
+        ("Completed", "COMPLETED")))
+    assert {tuple(r) for r in rows} == {(
+        "COMPLETED", at(63), 0.8, 1.5, '{"mass_g": 10}', at(62.5), '{"mass_g": 12.5}', "tare",
+        at(60), at(60), at(63), history)}
 
 
 def test_heartbeats_and_status_never_move_back_across_batches(cfg):
@@ -284,16 +357,43 @@ def test_device_routes(api):
 
 def test_command_routes(api):
     items, pages = walk_pages(api, "/commands", device=BAL, limit=4)
-    assert pages == 2
+    assert pages == 3
     assert [c["command_id"] for c in items] == list(reversed(COMMAND_CASES))  # newest first
-    done = api.get("/commands", params={"device": BAL, "status": "COMPLETED"}).json()["items"]
-    assert {c["command_id"] for c in done} == {"c-happy", "c-late", "c-race"}
+    def with_status(status):
+        return {c["command_id"] for c in api.get(
+            "/commands", params={"device": BAL, "status": status}).json()["items"]}
+
+    assert with_status("COMPLETED") == {"c-happy", "c-late", "c-race", "c-progress"}
+    assert with_status("DISPATCHED") == {"c-dispatched"}
+    assert with_status("STARTED") == {"c-regress"}
     late = api.get("/commands/c-late").json()
     assert late["status"] == "COMPLETED" and late["result"] == {"mass_g": 12.5}
     assert late["payload"] == {"zero": True}
     assert [h["status"] for h in late["history"]] == ["ISSUED", "ACCEPTED", "STARTED",
                                                       "COMPLETED"]  # by time, not log order
     assert late["history"][3]["detail"] == {"result": {"mass_g": 12.5}}
+    # issued, dispatched, accepted, started, progressed twice, completed: all of it, in order
+    done = api.get("/commands/c-progress").json()
+    assert (done["status"], done["status_at"]) == ("COMPLETED", "2026-03-01T00:07:03Z")
+    assert (done["progress"], done["remaining_s"], done["intermediate"], done["progress_at"]) == (
+        0.8, 1.5, {"mass_g": 10}, "2026-03-01T00:07:02.500000Z")
+    assert [(h["event_type"].removeprefix("lab.command."), h["status"])
+            for h in done["history"]] == [
+        ("CommandIssued", "ISSUED"), ("CommandDispatched", "DISPATCHED"),
+        ("CommandAccepted", "ACCEPTED"), ("CommandStarted", "STARTED"),
+        ("CommandProgress", "STARTED"), ("CommandProgress", "STARTED"),
+        ("CommandCompleted", "COMPLETED")]  # the re-sent dispatch and report dropped
+    assert done["history"][1]["detail"]["command_type"] == "tare"
+    assert [h["detail"] for h in done["history"][4:6]] == [
+        {"progress": 0.4, "remaining_s": 6.0, "intermediate": {"mass_g": 5}},
+        {"progress": 0.8, "remaining_s": 1.5, "intermediate": {"mass_g": 10}}]
+    # older events after newer ones: in the history by time, the status still STARTED
+    regress = api.get("/commands/c-regress").json()
+    assert regress["status"] == "STARTED" and regress["progress"] == 0.8
+    assert [h["status"] for h in regress["history"]] == [
+        "ISSUED", "DISPATCHED", "DISPATCHED", "ACCEPTED", "ACCEPTED", "STARTED", "STARTED",
+        "STARTED"]
+    assert [h["detail"].get("progress") for h in regress["history"][-2:]] == [0.4, 0.8]
     assert api.get("/commands", params={"device": "nobody"}).json() == {
         "items": [], "next_cursor": None}
 
