@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import shutil
+import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -17,7 +20,8 @@ from fastapi.testclient import TestClient
 
 from labbus.api import cursor
 from labbus.api.app import create_app
-from labbus.events import kafka
+from labbus.deploy.local import postgres
+from labbus.events import config, kafka
 from labbus.events.codec import default_codec
 from labbus.events.model import (
     AnomalyDetected,
@@ -36,6 +40,8 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Positioned
 from labbus.events.topics import ALERTS, COMMANDS, DEVICE_STATUS, DEVICES, topic_for, topic_name
+from labbus.projections import postgres_devices as pd
+from labbus.projections.migrate import MIGRATIONS, migrate
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import Processes, run, wait_for, walk_pages
 
@@ -481,3 +487,89 @@ def test_a_full_replay_changes_nothing(projector, cfg):
     wait_for(lambda: all(positions().get(tp, -1) >= n for tp, n in reached.items()), 60,
              "the replay to reach the former positions")
     assert snapshot() == before
+
+
+def test_migration_0005_reranks_stored_commands_and_keeps_them_from_regressing(base_env):
+    """A database with commands projected before CommandDispatched existed (ranks ISSUED 1,
+    ACCEPTED 2, STARTED 3, COMPLETED 6): migration 0005 re-ranks them, names their events and
+    takes the CommandStarted's progress as the latest report; later events projected on top
+    move nothing back."""
+    base = config.load(base_env)
+    name = f"labbus_cmdmig_{uuid.uuid4().hex[:8]}"
+    dsn = postgres.create_database(base, name)
+    old = Path(tempfile.mkdtemp())
+    ids = {k: uuid.uuid4() for k in ("i1", "a1", "s1", "c1", "i2", "s2")}
+    rows = [  # (event, command, old status, old rank, seconds, detail)
+        ("i1", "m-done", "ISSUED", 1, 0, '{"command_type": "tare"}'),
+        ("a1", "m-done", "ACCEPTED", 2, 1, "{}"),
+        ("s1", "m-done", "STARTED", 3, 2, '{"progress": 0.5}'),
+        ("c1", "m-done", "COMPLETED", 6, 3, '{"result": {"mass_g": 1}}'),
+        ("i2", "m-run", "ISSUED", 1, 60, "{}"),
+        ("s2", "m-run", "STARTED", 3, 62, "{}")]
+    codec = default_codec()
+    tp = TopicPartition("rs-mig.commands", 0)
+    late = [  # an older-status event with an id of its own, and a progress report
+        _e(CommandDispatched, "rs-mig", 60.5, command_id="m-run", idempotency_key="k",
+           command_type="tare", payload_json="{}", expires_at=at(90), issued_by="bob"),
+        _e(CommandAccepted, "rs-mig", 1, command_id="m-done"),
+        _e(CommandProgress, "rs-mig", 63, command_id="m-run", progress=0.3,
+           intermediate_json='{"mass_g": 0.2}')]
+
+    async def go():
+        for path in sorted(MIGRATIONS.glob("*.sql")):
+            if path.stem < "0005":
+                shutil.copy(path, old)
+        con = await asyncpg.connect(dsn)
+        try:
+            assert (await migrate(con, old))[-1] == "0004_devices_commands_alerts"
+            await con.executemany(
+                "INSERT INTO command_events (event_id, command_id, device_id, status, "
+                "status_rank, occurred_at, source, detail) VALUES ($1, $2, 'rs-mig', $3, $4, "
+                "$5, 'old', $6::jsonb)",
+                [(ids[e], c, s, r, at(t), d) for e, c, s, r, t, d in rows])
+            await con.execute("""
+                INSERT INTO commands (command_id, device_id, status, status_rank, status_at,
+                                      status_event_id, progress, first_at, updated_at)
+                VALUES ('m-done', 'rs-mig', 'COMPLETED', 6, $1, $2, 0.5, $3, $1),
+                       ('m-run', 'rs-mig', 'STARTED', 3, $4, $5, NULL, $6, $4)""",
+                at(3), ids["c1"], at(0), at(62), ids["s2"], at(60))
+            assert await migrate(con) == ["0005_command_dispatched_progress"]
+            events = await con.fetch("SELECT event_id, status_rank, event_type "
+                                     "FROM command_events")
+            assert {r["event_id"]: (r["status_rank"], r["event_type"]) for r in events} == {
+                ids[e]: (pd.COMMAND_RANK[s], next(t for t, st in pd.COMMAND_STATUS.items()
+                                                 if st == s))
+                for e, _, s, _, _, _ in rows}
+            stored = {r["command_id"]: r for r in await con.fetch("SELECT * FROM commands")}
+            assert stored["m-done"]["status_rank"] == pd.COMMAND_RANK["COMPLETED"]
+            assert (stored["m-done"]["progress"], stored["m-done"]["progress_at"],
+                    stored["m-done"]["progress_event_id"]) == (0.5, at(2), ids["s1"])
+            assert stored["m-run"]["status_rank"] == pd.COMMAND_RANK["STARTED"]
+            assert stored["m-run"]["progress_at"] is None
+        finally:
+            await con.close()
+        projection = PostgresProjection(base, dsn=dsn)
+        await projection.start()
+        try:
+            for offset, event in enumerate(late):
+                plain = codec.decode_record(codec.encode(event), plain=True)
+                await projection.apply([Positioned(tp, offset, *plain)], {})
+        finally:
+            await projection.stop()
+        con = await asyncpg.connect(dsn)
+        try:
+            return {r["command_id"]: r for r in await con.fetch("SELECT * FROM commands")}
+        finally:
+            await con.close()
+
+    try:
+        after = run(go())
+    finally:
+        shutil.rmtree(old)
+        postgres.drop_database(base, name)
+    assert (after["m-done"]["status"], after["m-done"]["status_event_id"]) == (
+        "COMPLETED", ids["c1"])
+    assert (after["m-run"]["status"], after["m-run"]["status_event_id"]) == ("STARTED", ids["s2"])
+    assert (after["m-run"]["progress"], after["m-run"]["intermediate"]) == (
+        0.3, '{"mass_g": 0.2}')
+    assert after["m-run"]["command_type"] == "tare"  # the dispatch's copy fills the gaps
