@@ -165,6 +165,23 @@ async def fetch(dsn: str, sql: str, *args):
         await con.close()
 
 
+def apply_each(cfg, tp: TopicPartition, events, dsn: str | None = None) -> None:
+    """Each (offset, event) through the projection code, in a transaction of its own."""
+    codec = default_codec()
+
+    async def go():
+        projection = PostgresProjection(cfg, dsn=dsn)
+        await projection.start()
+        try:
+            for offset, event in events:
+                plain = codec.decode_record(codec.encode(event), plain=True)
+                await projection.apply([Positioned(tp, offset, *plain)], {})
+        finally:
+            await projection.stop()
+
+    run(go())
+
+
 def projected(cfg) -> bool:
     if not run(fetch(cfg.postgres_dsn, "SELECT to_regclass('alerts') IS NOT NULL"))[0][0]:
         return False  # the projector has not migrated yet
@@ -242,23 +259,13 @@ def test_commands_end_in_the_status_their_events_rank_highest(projector, cfg):
 def test_every_order_of_a_commands_events_gives_the_same_row(cfg):
     """All 120 orders of issued/accepted/started/completed/timed_out, each event in its own
     transaction, through the projection code: the same row every time."""
-    codec = default_codec()
-    tp = TopicPartition("rs-perm.commands", 0)
+    def each():
+        for i, order in enumerate(itertools.permutations(range(5))):
+            events = _command_events(f"perm-{i}", 1, "issued", "accepted", "started",
+                                     "completed", "timed_out", device="rs-perm")
+            yield from ((j, events[j]) for j in order)
 
-    async def apply_all():
-        projection = PostgresProjection(cfg)
-        await projection.start()
-        try:
-            for i, order in enumerate(itertools.permutations(range(5))):
-                events = _command_events(f"perm-{i}", 1, "issued", "accepted", "started",
-                                         "completed", "timed_out", device="rs-perm")
-                for j in order:
-                    plain = codec.decode_record(codec.encode(events[j]), plain=True)
-                    await projection.apply([Positioned(tp, j, *plain)], {})
-        finally:
-            await projection.stop()
-
-    run(apply_all())
+    apply_each(cfg, TopicPartition("rs-perm.commands", 0), each())
     rows = run(fetch(cfg.postgres_dsn, """
         SELECT status, status_at, progress, result::text, reason, command_type, issued_at,
                first_at, updated_at, (SELECT count(*) FROM command_events e
@@ -273,25 +280,16 @@ def test_sampled_orders_of_a_progressing_command_give_the_same_row(cfg):
     """60 shuffled orders of issued/dispatched/accepted/started/two progress reports/completed,
     each event in its own transaction and one of them delivered twice: the same row and
     history every time (of the 5,040 orders, a seeded sample)."""
-    codec = default_codec()
-    tp = TopicPartition("rs-perm.commands", 0)
     steps = ("issued", "dispatched", "accepted", "started", "progress", "progress2", "completed")
     rng = random.Random(20260301)
 
-    async def apply_all():
-        projection = PostgresProjection(cfg)
-        await projection.start()
-        try:
-            for i in range(60):
-                events = _command_events(f"perm-p-{i}", 1, *steps, device="rs-perm-p")
-                order = rng.sample(range(len(events)), len(events))
-                for j in order + [rng.choice(order)]:
-                    plain = codec.decode_record(codec.encode(events[j]), plain=True)
-                    await projection.apply([Positioned(tp, j, *plain)], {})
-        finally:
-            await projection.stop()
+    def each():
+        for i in range(60):
+            events = _command_events(f"perm-p-{i}", 1, *steps, device="rs-perm-p")
+            order = rng.sample(range(len(events)), len(events))
+            yield from ((j, events[j]) for j in order + [rng.choice(order)])
 
-    run(apply_all())
+    apply_each(cfg, TopicPartition("rs-perm.commands", 0), each())
     rows = run(fetch(cfg.postgres_dsn, """
         SELECT status, status_at, progress, remaining_s, intermediate::text, progress_at,
                result::text, command_type, issued_at, first_at, updated_at,
@@ -312,26 +310,13 @@ def test_sampled_orders_of_a_progressing_command_give_the_same_row(cfg):
 def test_heartbeats_and_status_never_move_back_across_batches(cfg):
     """One event per transaction: a heartbeat older than the stored one, a status change from
     earlier in the log (a replay from a rewound position), leave the device as it was."""
-    codec = default_codec()
-    tp = TopicPartition("rs-back.status", 0)
     device = "rs-back-4"
     steps = [(0, _e(DeviceHeartbeat, device, 10, gateway="g")),
              (1, _e(DeviceHeartbeat, device, 30, gateway="g")),
              (2, _e(DeviceHeartbeat, device, 20, gateway="g")),
              (7, _e(DeviceStatusChanged, device, 40, status="ERROR", reason="jammed")),
              (5, _e(DeviceStatusChanged, device, 50, status="ONLINE", reason="earlier in log"))]
-
-    async def apply_all():
-        projection = PostgresProjection(cfg)
-        await projection.start()
-        try:
-            for offset, event in steps:
-                plain = codec.decode_record(codec.encode(event), plain=True)
-                await projection.apply([Positioned(tp, offset, *plain)], {})
-        finally:
-            await projection.stop()
-
-    run(apply_all())
+    apply_each(cfg, TopicPartition("rs-back.status", 0), steps)
     row = run(fetch(cfg.postgres_dsn, "SELECT status, status_reason, last_heartbeat_at, "
                                       "(SELECT count(*) FROM device_status_history h "
                                       " WHERE h.device_id = d.device_id) AS changes "
@@ -506,8 +491,6 @@ def test_migration_0005_reranks_stored_commands_and_keeps_them_from_regressing(b
         ("c1", "m-done", "COMPLETED", 6, 3, '{"result": {"mass_g": 1}}'),
         ("i2", "m-run", "ISSUED", 1, 60, "{}"),
         ("s2", "m-run", "STARTED", 3, 62, "{}")]
-    codec = default_codec()
-    tp = TopicPartition("rs-mig.commands", 0)
     late = [  # an older-status event with an id of its own, and a progress report
         _e(CommandDispatched, "rs-mig", 60.5, command_id="m-run", idempotency_key="k",
            command_type="tare", payload_json="{}", expires_at=at(90), issued_by="bob"),
@@ -548,22 +531,11 @@ def test_migration_0005_reranks_stored_commands_and_keeps_them_from_regressing(b
             assert stored["m-run"]["progress_at"] is None
         finally:
             await con.close()
-        projection = PostgresProjection(base, dsn=dsn)
-        await projection.start()
-        try:
-            for offset, event in enumerate(late):
-                plain = codec.decode_record(codec.encode(event), plain=True)
-                await projection.apply([Positioned(tp, offset, *plain)], {})
-        finally:
-            await projection.stop()
-        con = await asyncpg.connect(dsn)
-        try:
-            return {r["command_id"]: r for r in await con.fetch("SELECT * FROM commands")}
-        finally:
-            await con.close()
 
     try:
-        after = run(go())
+        run(go())
+        apply_each(base, TopicPartition("rs-mig.commands", 0), enumerate(late), dsn=dsn)
+        after = {r["command_id"]: r for r in run(fetch(dsn, "SELECT * FROM commands"))}
     finally:
         shutil.rmtree(old)
         postgres.drop_database(base, name)
