@@ -440,25 +440,30 @@ def command_send(device: str, command_type: str, payload: str, timeout: str,
     click.echo(issued.command_id)
     if not wait:
         return
+    import contextlib
+
     label = f"{command_type} on {device}"
     display = cmds.Display()
-    if sys.stderr.isatty():  # a bar: issued, dispatched, accepted, started (and how far), final
-        with click.progressbar(length=display.position_end, label=label, file=sys.stderr,
-                               item_show_func=lambda s: s, show_percent=False) as bar:
-            def on_event(event) -> None:
-                line = display.see(event)
-                if line is not None:  # a progress report may only change the text
-                    bar.current_item = line
-                    bar.update(display.position - bar.pos) if display.position > bar.pos \
-                        else bar.render_progress()
+    # a terminal gets a bar (issued, dispatched, accepted, started and how far, final), anything
+    # else a line for each step and each progress report
+    bar = click.progressbar(length=display.position_end, label=label, file=sys.stderr,
+                            item_show_func=lambda s: s, show_percent=False,
+                            show_eta=False) if sys.stderr.isatty() else None
 
-            final = asyncio.run(cmds.follow(cfg, issued, on_event, seconds + 10))
-    else:  # a log: a line for each step and each progress report
-        def on_event(event) -> None:
-            line = display.see(event)
-            if line is not None:
-                click.echo(f"{label}: {line}", err=True)
+    def on_event(event) -> None:
+        line = display.see(event)
+        if line is None:
+            return
+        if bar is None:
+            click.echo(f"{label}: {line}", err=True)
+            return
+        bar.current_item = line
+        if display.position > bar.pos:
+            bar.update(display.position - bar.pos)
+        else:  # a progress report that changes only the text
+            bar.render_progress()
 
+    with bar or contextlib.nullcontext():
         final = asyncio.run(cmds.follow(cfg, issued, on_event, seconds + 10))
     if final is None:
         raise click.ClickException(f"no final state for {issued.command_id} within "
