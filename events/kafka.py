@@ -159,7 +159,7 @@ async def follow_key(cfg: Config, topic: str, key: str, on_event: Callable[[Even
                      timeout_s: float | None = None, since_ms: int | None = None,
                      fetch_max_wait_ms: int = 100) -> Event | None:
     """Decode each record of `topic` with this key, in log order, and feed it to `on_event` until
-    it returns True (that event is returned) or `timeout_s` passes (None; no timeout: forever).
+    it returns True (that event is returned) or `timeout_s` passes (None: no timeout).
     Reads every partition from its first record at or after log time `since_ms` (a partition
     with none: from its end), else from the beginning; records that do not decode are skipped. A
     topic that does not exist yet is waited for. No consumer group, nothing committed."""
