@@ -27,6 +27,7 @@ from labbus.api import cursor, errors, models, series
 from labbus.events import labware
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
+from labbus.events.model import CommandProgress
 
 REQUESTS = Counter("labbus_api_requests_total", "API requests", ["route", "status"])
 LATENCY = Histogram("labbus_api_request_seconds", "API request latency", ["route"])
@@ -151,8 +152,8 @@ def _device(row: asyncpg.Record) -> dict:
 
 
 _COMMAND_COLUMNS = """command_id, device_id, idempotency_key, command_type, payload, issued_by,
-    issued_at, expires_at, status, status_at, progress, result, error, reason_code, reason,
-    updated_at"""
+    issued_at, expires_at, status, status_at, progress, remaining_s, intermediate, progress_at,
+    result, error, reason_code, reason, updated_at"""
 
 
 class Observe:
@@ -479,8 +480,10 @@ def create_app(cfg: Config) -> FastAPI:
             raise HTTPException(404, f"no command {command_id!r}")
         body = _command(row)
         body["history"] = [dict(r) for r in await pg.fetch(
-            """SELECT event_id, status, occurred_at, source, detail FROM command_events
-               WHERE command_id = $1 ORDER BY occurred_at, status_rank, event_id""", command_id)]
+            """SELECT event_id, event_type, status, occurred_at, source, detail
+               FROM command_events WHERE command_id = $1
+               ORDER BY occurred_at, status_rank, event_type = $2, event_id""",
+            command_id, CommandProgress.TYPE)]
         return body
 
     @app.get("/alerts", summary="Anomalies flagged in devices' readings, oldest first",

@@ -13,8 +13,12 @@ NEXT_CURSOR = Field(description="Pass as `cursor` for the next page; null on the
 
 
 DeviceStatus = Literal["ONLINE", "OFFLINE", "MAINTENANCE", "ERROR"]
-CommandStatus = Literal["ISSUED", "ACCEPTED", "STARTED", "COMPLETED", "FAILED", "REJECTED",
-                        "TIMED_OUT"]
+CommandStatus = Literal["ISSUED", "DISPATCHED", "ACCEPTED", "STARTED", "COMPLETED", "FAILED",
+                        "REJECTED", "TIMED_OUT"]
+CommandEventType = Literal[
+    "lab.command.CommandIssued", "lab.command.CommandDispatched", "lab.command.CommandAccepted",
+    "lab.command.CommandStarted", "lab.command.CommandProgress", "lab.command.CommandCompleted",
+    "lab.command.CommandFailed", "lab.command.CommandRejected", "lab.command.CommandTimedOut"]
 
 
 class MeasurementSpec(BaseModel):
@@ -236,9 +240,11 @@ class Readiness(BaseModel):
 
 class DeviceCommand(BaseModel):
     """A command to a device. `status` is the highest-ranked status its events gave it, whatever
-    order they were projected in: ISSUED < ACCEPTED < STARTED < TIMED_OUT < REJECTED < COMPLETED
-    < FAILED (the last four are final). Fields of CommandIssued are null while only later events
-    are known."""
+    order they were projected in, so it never goes back: ISSUED < DISPATCHED (the device
+    processor let it through to the device) < ACCEPTED < STARTED < TIMED_OUT < REJECTED <
+    COMPLETED < FAILED (the last four are final). Fields of CommandIssued are null while only
+    later events are known. `progress`, `remaining_s` and `intermediate` are those of its latest
+    progress report (a CommandStarted with a progress, or a CommandProgress), at `progress_at`."""
 
     command_id: str
     device_id: str
@@ -250,7 +256,13 @@ class DeviceCommand(BaseModel):
     expires_at: datetime | None
     status: CommandStatus
     status_at: datetime = Field(description="When the event that set `status` happened.")
-    progress: float | None = Field(description="The highest progress a CommandStarted reported.")
+    progress: float | None = Field(description="How far it has come, 0 to 1, by its latest "
+                                               "progress report.")
+    remaining_s: float | None = Field(description="The seconds left its latest progress report "
+                                                  "estimated.")
+    intermediate: Any = Field(description="The intermediate response (JSON) of its latest "
+                                          "progress report.")
+    progress_at: datetime | None = Field(description="When its latest progress report happened.")
     result: Any = Field(description="CommandCompleted's JSON result, when completed.")
     error: str | None = Field(description="CommandFailed's error, when failed.")
     reason_code: str | None = Field(description="Why rejected (the processor's code) or "
@@ -266,17 +278,21 @@ class DeviceCommandPage(BaseModel):
 
 class CommandEvent(BaseModel):
     event_id: uuid.UUID
-    status: CommandStatus
+    event_type: CommandEventType = Field(description="The event: a CommandProgress is an entry of "
+                                                     "status STARTED.")
+    status: CommandStatus = Field(description="The status the event gives the command.")
     occurred_at: datetime
     source: str
     detail: dict[str, Any] = Field(description="What the event added: command_type, issued_by, "
-                                               "expires_at, progress, result, error, "
-                                               "reason_code, reason.")
+                                               "expires_at, progress, remaining_s, "
+                                               "intermediate, result, error, reason_code, "
+                                               "reason.")
 
 
 class DeviceCommandDetail(DeviceCommand):
     history: list[CommandEvent] = Field(
-        description="Every event of the command, by time (ties by status rank).")
+        description="Every event of the command, by time (ties by status rank, a "
+                    "CommandProgress after the CommandStarted).")
 
 
 class Alert(BaseModel):

@@ -440,17 +440,30 @@ def command_send(device: str, command_type: str, payload: str, timeout: str,
     click.echo(issued.command_id)
     if not wait:
         return
-    steps = ["issued", "accepted", "started", "final"]
-    with click.progressbar(length=len(steps) - 1, label=f"{command_type} on {device}",
-                           file=sys.stderr, item_show_func=lambda s: s) as bar:
-        seen = {"n": 0}
+    import contextlib
 
-        def on_event(event) -> None:
-            n = cmds.STEP.get(event.TYPE, 0)
-            if n > seen["n"]:
-                bar.update(n - seen["n"], cmds.describe(event))
-                seen["n"] = n
+    label = f"{command_type} on {device}"
+    display = cmds.Display()
+    # a terminal gets a bar (issued, dispatched, accepted, started and how far, final), anything
+    # else a line for each step and each progress report
+    bar = click.progressbar(length=display.position_end, label=label, file=sys.stderr,
+                            item_show_func=lambda s: s, show_percent=False,
+                            show_eta=False) if sys.stderr.isatty() else None
 
+    def on_event(event) -> None:
+        line = display.see(event)
+        if line is None:
+            return
+        if bar is None:
+            click.echo(f"{label}: {line}", err=True)
+            return
+        bar.current_item = line
+        if display.position > bar.pos:
+            bar.update(display.position - bar.pos)
+        else:  # a progress report that changes only the text
+            bar.render_progress()
+
+    with bar or contextlib.nullcontext():
         final = asyncio.run(cmds.follow(cfg, issued, on_event, seconds + 10))
     if final is None:
         raise click.ClickException(f"no final state for {issued.command_id} within "

@@ -6,7 +6,6 @@ the command id from (device, idempotency key), so a repeated key is the same com
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import uuid
@@ -14,14 +13,15 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from labbus.events import kafka
-from labbus.events.codec import DecodeError, default_codec
 from labbus.events.config import Config
 from labbus.events.model import (
     COMMAND_FINAL,
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
     CommandIssued,
+    CommandProgress,
     CommandRejected,
     CommandStarted,
     CommandTimedOut,
@@ -34,8 +34,10 @@ from labbus.events.model import (
 from labbus.events.runtime import Step
 from labbus.events.topics import COMMANDS, topic_name
 
-STEP = {CommandIssued.TYPE: 0, CommandAccepted.TYPE: 1, CommandStarted.TYPE: 2,
-        **{t: 3 for t in COMMAND_FINAL}}
+# The steps `command send --wait` shows, in order; a CommandProgress is the STARTED step's
+# (how far it has come) and moves the display on to it when the CommandStarted was not seen.
+STEP = {CommandIssued.TYPE: 0, CommandDispatched.TYPE: 1, CommandAccepted.TYPE: 2,
+        CommandStarted.TYPE: 3, CommandProgress.TYPE: 3, **{t: 4 for t in COMMAND_FINAL}}
 
 
 def issued_event(device: str, command_type: str, payload: dict, timeout_s: float,
@@ -80,44 +82,16 @@ def concerns(issued: CommandIssued, event: Event) -> bool:
 async def follow(cfg: Config, issued: CommandIssued, on_event: Callable[[Event], None],
                  timeout_s: float) -> Event | None:
     """Feed each event of the command to `on_event` until a final one (returned) or timeout.
-    Reads the device's partition of lab.commands from just before the command was issued."""
-    from aiokafka import TopicPartition
+    Reads the device's events on lab.commands from just before the command was issued."""
+    def step(event: Event) -> bool:
+        if not concerns(issued, event):
+            return False
+        on_event(event)
+        return event.TYPE in COMMAND_FINAL
 
-    codec = default_codec()
-    consumer = kafka.consumer(cfg, group=None, fetch_max_wait_ms=50)
-    await consumer.start()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    key = issued.device_id.encode()
-    try:
-        topic = topic_name(cfg, COMMANDS)
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        since = int(issued.envelope.recorded_at.timestamp() * 1000) - 5000
-        found = await consumer.offsets_for_times({tp: since for tp in tps})
-        for tp in tps:
-            if found.get(tp) is None:
-                await consumer.seek_to_end(tp)
-            else:
-                consumer.seek(tp, found[tp].offset)
-        while loop.time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    if record.key != key:
-                        continue
-                    try:
-                        event = codec.decode(record.value)
-                    except DecodeError:
-                        continue
-                    if not concerns(issued, event):
-                        continue
-                    on_event(event)
-                    if event.TYPE in COMMAND_FINAL:
-                        return event
-        return None
-    finally:
-        await consumer.stop()
+    since = int(issued.envelope.recorded_at.timestamp() * 1000) - 5000
+    return await kafka.follow_key(cfg, topic_name(cfg, COMMANDS), issued.device_id, step,
+                                  timeout_s, since_ms=since, fetch_max_wait_ms=50)
 
 
 def succeeded(event: Event) -> bool:
@@ -133,8 +107,55 @@ def describe(event: Event) -> str:
         return f"rejected ({event.reason_code}): {event.reason}"
     if isinstance(event, CommandTimedOut):
         return f"timed out (expired {event.expires_at.isoformat()})"
+    if isinstance(event, CommandProgress):
+        return "running" + _progress(event.progress, event.remaining_s, event.intermediate_json)
     if isinstance(event, CommandStarted):
-        return "started" + ("" if event.progress is None else f" ({event.progress:.0%})")
+        return "started" + _progress(event.progress)
     if isinstance(event, CommandAccepted):
         return "accepted"
+    if isinstance(event, CommandDispatched):
+        return "dispatched"
     return "issued"
+
+
+def _progress(fraction: float | None, remaining_s: float | None = None,
+              intermediate_json: str | None = None, width: int = 60) -> str:
+    """' 40%, ~12 s left: {"T": 31.5}' with what is known; the intermediate cut to `width`."""
+    parts = [f"{fraction:.0%}"] if fraction is not None else []
+    if remaining_s is not None:
+        parts.append(f"~{remaining_s:.0f} s left")
+    text = f" {', '.join(parts)}" if parts else ""
+    if intermediate_json:
+        cut = intermediate_json if len(intermediate_json) <= width else \
+            intermediate_json[:width - 1] + "…"
+        text += f": {cut}"
+    return text
+
+
+class Display:
+    """What `command send --wait` shows of a command's events: a line when it reaches a later
+    step (never back: a late or repeated event shows nothing) and for each progress report while
+    it runs. `position` is how far along the bar: the steps (100 each) and, within the STARTED
+    step, the reported progress."""
+
+    position_end = 100 * max(STEP.values())
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.fraction = 0.0
+
+    @property
+    def position(self) -> int:
+        running = self.step == STEP[CommandStarted.TYPE]
+        return 100 * self.step + (round(100 * self.fraction) if running else 0)
+
+    def see(self, event: Event) -> str | None:
+        step = STEP.get(event.TYPE)
+        if step is None or step < self.step or (
+                step == self.step and not isinstance(event, CommandProgress)):
+            return None
+        self.step = step
+        progress = getattr(event, "progress", None)
+        if step == STEP[CommandStarted.TYPE] and progress is not None:
+            self.fraction = max(self.fraction, min(max(progress, 0.0), 1.0))
+        return describe(event)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import uuid
 from collections.abc import Callable
 
 from labbus.events import kafka
-from labbus.events.codec import DecodeError, default_codec
+from labbus.events.codec import default_codec
 from labbus.events.config import Config
 from labbus.events.model import (
     Event,
@@ -57,29 +56,14 @@ async def publish(cfg: Config, *events: Event) -> None:
 
 async def watch(cfg: Config, experiment_id: str, on_event: Callable[[Event], None],
                 timeout_s: float = 0) -> Event | None:
-    """Feed each event of one experiment to `on_event` until its verdict (returned) or timeout."""
-    codec = default_codec()
-    consumer = kafka.consumer(cfg, topic_name(cfg, EXPERIMENTS), group=None, fetch_max_wait_ms=100)
-    await consumer.start()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s if timeout_s else None
-    key = experiment_id.encode()
-    try:
-        while deadline is None or loop.time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=300)).values():
-                for record in records:
-                    if record.key != key:
-                        continue
-                    try:
-                        event = codec.decode(record.value)
-                    except DecodeError:
-                        continue
-                    on_event(event)
-                    if isinstance(event, FINAL):
-                        return event
-        return None
-    finally:
-        await consumer.stop()
+    """Feed each event of one experiment to `on_event` until its verdict (returned) or timeout
+    (0: none). Reads the experiment's events on lab.experiments from the beginning."""
+    def step(event: Event) -> bool:
+        on_event(event)
+        return isinstance(event, FINAL)
+
+    return await kafka.follow_key(cfg, topic_name(cfg, EXPERIMENTS), experiment_id, step,
+                                  timeout_s or None)
 
 
 def describe(event: Event) -> str | None:

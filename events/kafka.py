@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -11,6 +13,9 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from labbus.events.config import Config
 from labbus.events.topics import CATALOG, TopicSpec, topic_name
+
+if TYPE_CHECKING:
+    from labbus.events.model import Event
 
 log = logging.getLogger(__name__)
 
@@ -146,5 +151,58 @@ async def read_ranges(cfg: Config, starts: dict):
             for tp in list(left):
                 if await reader.position(tp) >= end[tp]:
                     left.discard(tp)
+    finally:
+        await reader.stop()
+
+
+async def follow_key(cfg: Config, topic: str, key: str, on_event: Callable[[Event], bool],
+                     timeout_s: float | None = None, since_ms: int | None = None,
+                     fetch_max_wait_ms: int = 100) -> Event | None:
+    """Decode each record of `topic` with this key, in log order, and feed it to `on_event` until
+    it returns True (that event is returned) or `timeout_s` passes (None: no timeout).
+    Reads every partition from its first record at or after log time `since_ms` (a partition
+    with none: from its end), else from the beginning; records that do not decode are skipped. A
+    topic that does not exist yet is waited for. No consumer group, nothing committed."""
+    from aiokafka import TopicPartition
+
+    from labbus.events.codec import DecodeError, default_codec
+
+    codec = default_codec()
+    reader = consumer(cfg, group=None, fetch_max_wait_ms=fetch_max_wait_ms)
+    await reader.start()
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    wanted = key.encode()
+    try:
+        while True:
+            await reader._client.force_metadata_update()  # noqa: SLF001 - topics may be new
+            partitions = sorted(reader.partitions_for_topic(topic) or ())
+            if partitions:
+                break
+            if deadline is not None and loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.5)
+        tps = [TopicPartition(topic, p) for p in partitions]
+        reader.assign(tps)
+        if since_ms is None:
+            await reader.seek_to_beginning(*tps)
+        else:
+            # the ends first: a record appended after the time lookup is at or past them
+            ends = await reader.end_offsets(tps)
+            found = await reader.offsets_for_times({tp: since_ms for tp in tps})
+            for tp in tps:
+                reader.seek(tp, ends[tp] if found.get(tp) is None else found[tp].offset)
+        while deadline is None or loop.time() < deadline:
+            for records in (await reader.getmany(timeout_ms=200)).values():
+                for record in records:
+                    if record.key != wanted:
+                        continue
+                    try:
+                        event = codec.decode(record.value)
+                    except DecodeError:
+                        continue
+                    if on_event(event):
+                        return event
+        return None
     finally:
         await reader.stop()

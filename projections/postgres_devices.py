@@ -11,7 +11,9 @@ events of different topics in:
   `last_heartbeat_at` only moves forwards.
 - commands: each event goes into `command_events` once and, only then, into its `commands` row.
   The row's status is the highest-ranked of its events' (COMMAND_RANK): final states outrank the
-  others, so a late CommandAccepted cannot move a completed command back.
+  others, so a late CommandAccepted cannot move a completed command back. A CommandProgress is a
+  history entry of status STARTED; the row's progress, remaining_s and intermediate are those of
+  the latest progress report (by event time, then event id), whatever order they arrive in.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from labbus.events.runtime import Positioned
 # processor's (REJECTED, TIMED_OUT): a command that ran did run, even if a timeout raced it; a
 # rejection outranks a timeout (a rejected command never ran, its timeout is a consequence);
 # FAILED outranks COMPLETED (a device that says both is not believed to have succeeded).
-COMMAND_RANK = {"ISSUED": 1, "ACCEPTED": 2, "STARTED": 3, "TIMED_OUT": 4, "REJECTED": 5,
-                "COMPLETED": 6, "FAILED": 7}
+# DISPATCHED (the device processor let the command through to its device) comes between ISSUED
+# and ACCEPTED. A CommandProgress gives STARTED: a command that reports progress runs. Migration
+# 0005 sets the stored ranks from these (a unit test compares the two).
+COMMAND_RANK = {"ISSUED": 1, "DISPATCHED": 2, "ACCEPTED": 3, "STARTED": 4, "TIMED_OUT": 5,
+                "REJECTED": 6, "COMPLETED": 7, "FAILED": 8}
 COMMAND_FINAL = ("TIMED_OUT", "REJECTED", "COMPLETED", "FAILED")
-COMMAND_STATUS = {m.CommandIssued.TYPE: "ISSUED", m.CommandAccepted.TYPE: "ACCEPTED",
-                  m.CommandStarted.TYPE: "STARTED", m.CommandCompleted.TYPE: "COMPLETED",
+COMMAND_STATUS = {m.CommandIssued.TYPE: "ISSUED", m.CommandDispatched.TYPE: "DISPATCHED",
+                  m.CommandAccepted.TYPE: "ACCEPTED", m.CommandStarted.TYPE: "STARTED",
+                  m.CommandProgress.TYPE: "STARTED", m.CommandCompleted.TYPE: "COMPLETED",
                   m.CommandFailed.TYPE: "FAILED", m.CommandRejected.TYPE: "REJECTED",
                   m.CommandTimedOut.TYPE: "TIMED_OUT"}
 assert set(COMMAND_STATUS.values()) == set(COMMAND_RANK)
@@ -100,19 +106,25 @@ _WINNER = ("status", "status_rank", "status_at", "status_event_id", "result", "e
            "reason_code", "reason")
 _WINS = ("(EXCLUDED.status_rank, commands.status_at, commands.status_event_id) > "
          "(commands.status_rank, EXCLUDED.status_at, EXCLUDED.status_event_id)")
+# The columns of the latest progress report (progress_at is NULL for an event that reports none).
+_REPORT = ("progress", "remaining_s", "intermediate", "progress_at", "progress_event_id")
+_LATER = ("EXCLUDED.progress_at IS NOT NULL AND (commands.progress_at IS NULL OR "
+          "(EXCLUDED.progress_at, EXCLUDED.progress_event_id) > "
+          "(commands.progress_at, commands.progress_event_id))")
 
 _COMMAND_EVENT = f"""
 WITH new AS (
     INSERT INTO command_events (event_id, command_id, device_id, status, status_rank,
-                                occurred_at, source, detail)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                occurred_at, source, detail, event_type)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $20)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id)
 INSERT INTO commands (command_id, device_id, idempotency_key, command_type, payload, issued_by,
                       issued_at, expires_at, status, status_rank, status_at, status_event_id,
-                      progress, result, error, reason_code, reason, first_at, updated_at)
+                      progress, result, error, reason_code, reason, first_at, updated_at,
+                      remaining_s, intermediate, progress_at, progress_event_id)
 SELECT $2, $3, $9, $10, $11::jsonb, $12, $13, $14, $4, $5, $6, $1, $15, $16::jsonb, $17, $18, $19,
-       $6, $6
+       $6, $6, $21, $22::jsonb, $23, $24
 FROM new
 ON CONFLICT (command_id) DO UPDATE SET
     idempotency_key = COALESCE(commands.idempotency_key, EXCLUDED.idempotency_key),
@@ -121,9 +133,10 @@ ON CONFLICT (command_id) DO UPDATE SET
     issued_by = COALESCE(commands.issued_by, EXCLUDED.issued_by),
     issued_at = COALESCE(commands.issued_at, EXCLUDED.issued_at),
     expires_at = COALESCE(commands.expires_at, EXCLUDED.expires_at),
-    progress = GREATEST(commands.progress, EXCLUDED.progress),
     first_at = LEAST(commands.first_at, EXCLUDED.first_at),
     updated_at = GREATEST(commands.updated_at, EXCLUDED.updated_at),
+    {", ".join(f"{c} = CASE WHEN {_LATER} THEN EXCLUDED.{c} ELSE commands.{c} END"
+               for c in _REPORT)},
     {", ".join(f"{c} = CASE WHEN {_WINS} THEN EXCLUDED.{c} ELSE commands.{c} END"
                for c in _WINNER)}
 """
@@ -133,8 +146,10 @@ def _command(p: Positioned) -> list[tuple[str, tuple]]:
     r = p.record
     status = COMMAND_STATUS[p.event_type]
     issued = p.event_type == m.CommandIssued.TYPE
-    payload = _json(r["payload_json"]) if issued else None
+    # a CommandDispatched is a copy of the command: it fills the same columns but the issue time
+    payload = _json(r["payload_json"]) if "payload_json" in r else None
     result = _json(r.get("result_json"))
+    intermediate = _json(r.get("intermediate_json"))
     reason_code, reason = r.get("reason_code"), r.get("reason")
     if p.event_type == m.CommandTimedOut.TYPE:
         reason_code = "timed_out"
@@ -142,15 +157,21 @@ def _command(p: Positioned) -> list[tuple[str, tuple]]:
     detail = {k: v for k, v in (
         ("command_type", r.get("command_type")), ("issued_by", r.get("issued_by")),
         ("expires_at", _ts(r["expires_at"]).isoformat() if r.get("expires_at") else None),
-        ("progress", r.get("progress")), ("result", json.loads(result) if result else None),
+        ("progress", r.get("progress")), ("remaining_s", r.get("remaining_s")),
+        ("intermediate", json.loads(intermediate) if intermediate else None),
+        ("result", json.loads(result) if result else None),
         ("error", r.get("error")), ("reason_code", reason_code), ("reason", reason))
         if v is not None}
     at = _ts(r["occurred_at"])
+    # a progress report: every CommandProgress, and a CommandStarted that says how far
+    reports = (p.event_type == m.CommandProgress.TYPE
+               or (p.event_type == m.CommandStarted.TYPE and r.get("progress") is not None))
     return [(_COMMAND_EVENT, (
         r["event_id"], r["command_id"], r["device_id"], status, COMMAND_RANK[status], at,
         r["source"], json.dumps(detail), r.get("idempotency_key"), r.get("command_type"), payload,
         r.get("issued_by"), at if issued else None, _ts(r.get("expires_at")), r.get("progress"),
-        result, r.get("error"), reason_code, reason))]
+        result, r.get("error"), reason_code, reason, p.event_type, r.get("remaining_s"),
+        intermediate, at if reports else None, r["event_id"] if reports else None))]
 
 
 # -- alerts ---------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from labbus.events.model import (
     AnomalyDetected,
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandIssued,
+    CommandProgress,
     DeviceHeartbeat,
     DeviceRegistered,
     DeviceStatusChanged,
@@ -56,7 +58,7 @@ MONGO = ("devices", "validated", "experiments", "runs", "readings")  # the Mongo
 
 def seed_batches() -> list[list[Positioned]]:
     """Two devices with their status, 40 readings of the first (several per timestamp), two
-    commands (one completed), two alerts, one finished campaign."""
+    commands (one dispatched, progressing and completed), two alerts, one finished campaign."""
     t = dict(source="contract-test")
     by_topic: dict[str, list] = {
         "devices": [DeviceRegistered.create(
@@ -79,6 +81,15 @@ def seed_batches() -> list[list[Positioned]]:
                                  expires_at=T0 + timedelta(seconds=30), issued_by="operator"),
             CommandAccepted.create(**t, subject="contract-ph-1", sequence=i, command_id=cid,
                                    device_id="contract-ph-1"))][:3] + [
+            CommandDispatched.create(**t, subject="contract-ph-1", sequence=5,
+                                     command_id="contract-cmd-1", device_id="contract-ph-1",
+                                     idempotency_key="contract-cmd-1", command_type="calibrate",
+                                     payload_json='{"points": [4, 7]}', issued_by="operator",
+                                     expires_at=T0 + timedelta(seconds=30)),
+            CommandProgress.create(**t, subject="contract-ph-1", sequence=6,
+                                   command_id="contract-cmd-1", device_id="contract-ph-1",
+                                   progress=0.5, remaining_s=2.5,
+                                   intermediate_json='{"reading": 4.01}'),
             CommandCompleted.create(**t, subject="contract-ph-1", sequence=9,
                                     command_id="contract-cmd-1", device_id="contract-ph-1",
                                     result_json='{"slope": 0.99}')],

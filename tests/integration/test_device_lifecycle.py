@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -18,7 +19,9 @@ from labbus.events.codec import default_codec
 from labbus.events.model import (
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
+    CommandProgress,
     CommandStarted,
     DeviceHeartbeat,
     DeviceRegistered,
@@ -224,3 +227,36 @@ def test_a_restart_keeps_state_from_the_changelog(cfg, env, devices):
         assert "timed out" in out, out  # not rejected: nobody answers it
     finally:
         assert restarted.poll() is None
+
+
+def test_command_send_wait_shows_dispatch_and_progress(cfg, env, devices):
+    """`command send --wait` (stderr not a terminal: a line per step) shows each step once, in
+    order, and each progress report while the command runs. The test publishes the dispatch
+    itself, as the device processor does; a second dispatch or a late acceptance shows
+    nothing."""
+    device = online_device(cfg, interval=None)
+    proc = send(env, device, "measure", {"wavelength_nm": 600}, "--idempotency-key", "steps")
+    cid = command_id_for(device, "steps")
+    wait_for(lambda: cid in {e.command_id for e in command_events(cfg, device)}, 60,
+             "the command issued")
+    common = dict(source="test", subject=device, command_id=cid, device_id=device)
+    dispatched = CommandDispatched.create(
+        sequence=0, idempotency_key="steps", command_type="measure",
+        payload_json='{"wavelength_nm":600}', expires_at=datetime.now(UTC) + timedelta(
+            seconds=30), issued_by="test", **common)
+    run(publish(cfg, dispatched, CommandAccepted.create(sequence=1, **common),
+                CommandStarted.create(sequence=2, **common),
+                CommandProgress.create(sequence=3, progress=0.25, remaining_s=3.2, **common),
+                dispatched, CommandAccepted.create(sequence=4, **common),
+                CommandProgress.create(sequence=5, progress=0.75, remaining_s=1.0,
+                                       intermediate_json='{"absorbance": 0.4}', **common),
+                CommandCompleted.create(sequence=6, result_json='{"absorbance": 0.8}',
+                                        **common)))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [cid, 'completed: {"absorbance": 0.8}']
+    prefix = f"measure on {device}: "
+    assert [line.removeprefix(prefix) for line in err.splitlines()
+            if line.startswith(prefix)] == [
+        "dispatched", "accepted", "started", "running 25%, ~3 s left",
+        'running 75%, ~1 s left: {"absorbance": 0.4}', 'completed: {"absorbance": 0.8}'], err

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+import shutil
+import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -16,14 +20,17 @@ from fastapi.testclient import TestClient
 
 from labbus.api import cursor
 from labbus.api.app import create_app
-from labbus.events import kafka
+from labbus.deploy.local import postgres
+from labbus.events import config, kafka
 from labbus.events.codec import default_codec
 from labbus.events.model import (
     AnomalyDetected,
     CommandAccepted,
     CommandCompleted,
+    CommandDispatched,
     CommandFailed,
     CommandIssued,
+    CommandProgress,
     CommandRejected,
     CommandStarted,
     CommandTimedOut,
@@ -33,6 +40,8 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Positioned
 from labbus.events.topics import ALERTS, COMMANDS, DEVICE_STATUS, DEVICES, topic_for, topic_name
+from labbus.projections import postgres_devices as pd
+from labbus.projections.migrate import MIGRATIONS, migrate
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import Processes, run, wait_for, walk_pages
 
@@ -57,8 +66,17 @@ def _command_events(cid: str, minute: int, *steps: str, device: str = BAL) -> li
         "issued": lambda: _e(CommandIssued, device, t0, command_id=cid, idempotency_key=f"k-{cid}",
                              command_type="tare", payload_json='{"zero": true}',
                              expires_at=at(t0 + 30), issued_by="alice"),
+        "dispatched": lambda: _e(CommandDispatched, device, t0 + 0.5, command_id=cid,
+                                 idempotency_key=f"k-{cid}", command_type="tare",
+                                 payload_json='{"zero": true}', expires_at=at(t0 + 30),
+                                 issued_by="alice"),
         "accepted": lambda: _e(CommandAccepted, device, t0 + 1, command_id=cid),
         "started": lambda: _e(CommandStarted, device, t0 + 2, command_id=cid, progress=0.5),
+        "progress": lambda: _e(CommandProgress, device, t0 + 2.25, command_id=cid,
+                               progress=0.4, remaining_s=6.0, intermediate_json='{"mass_g": 5}'),
+        "progress2": lambda: _e(CommandProgress, device, t0 + 2.5, command_id=cid,
+                                progress=0.8, remaining_s=1.5,
+                                intermediate_json='{"mass_g": 10}'),
         "completed": lambda: _e(CommandCompleted, device, t0 + 3, command_id=cid,
                                 result_json='{"mass_g": 12.5}'),
         "failed": lambda: _e(CommandFailed, device, t0 + 3, command_id=cid, error="jammed"),
@@ -78,6 +96,14 @@ COMMAND_CASES = {
     "c-timeout": (("issued", "accepted", "timed_out"), "TIMED_OUT"),
     "c-rejected": (("rejected", "issued"), "REJECTED"),
     "c-failed": (("issued", "started", "failed"), "FAILED"),
+    # issued, dispatched, accepted, started, two progress reports, completed
+    "c-progress": (("issued", "dispatched", "accepted", "started", "progress", "progress2",
+                    "completed"), "COMPLETED"),
+    # older events after newer ones (the earlier report, a second dispatch and acceptance with
+    # ids of their own, as a relay restarted from an older position sends them): no regression
+    "c-regress": (("issued", "dispatched", "accepted", "started", "progress2", "progress",
+                   "dispatched", "accepted"), "STARTED"),
+    "c-dispatched": (("dispatched", "issued"), "DISPATCHED"),
 }
 
 
@@ -102,6 +128,8 @@ def log_events() -> list:
     for minute, (cid, (steps, _)) in enumerate(COMMAND_CASES.items(), start=1):
         events += _command_events(cid, minute, *steps)
     events.append(next(e for e in events if isinstance(e, CommandAccepted)))  # re-sent: dropped
+    events += [next(e for e in events if isinstance(e, cls))  # re-sent too, after completion
+               for cls in (CommandDispatched, CommandProgress)]
     alerts = [_e(AnomalyDetected, device, when, metric=metric, value=value, unit=unit,
                  measured_at=at(when - 1), measurement_id=uuid.uuid4(), rule="zscore",
                  score=score, threshold=4.0, window_mean=10.0, window_stddev=0.5,
@@ -135,6 +163,23 @@ async def fetch(dsn: str, sql: str, *args):
         return await con.fetch(sql, *args)
     finally:
         await con.close()
+
+
+def apply_each(cfg, tp: TopicPartition, events, dsn: str | None = None) -> None:
+    """Each (offset, event) through the projection code, in a transaction of its own."""
+    codec = default_codec()
+
+    async def go():
+        projection = PostgresProjection(cfg, dsn=dsn)
+        await projection.start()
+        try:
+            for offset, event in events:
+                plain = codec.decode_record(codec.encode(event), plain=True)
+                await projection.apply([Positioned(tp, offset, *plain)], {})
+        finally:
+            await projection.stop()
+
+    run(go())
 
 
 def projected(cfg) -> bool:
@@ -194,6 +239,17 @@ def test_commands_end_in_the_status_their_events_rank_highest(projector, cfg):
     assert rows["c-race"]["reason"] is None  # the completion outranks the racing timeout
     assert rows["c-timeout"]["reason_code"] == "timed_out"
     assert rows["c-failed"]["error"] == "jammed"
+    # the latest progress report, whatever order the reports came in
+    for cid, minute in (("c-progress", 7), ("c-regress", 8)):
+        row = rows[cid]
+        assert (row["progress"], row["remaining_s"], row["intermediate"]) == (
+            0.8, 1.5, '{"mass_g": 10}'), cid
+        assert row["progress_at"] == at(minute * 60 + 2.5), cid
+    assert rows["c-regress"]["status_at"] == at(8 * 60 + 2)  # the CommandStarted's
+    assert rows["c-dispatched"]["status_at"] == at(9 * 60 + 0.5)
+    assert rows["c-dispatched"]["issued_at"] == at(9 * 60)  # from the later CommandIssued
+    assert rows["c-dispatched"]["payload"] == '{"zero": true}'
+    assert rows["c-dispatched"]["progress"] is None and rows["c-happy"]["remaining_s"] is None
     history = run(fetch(cfg.postgres_dsn, "SELECT command_id, count(*) AS n FROM command_events "
                                           "WHERE device_id = $1 GROUP BY 1", BAL))
     assert {r["command_id"]: r["n"] for r in history} == {
@@ -203,23 +259,13 @@ def test_commands_end_in_the_status_their_events_rank_highest(projector, cfg):
 def test_every_order_of_a_commands_events_gives_the_same_row(cfg):
     """All 120 orders of issued/accepted/started/completed/timed_out, each event in its own
     transaction, through the projection code: the same row every time."""
-    codec = default_codec()
-    tp = TopicPartition("rs-perm.commands", 0)
+    def each():
+        for i, order in enumerate(itertools.permutations(range(5))):
+            events = _command_events(f"perm-{i}", 1, "issued", "accepted", "started",
+                                     "completed", "timed_out", device="rs-perm")
+            yield from ((j, events[j]) for j in order)
 
-    async def apply_all():
-        projection = PostgresProjection(cfg)
-        await projection.start()
-        try:
-            for i, order in enumerate(itertools.permutations(range(5))):
-                events = _command_events(f"perm-{i}", 1, "issued", "accepted", "started",
-                                         "completed", "timed_out", device="rs-perm")
-                for j in order:
-                    plain = codec.decode_record(codec.encode(events[j]), plain=True)
-                    await projection.apply([Positioned(tp, j, *plain)], {})
-        finally:
-            await projection.stop()
-
-    run(apply_all())
+    apply_each(cfg, TopicPartition("rs-perm.commands", 0), each())
     rows = run(fetch(cfg.postgres_dsn, """
         SELECT status, status_at, progress, result::text, reason, command_type, issued_at,
                first_at, updated_at, (SELECT count(*) FROM command_events e
@@ -230,29 +276,47 @@ def test_every_order_of_a_commands_events_gives_the_same_row(cfg):
                                          "tare", at(60), at(60), at(91), 5)}
 
 
+def test_sampled_orders_of_a_progressing_command_give_the_same_row(cfg):
+    """60 shuffled orders of issued/dispatched/accepted/started/two progress reports/completed,
+    each event in its own transaction and one of them delivered twice: the same row and
+    history every time (of the 5,040 orders, a seeded sample)."""
+    steps = ("issued", "dispatched", "accepted", "started", "progress", "progress2", "completed")
+    rng = random.Random(20260301)
+
+    def each():
+        for i in range(60):
+            events = _command_events(f"perm-p-{i}", 1, *steps, device="rs-perm-p")
+            order = rng.sample(range(len(events)), len(events))
+            yield from ((j, events[j]) for j in order + [rng.choice(order)])
+
+    apply_each(cfg, TopicPartition("rs-perm.commands", 0), each())
+    rows = run(fetch(cfg.postgres_dsn, """
+        SELECT status, status_at, progress, remaining_s, intermediate::text, progress_at,
+               result::text, command_type, issued_at, first_at, updated_at,
+               (SELECT string_agg(e.event_type || ':' || e.status, ' '
+                                  ORDER BY e.occurred_at, e.status_rank, e.event_id)
+                FROM command_events e WHERE e.command_id = c.command_id) AS history
+        FROM commands c WHERE device_id = 'rs-perm-p'"""))
+    assert len(rows) == 60
+    history = " ".join(f"lab.command.Command{t}:{s}" for t, s in (
+        ("Issued", "ISSUED"), ("Dispatched", "DISPATCHED"), ("Accepted", "ACCEPTED"),
+        ("Started", "STARTED"), ("Progress", "STARTED"), ("Progress", "STARTED"),
+        ("Completed", "COMPLETED")))
+    assert {tuple(r) for r in rows} == {(
+        "COMPLETED", at(63), 0.8, 1.5, '{"mass_g": 10}', at(62.5), '{"mass_g": 12.5}', "tare",
+        at(60), at(60), at(63), history)}
+
+
 def test_heartbeats_and_status_never_move_back_across_batches(cfg):
     """One event per transaction: a heartbeat older than the stored one, a status change from
     earlier in the log (a replay from a rewound position), leave the device as it was."""
-    codec = default_codec()
-    tp = TopicPartition("rs-back.status", 0)
     device = "rs-back-4"
     steps = [(0, _e(DeviceHeartbeat, device, 10, gateway="g")),
              (1, _e(DeviceHeartbeat, device, 30, gateway="g")),
              (2, _e(DeviceHeartbeat, device, 20, gateway="g")),
              (7, _e(DeviceStatusChanged, device, 40, status="ERROR", reason="jammed")),
              (5, _e(DeviceStatusChanged, device, 50, status="ONLINE", reason="earlier in log"))]
-
-    async def apply_all():
-        projection = PostgresProjection(cfg)
-        await projection.start()
-        try:
-            for offset, event in steps:
-                plain = codec.decode_record(codec.encode(event), plain=True)
-                await projection.apply([Positioned(tp, offset, *plain)], {})
-        finally:
-            await projection.stop()
-
-    run(apply_all())
+    apply_each(cfg, TopicPartition("rs-back.status", 0), steps)
     row = run(fetch(cfg.postgres_dsn, "SELECT status, status_reason, last_heartbeat_at, "
                                       "(SELECT count(*) FROM device_status_history h "
                                       " WHERE h.device_id = d.device_id) AS changes "
@@ -284,16 +348,43 @@ def test_device_routes(api):
 
 def test_command_routes(api):
     items, pages = walk_pages(api, "/commands", device=BAL, limit=4)
-    assert pages == 2
+    assert pages == 3
     assert [c["command_id"] for c in items] == list(reversed(COMMAND_CASES))  # newest first
-    done = api.get("/commands", params={"device": BAL, "status": "COMPLETED"}).json()["items"]
-    assert {c["command_id"] for c in done} == {"c-happy", "c-late", "c-race"}
+    def with_status(status):
+        return {c["command_id"] for c in api.get(
+            "/commands", params={"device": BAL, "status": status}).json()["items"]}
+
+    assert with_status("COMPLETED") == {"c-happy", "c-late", "c-race", "c-progress"}
+    assert with_status("DISPATCHED") == {"c-dispatched"}
+    assert with_status("STARTED") == {"c-regress"}
     late = api.get("/commands/c-late").json()
     assert late["status"] == "COMPLETED" and late["result"] == {"mass_g": 12.5}
     assert late["payload"] == {"zero": True}
     assert [h["status"] for h in late["history"]] == ["ISSUED", "ACCEPTED", "STARTED",
                                                       "COMPLETED"]  # by time, not log order
     assert late["history"][3]["detail"] == {"result": {"mass_g": 12.5}}
+    # issued, dispatched, accepted, started, progressed twice, completed: all of it, in order
+    done = api.get("/commands/c-progress").json()
+    assert (done["status"], done["status_at"]) == ("COMPLETED", "2026-03-01T00:07:03Z")
+    assert (done["progress"], done["remaining_s"], done["intermediate"], done["progress_at"]) == (
+        0.8, 1.5, {"mass_g": 10}, "2026-03-01T00:07:02.500000Z")
+    assert [(h["event_type"].removeprefix("lab.command."), h["status"])
+            for h in done["history"]] == [
+        ("CommandIssued", "ISSUED"), ("CommandDispatched", "DISPATCHED"),
+        ("CommandAccepted", "ACCEPTED"), ("CommandStarted", "STARTED"),
+        ("CommandProgress", "STARTED"), ("CommandProgress", "STARTED"),
+        ("CommandCompleted", "COMPLETED")]  # the re-sent dispatch and report dropped
+    assert done["history"][1]["detail"]["command_type"] == "tare"
+    assert [h["detail"] for h in done["history"][4:6]] == [
+        {"progress": 0.4, "remaining_s": 6.0, "intermediate": {"mass_g": 5}},
+        {"progress": 0.8, "remaining_s": 1.5, "intermediate": {"mass_g": 10}}]
+    # older events after newer ones: in the history by time, the status still STARTED
+    regress = api.get("/commands/c-regress").json()
+    assert regress["status"] == "STARTED" and regress["progress"] == 0.8
+    assert [h["status"] for h in regress["history"]] == [
+        "ISSUED", "DISPATCHED", "DISPATCHED", "ACCEPTED", "ACCEPTED", "STARTED", "STARTED",
+        "STARTED"]
+    assert [h["detail"].get("progress") for h in regress["history"][-2:]] == [0.4, 0.8]
     assert api.get("/commands", params={"device": "nobody"}).json() == {
         "items": [], "next_cursor": None}
 
@@ -381,3 +472,76 @@ def test_a_full_replay_changes_nothing(projector, cfg):
     wait_for(lambda: all(positions().get(tp, -1) >= n for tp, n in reached.items()), 60,
              "the replay to reach the former positions")
     assert snapshot() == before
+
+
+def test_migration_0005_reranks_stored_commands_and_keeps_them_from_regressing(base_env):
+    """A database with commands projected before CommandDispatched existed (ranks ISSUED 1,
+    ACCEPTED 2, STARTED 3, COMPLETED 6): migration 0005 re-ranks them, names their events and
+    takes the CommandStarted's progress as the latest report; later events projected on top
+    move nothing back."""
+    base = config.load(base_env)
+    name = f"labbus_cmdmig_{uuid.uuid4().hex[:8]}"
+    dsn = postgres.create_database(base, name)
+    old = Path(tempfile.mkdtemp())
+    ids = {k: uuid.uuid4() for k in ("i1", "a1", "s1", "c1", "i2", "s2")}
+    rows = [  # (event, command, old status, old rank, seconds, detail)
+        ("i1", "m-done", "ISSUED", 1, 0, '{"command_type": "tare"}'),
+        ("a1", "m-done", "ACCEPTED", 2, 1, "{}"),
+        ("s1", "m-done", "STARTED", 3, 2, '{"progress": 0.5}'),
+        ("c1", "m-done", "COMPLETED", 6, 3, '{"result": {"mass_g": 1}}'),
+        ("i2", "m-run", "ISSUED", 1, 60, "{}"),
+        ("s2", "m-run", "STARTED", 3, 62, "{}")]
+    late = [  # an older-status event with an id of its own, and a progress report
+        _e(CommandDispatched, "rs-mig", 60.5, command_id="m-run", idempotency_key="k",
+           command_type="tare", payload_json="{}", expires_at=at(90), issued_by="bob"),
+        _e(CommandAccepted, "rs-mig", 1, command_id="m-done"),
+        _e(CommandProgress, "rs-mig", 63, command_id="m-run", progress=0.3,
+           intermediate_json='{"mass_g": 0.2}')]
+
+    async def go():
+        for path in sorted(MIGRATIONS.glob("*.sql")):
+            if path.stem < "0005":
+                shutil.copy(path, old)
+        con = await asyncpg.connect(dsn)
+        try:
+            assert (await migrate(con, old))[-1] == "0004_devices_commands_alerts"
+            await con.executemany(
+                "INSERT INTO command_events (event_id, command_id, device_id, status, "
+                "status_rank, occurred_at, source, detail) VALUES ($1, $2, 'rs-mig', $3, $4, "
+                "$5, 'old', $6::jsonb)",
+                [(ids[e], c, s, r, at(t), d) for e, c, s, r, t, d in rows])
+            await con.execute("""
+                INSERT INTO commands (command_id, device_id, status, status_rank, status_at,
+                                      status_event_id, progress, first_at, updated_at)
+                VALUES ('m-done', 'rs-mig', 'COMPLETED', 6, $1, $2, 0.5, $3, $1),
+                       ('m-run', 'rs-mig', 'STARTED', 3, $4, $5, NULL, $6, $4)""",
+                at(3), ids["c1"], at(0), at(62), ids["s2"], at(60))
+            assert await migrate(con) == ["0005_command_dispatched_progress"]
+            events = await con.fetch("SELECT event_id, status_rank, event_type "
+                                     "FROM command_events")
+            assert {r["event_id"]: (r["status_rank"], r["event_type"]) for r in events} == {
+                ids[e]: (pd.COMMAND_RANK[s], next(t for t, st in pd.COMMAND_STATUS.items()
+                                                 if st == s))
+                for e, _, s, _, _, _ in rows}
+            stored = {r["command_id"]: r for r in await con.fetch("SELECT * FROM commands")}
+            assert stored["m-done"]["status_rank"] == pd.COMMAND_RANK["COMPLETED"]
+            assert (stored["m-done"]["progress"], stored["m-done"]["progress_at"],
+                    stored["m-done"]["progress_event_id"]) == (0.5, at(2), ids["s1"])
+            assert stored["m-run"]["status_rank"] == pd.COMMAND_RANK["STARTED"]
+            assert stored["m-run"]["progress_at"] is None
+        finally:
+            await con.close()
+
+    try:
+        run(go())
+        apply_each(base, TopicPartition("rs-mig.commands", 0), enumerate(late), dsn=dsn)
+        after = {r["command_id"]: r for r in run(fetch(dsn, "SELECT * FROM commands"))}
+    finally:
+        shutil.rmtree(old)
+        postgres.drop_database(base, name)
+    assert (after["m-done"]["status"], after["m-done"]["status_event_id"]) == (
+        "COMPLETED", ids["c1"])
+    assert (after["m-run"]["status"], after["m-run"]["status_event_id"]) == ("STARTED", ids["s2"])
+    assert (after["m-run"]["progress"], after["m-run"]["intermediate"]) == (
+        0.3, '{"mass_g": 0.2}')
+    assert after["m-run"]["command_type"] == "tare"  # the dispatch's copy fills the gaps
