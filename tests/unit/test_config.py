@@ -74,6 +74,7 @@ def test_an_identity_provider_of_the_lab_turns_the_built_in_issuer_off():
                "LABBUS_AUTH_ALGORITHMS": "RS256, ES256"})
     assert not kc.auth_built_in and kc.auth_issuer == "https://kc.lab.example/realms/lab"
     assert kc.auth_algorithms == ("RS256", "ES256")
-    behind_proxy = load({"LABBUS_AUTH_ISSUER": "https://lab.example/", "LABBUS_AUTH_BUILT_IN": "on"})
+    behind_proxy = load({"LABBUS_AUTH_ISSUER": "https://lab.example/",
+                         "LABBUS_AUTH_BUILT_IN": "on"})
     assert behind_proxy.auth_built_in and behind_proxy.auth_issuer == "https://lab.example/"
     assert not load({"LABBUS_AUTH_BUILT_IN": "off"}).auth_built_in
