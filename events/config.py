@@ -120,7 +120,7 @@ SETTINGS: dict[str, Setting] = {
                                  "Command gateway port; the built-in token issuer serves there."),
     "auth_issuer": Setting("LABBUS_AUTH_ISSUER", "",
                            "The OIDC issuer whose tokens labbus accepts (its `iss`; discovery at "
-                           "<issuer>/.well-known/openid-configuration). https, or http on a "
+                           "`<issuer>/.well-known/openid-configuration`). https, or http on a "
                            "loopback address. Empty = the built-in issuer, "
                            "http://LABBUS_HTTP_GATEWAY_HOST:LABBUS_HTTP_GATEWAY_PORT."),
     "auth_built_in": Setting("LABBUS_AUTH_BUILT_IN", "auto",
@@ -134,8 +134,8 @@ SETTINGS: dict[str, Setting] = {
     "auth_audience": Setting("LABBUS_AUTH_AUDIENCE", "labbus",
                              "The `aud` a token must carry (the built-in issuer writes it)."),
     "auth_roles_claim": Setting("LABBUS_AUTH_ROLES_CLAIM", "roles",
-                                "Dotted path of the roles claim: `roles` (labbus, Entra ID), "
-                                "`realm_access.roles` (Keycloak realm roles), "
+                                "Dotted path of the roles claim in a token: `roles` (labbus, "
+                                "Entra ID), `realm_access.roles` (Keycloak realm roles), "
                                 "`resource_access.<client>.roles` (Keycloak client roles)."),
     "auth_algorithms": Setting("LABBUS_AUTH_ALGORITHMS", "ES256,EdDSA,RS256",
                                "Signature algorithms accepted, comma-separated; asymmetric ones "

@@ -148,10 +148,9 @@ def user_id_for(email: str) -> str:
 
 def roles_markdown() -> str:
     """The role -> permission table of the README."""
-    perms = list(PERMISSIONS)
-    lines = ["| permission | " + " | ".join(ROLES) + " |",
-             "|---|" + "---|" * len(ROLES)]
-    for p in perms:
-        lines.append(f"| `{p}` | " + " | ".join("✓" if p in r.permissions else ""
-                                                 for r in ROLES.values()) + " |")
+    lines = ["| permission | what it allows | " + " | ".join(ROLES) + " |",
+             "|---|---|" + "---|" * len(ROLES)]
+    for p, what in PERMISSIONS.items():
+        marks = " | ".join("✓" if p in r.permissions else "" for r in ROLES.values())
+        lines.append(f"| `{p}` | {what} | {marks} |")
     return "\n".join(lines)

@@ -80,3 +80,12 @@ def test_user_ids_derive_from_the_normalised_email():
     for bad in ("ada", "ada@", "@lab.example", "a da@lab.example", "ada@lab"):
         with pytest.raises(ValueError):
             normalise_email(bad)
+
+
+def test_the_readme_shows_the_roles_table_as_the_data_says():
+    from pathlib import Path
+
+    from labbus.events.identity import roles_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert roles_markdown() in readme, "README's roles table differs: paste roles_markdown()"
