@@ -32,7 +32,15 @@ from labbus.events.runtime import Positioned
 from labbus.events.tokens import TokenExpired, TokenVerifier
 from labbus.events.topics import USERS, topic_name
 from labbus.projections.postgres import PostgresProjection
-from tests.conftest import REPO, Processes, free_port, read_topic, run, wait_for
+from tests.conftest import (
+    REPO,
+    Processes,
+    free_port,
+    http_server,
+    read_topic,
+    run,
+    wait_for,
+)
 
 RUN = uuid.uuid4().hex[:8]
 ADA = f"ada-{RUN}@lab.example"
@@ -56,30 +64,12 @@ def gateway(env, tmp_path_factory):
             "LABBUS_AUTH_KEYS_DIR": str(logs / "auth")}
     procs = Processes(genv, logs)
     procs.start("project", "postgres")
-    log_path = logs / "gateway-http.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([LABBUS, "gateway", "http"], env=genv, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO)
     base = f"http://127.0.0.1:{port}"
-
-    def live():
-        if proc.poll() is not None:
-            raise AssertionError(f"the gateway exited with {proc.returncode}: "
-                                 f"{log_path.read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(live, 60, "the gateway to be ready", interval=0.3)
-        yield base, genv
+        with http_server(["gateway", "http"], genv, logs / "gateway-http.log",
+                         f"{base}/health/ready"):
+            yield base, genv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         procs.stop_all()
 
 
