@@ -588,6 +588,8 @@ def users_add(email: str, roles: tuple[str, ...], password_stdin: bool) -> None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True,
                                 err=True)
     click.echo(_users(u.add(_cfg(), email, list(roles), password)))
+    click.echo("added; the user can get tokens (POST /auth/token on `labbus gateway http`) once "
+               "`labbus project postgres` has projected lab.users", err=True)
 
 
 @users.command("grant")

@@ -20,6 +20,7 @@ from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import OAuth2PasswordRequestForm
@@ -90,7 +91,7 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
                 return _oauth_error("unsupported_grant_type", "grant_type must be `password`")
             return _oauth_error("invalid_request", "missing or malformed form field(s): "
                                 + ", ".join(fields))
-        return JSONResponse({"detail": exc.errors()}, status_code=422)
+        return await request_validation_exception_handler(request, exc)
 
     if cfg.auth_built_in:
         @app.post(TOKEN_PATH, summary="A token for an email and a password (OAuth2 password "

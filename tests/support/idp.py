@@ -8,7 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class Issuer:
+class Provider:
     """A real HTTP server on loopback publishing discovery and a JWKS; counts requests."""
 
     def __init__(self) -> None:

@@ -14,7 +14,7 @@ import pytest
 from labbus.events.tokens import KeySet, TokenExpired, TokenVerifier
 from labbus.producers.http_gateway import keys, passwords
 from labbus.producers.http_gateway.issuer import Issuer
-from tests.support.idp import Issuer as Provider
+from tests.support.idp import Provider
 
 
 def test_the_signing_key_is_made_once_private_and_named_by_its_thumbprint(tmp_path):

@@ -33,7 +33,7 @@ from labbus.events.tokens import (
     parse_jwks,
     www_authenticate,
 )
-from tests.support.idp import Issuer
+from tests.support.idp import Provider
 
 AUD = "labbus"
 
@@ -64,7 +64,7 @@ class Keys:
 
 @pytest.fixture
 def idp():
-    server = Issuer()
+    server = Provider()
     yield server
     server.close()
 
@@ -77,7 +77,7 @@ class Clock:
         return self.now
 
 
-def claims(idp: Issuer, **over) -> dict:
+def claims(idp: Provider, **over) -> dict:
     now = int(time.time())
     base = {"iss": idp.url, "aud": AUD, "sub": "user-1", "iat": now, "exp": now + 900,
             "jti": str(uuid.uuid4()), "roles": ["researcher"], "email": "ada@lab.example"}
@@ -85,7 +85,7 @@ def claims(idp: Issuer, **over) -> dict:
     return {k: v for k, v in base.items() if v is not None}
 
 
-def verifier(idp: Issuer, clock=None, **options) -> TokenVerifier:
+def verifier(idp: Provider, clock=None, **options) -> TokenVerifier:
     keys = KeySet(idp.url, options.pop("jwks_url", ""), cache_s=options.pop("cache_s", 300),
                   min_refresh_s=options.pop("min_refresh_s", 10), clock=clock or time.monotonic)
     return TokenVerifier(idp.url, AUD, keys, **options)
