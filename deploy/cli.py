@@ -12,6 +12,7 @@ import click
 
 from labbus.events import config as config_mod
 from labbus.events import logs, metrics
+from labbus.events.identity import ROLES
 
 
 def _cfg() -> config_mod.Config:
@@ -518,6 +519,149 @@ def gateway_grpc(host: str | None, port: int | None, insecure: bool, name: str,
                                                     port=port, name=name))
     except pki.PkiError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@gateway.command("http")
+@click.option("--host", default=None, help="Bind address (default LABBUS_HTTP_GATEWAY_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default LABBUS_HTTP_GATEWAY_PORT).")
+def gateway_http(host: str | None, port: int | None) -> None:
+    """The command gateway (HTTP): the built-in token issuer (POST /auth/token, JWKS) for now;
+    OpenAPI at /docs, metrics at /metrics. See README "Identity and tokens"."""
+    import os
+
+    import uvicorn
+
+    from labbus.events.db import connect_pool
+    from labbus.producers.http_gateway import keys
+    from labbus.producers.http_gateway.app import create_app
+    from labbus.projections.migrate import migrate
+
+    # --host/--port are the issuer's address too (unless LABBUS_AUTH_ISSUER names another)
+    overrides = {k: str(v) for k, v in (("LABBUS_HTTP_GATEWAY_HOST", host),
+                                        ("LABBUS_HTTP_GATEWAY_PORT", port)) if v is not None}
+    try:
+        cfg = config_mod.load({**os.environ, **overrides})
+    except config_mod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.configure("gateway-http", cfg.log_level)
+
+    async def prepare() -> None:  # the users and credentials tables
+        pool = await connect_pool(cfg.postgres_dsn, "LABBUS_POSTGRES_DSN")
+        try:
+            async with pool.acquire() as con:
+                await migrate(con)
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(prepare())
+        if cfg.auth_built_in:
+            key = keys.load_or_create(cfg.auth_keys_dir)
+            click.echo(f"gateway-http: issuer {cfg.auth_issuer}, signing key {key.kid} "
+                       f"({key.path})", err=True)
+    except (ConnectionError, keys.SigningKeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(create_app(cfg), host=cfg.http_gateway_host, port=cfg.http_gateway_port,
+                log_config=None, access_log=False)
+
+
+# -- users of the built-in token issuer --------------------------------------------------------
+@main.group()
+def users() -> None:
+    """Users of the built-in token issuer: lifecycle events on lab.users, password hashes in
+    PostgreSQL (needs broker access and the writer role, LABBUS_POSTGRES_DSN)."""
+
+
+def _users(work):
+    from labbus.deploy.users import UserError
+    from labbus.events.identity import UnknownRole
+
+    try:
+        return asyncio.run(work)
+    except (UserError, UnknownRole, ConnectionError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # a malformed email or password
+        raise click.BadParameter(str(exc)) from None
+
+
+@users.command("add")
+@click.argument("email")
+@click.option("--role", "roles", multiple=True, required=True, type=click.Choice(list(ROLES)),
+              help="A role (repeatable); README \"Identity and tokens\" says what each may do.")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from the first line of standard input (else a prompt).")
+def users_add(email: str, roles: tuple[str, ...], password_stdin: bool) -> None:
+    """Add a user who logs in with EMAIL and a password (at least 8 characters); prints the
+    user id. The user can get tokens once the PostgreSQL projector has projected them."""
+    from labbus.deploy import users as u
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True,
+                                err=True)
+    click.echo(_users(u.add(_cfg(), email, list(roles), password)))
+    click.echo("added; the user can get tokens (POST /auth/token on `labbus gateway http`) once "
+               "`labbus project postgres` has projected lab.users", err=True)
+
+
+@users.command("grant")
+@click.argument("email")
+@click.argument("role", type=click.Choice(list(ROLES)))
+def users_grant(email: str, role: str) -> None:
+    """Grant ROLE to the user EMAIL (RoleGranted); their next token carries it."""
+    from labbus.deploy import users as u
+
+    event = _users(u.grant(_cfg(), email, role))
+    click.echo(f"granted {role} to {event.user_id}")
+
+
+@users.command("revoke")
+@click.argument("email")
+@click.argument("role", type=click.Choice(list(ROLES)))
+def users_revoke(email: str, role: str) -> None:
+    """Revoke ROLE from the user EMAIL (RoleRevoked). Their next token lacks it; tokens already
+    issued keep it until they expire (LABBUS_AUTH_TOKEN_TTL_S)."""
+    from labbus.deploy import users as u
+
+    event = _users(u.revoke(_cfg(), email, role))
+    click.echo(f"revoked {role} from {event.user_id}")
+
+
+@users.command("disable")
+@click.argument("email")
+@click.option("--reason", default="disabled by an administrator", show_default=True,
+              help="Why (kept in the event and the users read model).")
+def users_disable(email: str, reason: str) -> None:
+    """Disable the user EMAIL (UserDisabled): no more tokens. Tokens already issued work until
+    they expire (LABBUS_AUTH_TOKEN_TTL_S)."""
+    from labbus.deploy import users as u
+
+    event = _users(u.disable(_cfg(), email, reason))
+    click.echo(f"disabled {event.user_id}")
+
+
+@users.command("quota")
+@click.argument("email")
+@click.argument("wells", type=click.IntRange(1, 1_000_000))
+@click.option("--note", default="", help="Why (free text).")
+def users_quota(email: str, wells: int, note: str) -> None:
+    """Add WELLS to the colour-lab quota of the user EMAIL (QuotaGranted)."""
+    from labbus.deploy import users as u
+
+    event = _users(u.grant_quota(_cfg(), email, wells, note))
+    click.echo(f"granted {wells} wells to {event.user_id}")
+
+
+@users.command("list")
+def users_list() -> None:
+    """The users as the issuer sees them (the users read model)."""
+    from labbus.deploy import users as u
+
+    for r in _users(u.listing(_cfg())):
+        state = "disabled" if r["disabled"] else "active"
+        click.echo(f"{r['email']:32} {state:8} {','.join(r['roles']) or '-':28} "
+                   f"quota={r['quota_granted_wells']} {r['user_id']}")
 
 
 @main.group()

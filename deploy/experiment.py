@@ -42,16 +42,7 @@ def request(target: str, budget: int, batch: int, dyes: list[str], tolerance: fl
 
 
 async def publish(cfg: Config, *events: Event) -> None:
-    await kafka.ensure_topics(cfg)
-    codec = default_codec()
-    producer = kafka.producer(cfg)
-    await producer.start()
-    try:
-        for event in events:
-            await (await producer.send(topic_name(cfg, EXPERIMENTS), codec.encode(event),
-                                       key=event.key))
-    finally:
-        await producer.stop()
+    await kafka.publish(cfg, *events)
 
 
 async def watch(cfg: Config, experiment_id: str, on_event: Callable[[Event], None],

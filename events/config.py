@@ -113,6 +113,49 @@ SETTINGS: dict[str, Setting] = {
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
                            "(empty = the built-in default, see \"Labware rules\")."),
+    # -- identity and tokens (README "Identity and tokens") --
+    "http_gateway_host": Setting("LABBUS_HTTP_GATEWAY_HOST", "127.0.0.1",
+                                 "Command gateway (`labbus gateway http`) bind address."),
+    "http_gateway_port": Setting("LABBUS_HTTP_GATEWAY_PORT", "8001",
+                                 "Command gateway port; the built-in token issuer serves there."),
+    "auth_issuer": Setting("LABBUS_AUTH_ISSUER", "",
+                           "The OIDC issuer whose tokens labbus accepts (its `iss`; discovery at "
+                           "`<issuer>/.well-known/openid-configuration`). https, or http on a "
+                           "loopback address. Empty = the built-in issuer, "
+                           "http://LABBUS_HTTP_GATEWAY_HOST:LABBUS_HTTP_GATEWAY_PORT."),
+    "auth_built_in": Setting("LABBUS_AUTH_BUILT_IN", "auto",
+                             "Whether the command gateway runs the built-in issuer (POST "
+                             "/auth/token, its JWKS): `on`, `off`, or `auto` = on when "
+                             "LABBUS_AUTH_ISSUER is empty. `on` with LABBUS_AUTH_ISSUER set: the "
+                             "built-in issuer is reached at that URL (e.g. behind a TLS proxy)."),
+    "auth_jwks_url": Setting("LABBUS_AUTH_JWKS_URL", "",
+                             "The issuer's JWKS (signing keys); empty = the `jwks_uri` of its "
+                             "discovery document."),
+    "auth_audience": Setting("LABBUS_AUTH_AUDIENCE", "labbus",
+                             "The `aud` a token must carry (the built-in issuer writes it)."),
+    "auth_roles_claim": Setting("LABBUS_AUTH_ROLES_CLAIM", "roles",
+                                "Dotted path of the roles claim in a token: `roles` (labbus, "
+                                "Entra ID), `realm_access.roles` (Keycloak realm roles), "
+                                "`resource_access.<client>.roles` (Keycloak client roles)."),
+    "auth_algorithms": Setting("LABBUS_AUTH_ALGORITHMS", "ES256,EdDSA,RS256",
+                               "Signature algorithms accepted, comma-separated; asymmetric ones "
+                               "only (ES256/384/512, RS256/384/512, PS256/384/512, EdDSA)."),
+    "auth_leeway_s": Setting("LABBUS_AUTH_LEEWAY_S", "30",
+                             "Clock skew tolerated on exp/nbf/iat, seconds (0 to 300)."),
+    "auth_jwks_cache_s": Setting("LABBUS_AUTH_JWKS_CACHE_S", "300",
+                                 "Seconds the issuer's keys are kept before they are fetched "
+                                 "again (10 to 86400)."),
+    "auth_jwks_min_refresh_s": Setting("LABBUS_AUTH_JWKS_MIN_REFRESH_S", "10",
+                                       "A token signed with an unknown key (`kid`) makes the "
+                                       "keys be fetched again, at most once per this many "
+                                       "seconds (0 to 3600)."),
+    "auth_token_ttl_s": Setting("LABBUS_AUTH_TOKEN_TTL_S", "900",
+                                "Lifetime of a token of the built-in issuer, seconds (60 to "
+                                "86400): a disabled user or a revoked role keeps working this "
+                                "long at most."),
+    "auth_keys_dir": Setting("LABBUS_AUTH_KEYS_DIR", "",
+                             "The built-in issuer's signing key (made on first use, mode 0600); "
+                             "empty = LABBUS_HOME/auth."),
 }
 
 
@@ -146,6 +189,19 @@ class Config:
     anomaly_warmup: int = 20
     anomaly_alpha: float = 0.05
     deck_layout: DeckLayout = DEFAULT_DECK
+    http_gateway_host: str = "127.0.0.1"
+    http_gateway_port: int = 8001
+    auth_issuer: str = "http://127.0.0.1:8001"
+    auth_built_in: bool = True
+    auth_jwks_url: str = ""
+    auth_audience: str = "labbus"
+    auth_roles_claim: str = "roles"
+    auth_algorithms: tuple[str, ...] = ("ES256", "EdDSA", "RS256")
+    auth_leeway_s: float = 30.0
+    auth_jwks_cache_s: float = 300.0
+    auth_jwks_min_refresh_s: float = 10.0
+    auth_token_ttl_s: int = 900
+    auth_keys_dir: Path = Path(".local/auth")
     explicit: frozenset[str] = frozenset()
 
     def explicitly_set(self, name: str) -> bool:
@@ -230,6 +286,61 @@ def _deck(name: str, raw: str) -> DeckLayout:
         raise ConfigError(f"{SETTINGS[name].env}={raw!r}: {exc}") from None
 
 
+ASYMMETRIC_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256",
+                         "PS384", "PS512", "EdDSA")
+
+
+def _https_url(name: str, raw: str) -> str:
+    """https, or http on a loopback address (keys and passwords in plain text nowhere else)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(raw)
+    host = parts.hostname or ""
+    loopback = host.startswith("127.") or host in ("localhost", "::1")
+    if (parts.scheme == "https" and host) or (parts.scheme == "http" and loopback):
+        return raw
+    raise ConfigError(f"{SETTINGS[name].env}={raw!r}: expected an https:// URL "
+                      "(http:// only on a loopback address)")
+
+
+def _algorithms(name: str, raw: str) -> tuple[str, ...]:
+    algs = tuple(a.strip() for a in raw.split(",") if a.strip())
+    bad = [a for a in algs if a not in ASYMMETRIC_ALGORITHMS]
+    if not algs or bad:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: asymmetric algorithms only, from "
+                          + ", ".join(ASYMMETRIC_ALGORITHMS))
+    return algs
+
+
+def _claim_path(name: str, raw: str) -> str:
+    if not raw or any(not part for part in raw.split(".")):
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: a claim name or a dotted path, e.g. "
+                          "roles or realm_access.roles")
+    return raw
+
+
+def _bounded(name: str, raw: str, low: float, high: float) -> float:
+    value = _float(name, raw)
+    if not low <= value <= high:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} must be between {low:g} and {high:g}")
+    return value
+
+
+def _built_in(name: str, raw: str, issuer: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: use auto, on or off")
+    return value == "on" or (value == "auto" and not issuer.strip())
+
+
+def _built_in_issuer(host: str, port: int) -> str:
+    """The built-in issuer's URL: the command gateway's address (a wildcard bind is reached on
+    loopback)."""
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{host}:{port}"
+
+
 def load(environ: dict[str, str] | None = None) -> Config:
     env = os.environ if environ is None else environ
     raw = {name: env.get(s.env, s.default) for name, s in SETTINGS.items()}
@@ -237,6 +348,7 @@ def load(environ: dict[str, str] | None = None) -> Config:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"LABBUS_LOG_LEVEL={raw['log_level']!r}: "
                           "use DEBUG, INFO, WARNING or ERROR")
+    http_port = _int("http_gateway_port", raw["http_gateway_port"], 1, 65535)
     namespace = raw["namespace"]
     if namespace and not all(c.isalnum() or c in "-_." for c in namespace):
         raise ConfigError(f"LABBUS_NAMESPACE={namespace!r}: letters, digits, '-', '_' and '.' only")
@@ -275,6 +387,24 @@ def load(environ: dict[str, str] | None = None) -> Config:
         anomaly_warmup=_int("anomaly_warmup", raw["anomaly_warmup"], 2, 1_000_000),
         anomaly_alpha=_open_unit("anomaly_alpha", raw["anomaly_alpha"]),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
+        http_gateway_host=raw["http_gateway_host"],
+        http_gateway_port=http_port,
+        auth_issuer=_https_url("auth_issuer", raw["auth_issuer"].strip()
+                               or _built_in_issuer(raw["http_gateway_host"], http_port)),
+        auth_built_in=_built_in("auth_built_in", raw["auth_built_in"], raw["auth_issuer"]),
+        auth_jwks_url=(_https_url("auth_jwks_url", raw["auth_jwks_url"].strip())
+                       if raw["auth_jwks_url"].strip() else ""),
+        auth_audience=raw["auth_audience"] or "labbus",
+        auth_roles_claim=_claim_path("auth_roles_claim", raw["auth_roles_claim"].strip()),
+        auth_algorithms=_algorithms("auth_algorithms", raw["auth_algorithms"]),
+        auth_leeway_s=_bounded("auth_leeway_s", raw["auth_leeway_s"], 0, 300),
+        auth_jwks_cache_s=_bounded("auth_jwks_cache_s", raw["auth_jwks_cache_s"], 10, 86400),
+        auth_jwks_min_refresh_s=_bounded("auth_jwks_min_refresh_s",
+                                         raw["auth_jwks_min_refresh_s"], 0, 3600),
+        auth_token_ttl_s=_int("auth_token_ttl_s", raw["auth_token_ttl_s"], 60, 86400),
+        auth_keys_dir=(Path(raw["auth_keys_dir"]).expanduser().resolve()
+                       if raw["auth_keys_dir"].strip()
+                       else Path(raw["home"]).expanduser().resolve() / "auth"),
         explicit=frozenset(name for name, s in SETTINGS.items() if s.env in env),
     )
 

@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from labbus.events.config import Config
-from labbus.events.topics import CATALOG, TopicSpec, topic_name
+from labbus.events.topics import CATALOG, TopicSpec, topic_for, topic_name
 
 if TYPE_CHECKING:
     from labbus.events.model import Event
@@ -90,6 +90,22 @@ async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] = CATALOG,
         return created
     finally:
         await admin.close()
+
+
+async def publish(cfg: Config, *events) -> None:
+    """Send events to the catalog topics of their types (keyed by subject) and wait for the
+    broker's acks: a one-off producer for command-line tools, not for a process's hot path."""
+    from labbus.events.codec import default_codec
+
+    await ensure_topics(cfg)
+    codec = default_codec()
+    sender = producer(cfg)
+    await sender.start()
+    try:
+        for event in events:
+            await (await sender.send(topic_for(cfg, event), codec.encode(event), key=event.key))
+    finally:
+        await sender.stop()
 
 
 async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:

@@ -465,6 +465,50 @@ class ExperimentFailed(Event):
     best_de: float | None
 
 
+# -- users of the built-in issuer (issue 10), keyed by user id. Credentials never go here. -----
+
+@dataclass(frozen=True, slots=True)
+class UserRegistered(Event):
+    TYPE: ClassVar[str] = "lab.user.UserRegistered"
+    user_id: str
+    email: str
+    roles: list[str]
+    registered_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoleGranted(Event):
+    TYPE: ClassVar[str] = "lab.user.RoleGranted"
+    user_id: str
+    role: str
+    granted_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRevoked(Event):
+    TYPE: ClassVar[str] = "lab.user.RoleRevoked"
+    user_id: str
+    role: str
+    revoked_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserDisabled(Event):
+    TYPE: ClassVar[str] = "lab.user.UserDisabled"
+    user_id: str
+    reason: str
+    disabled_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaGranted(Event):
+    TYPE: ClassVar[str] = "lab.user.QuotaGranted"
+    user_id: str
+    wells: int
+    granted_by: str
+    note: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
@@ -475,7 +519,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,
                 RobotRunRequested, RobotRunStarted, RobotCommandExecuted, WellDispensed,
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,
-                ExperimentCompleted, ExperimentFailed)
+                ExperimentCompleted, ExperimentFailed, UserRegistered, RoleGranted, RoleRevoked,
+                UserDisabled, QuotaGranted)
 }
 
 

@@ -90,10 +90,19 @@ COLOUR_READINGS = TopicSpec(
     "lab.colour.readings", 3, "experiment_id", ("lab.colour.WellColourMeasured",),
     retention_ms=-1, description="Plate reader colour readings of dispensed wells.")
 
+USERS = TopicSpec(
+    "lab.users", 3, "user_id",
+    ("lab.user.UserRegistered", "lab.user.RoleGranted", "lab.user.RoleRevoked",
+     "lab.user.UserDisabled", "lab.user.QuotaGranted"),
+    retention_ms=-1,
+    description="Users of the built-in token issuer: registrations, roles granted and revoked, "
+                "disabling, quotas. Never credentials. Kept forever: the users read model is "
+                "rebuilt from it.")
+
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
     DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
-    EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
+    EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS,
 )
 
 

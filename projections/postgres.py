@@ -1,5 +1,5 @@
-"""PostgreSQL read models: devices (with status and heartbeats), measurements, commands, alerts
-and colour-mixing campaigns (see migrations/postgres)."""
+"""PostgreSQL read models: devices (with status and heartbeats), measurements, commands, alerts,
+colour-mixing campaigns and users (see migrations/postgres)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ from labbus.events.topics import (
     EXPERIMENTS,
     MEASUREMENTS_VALIDATED,
     ROBOT_RUNS,
+    USERS,
     topic_name,
 )
 from labbus.projections import partitions
 from labbus.projections.migrate import migrate
 from labbus.projections.postgres_devices import DEVICE_SQL, HEARTBEATS, heartbeat_args
+from labbus.projections.postgres_users import USER_SQL
 
 INSERT_MEASUREMENTS = """
 INSERT INTO measurements (measurement_id, device_id, metric, value, unit, measured_at,
@@ -100,7 +102,7 @@ class PostgresProjection:
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
                 (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                 DEVICE_STATUS, COMMANDS, ALERTS)]
+                 DEVICE_STATUS, COMMANDS, ALERTS, USERS)]
 
     async def start(self) -> None:
         self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN",
@@ -150,6 +152,8 @@ class PostgresProjection:
                     beats[r["device_id"]] = r["occurred_at"]
             elif p.event_type in DEVICE_SQL:
                 statements.extend(DEVICE_SQL[p.event_type](p))
+            elif p.event_type in USER_SQL:
+                statements.extend(USER_SQL[p.event_type](p))
         async with self.pool.acquire() as con, con.transaction():
             await self._check_positions(con, next_offsets)
             if m_rows:

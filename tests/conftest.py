@@ -8,6 +8,7 @@ with testcontainers instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -124,6 +125,37 @@ def env(base_env) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def cfg(env) -> config.Config:
     return config.load(env)
+
+
+@contextlib.contextmanager
+def http_server(args: list[str], env: dict[str, str], log_path: Path, ready_url: str,
+                timeout: float = 60):
+    """A labbus HTTP process (`labbus api`, `labbus gateway http`) started as a user would, once
+    `ready_url` answers 200; terminated on exit."""
+    import httpx
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([LABBUS, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"`labbus {' '.join(args)}` exited with {proc.returncode}: "
+                                 f"{log_path.read_text()[-2000:]}")
+        try:
+            return httpx.get(ready_url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout, f"{ready_url} to answer", interval=0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def walk_pages(api, path: str, **params) -> tuple[list[dict], int]:

@@ -46,6 +46,7 @@ from labbus.events.model import (
     MeasurementRecorded,
     MeasurementRejected,
     MeasurementValidated,
+    QuotaGranted,
     RecipeRejected,
     RecipesProposed,
     RobotCommandExecuted,
@@ -53,6 +54,10 @@ from labbus.events.model import (
     RobotRunFinished,
     RobotRunRequested,
     RobotRunStarted,
+    RoleGranted,
+    RoleRevoked,
+    UserDisabled,
+    UserRegistered,
     WellColourMeasured,
     WellDispensed,
     WellScored,
@@ -165,6 +170,16 @@ SAMPLES += [
                                wells_used=24, reason="confirmed"),
     ExperimentFailed.create(source="p", subject="x1", sequence=8, experiment_id="x1",
                             reason="budget spent", wells_used=96, best_de=None),
+]
+
+_USER = dict(source="cli", subject="u-1", sequence=0, user_id="u-1")
+SAMPLES += [
+    UserRegistered.create(email="ada@lab.example", roles=["researcher", "viewer"],
+                          registered_by="cli/root", **_USER),
+    RoleGranted.create(role="admin", granted_by="cli/root", **_USER),
+    RoleRevoked.create(role="viewer", revoked_by="cli/root", **_USER),
+    UserDisabled.create(reason="left the lab", disabled_by="cli/root", **_USER),
+    QuotaGranted.create(wells=96, granted_by="cli/root", note="term 1", **_USER),
 ]
 
 
