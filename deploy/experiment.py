@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Callable
 
 from labbus.events import kafka
-from labbus.events.codec import default_codec
 from labbus.events.config import Config
 from labbus.events.model import (
     Event,

@@ -1,4 +1,4 @@
-"""The users read model (migration 0005) from lab.users: the SQL each user event becomes,
+"""The users read model (migration 0006) from lab.users: the SQL each user event becomes,
 written by the PostgreSQL view (projections/postgres.py) in its transaction, positions included.
 
 One user's events share a partition (keyed by user id), so their offsets order them: each row

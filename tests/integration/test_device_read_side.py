@@ -516,7 +516,7 @@ def test_migration_0005_reranks_stored_commands_and_keeps_them_from_regressing(b
                 VALUES ('m-done', 'rs-mig', 'COMPLETED', 6, $1, $2, 0.5, $3, $1),
                        ('m-run', 'rs-mig', 'STARTED', 3, $4, $5, NULL, $6, $4)""",
                 at(3), ids["c1"], at(0), at(62), ids["s2"], at(60))
-            assert await migrate(con) == ["0005_command_dispatched_progress"]
+            assert (await migrate(con))[0] == "0005_command_dispatched_progress"
             events = await con.fetch("SELECT event_id, status_rank, event_type "
                                      "FROM command_events")
             assert {r["event_id"]: (r["status_rank"], r["event_type"]) for r in events} == {
