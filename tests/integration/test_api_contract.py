@@ -20,7 +20,6 @@ import httpx
 import pytest
 from aiokafka import TopicPartition
 
-from labbus.deploy.demo import LABBUS
 from labbus.events.codec import default_codec
 from labbus.events.model import (
     AnomalyDetected,
@@ -37,7 +36,7 @@ from labbus.events.model import (
 from labbus.events.runtime import Positioned
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
-from tests.conftest import REPO, free_port, run, wait_for
+from tests.conftest import REPO, free_port, http_server, run
 from tests.integration.test_experiment_read_models import campaign_events
 
 ST = REPO / ".venv-schemathesis" / "bin" / "st"
@@ -129,29 +128,9 @@ def live_api(cfg, env, tmp_path_factory):
     seed(cfg)
     port = free_port()
     log_path = tmp_path_factory.mktemp("api") / "api.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([LABBUS, "api", "--port", str(port)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO)
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"the API exited with {proc.returncode}: "
-                                 f"{log_path.read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 60, "the API to be ready", interval=0.3)
+    with http_server(["api", "--port", str(port)], env, log_path, f"{base}/health/ready"):
         yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def schemathesis(location: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
