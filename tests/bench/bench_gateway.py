@@ -314,8 +314,8 @@ async def main(args) -> dict:
         vis = poller.latencies(wall_start, wall_end)
         result |= {
             "send_to_visible_in_postgres_ms": {
-                "sample": f"every {args.sample_every}th device ({len(sample)}), each of its "
-                          "readings made in the window",
+                "sample": f"1 device in {args.sample_every} ({len(sample)} devices), each of "
+                          "its readings made in the window",
                 "readings": len(vis), "rows_of_the_sample_in_postgres": pg["sampled_rows"],
                 "p50": ms(pct(vis, 0.5)), "p99": ms(pct(vis, 0.99)),
                 "max": ms(max(vis)) if vis else None,
