@@ -211,6 +211,7 @@ def ms(seconds: float | None) -> float | None:
 
 async def main(args) -> dict:
     pipeline = not args.without_pipeline
+    load_before = os.getloadavg()  # other work on the machine, before this run adds its own
     ns = Namespace.create("bench-gw", args.devices, database=pipeline)
     cfg = ns.cfg
     await kafka.ensure_topics(cfg)
@@ -332,7 +333,8 @@ async def main(args) -> dict:
                                             / window)},
         "errors": errors, "reconnects": sum(f["reconnects"] for f in finals),
         "left_unacked": sum(f["left_unacked"] for f in finals),
-        "load_average_1m": {"window_start": round(load0[0], 1),
+        "load_average_1m": {"before_the_run": round(load_before[0], 1),
+                            "window_start": round(load0[0], 1),
                             "window_end": round(load1[0], 1)},
         "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "machine": machine(),
