@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from labbus.deploy.demo import LABBUS  # the installed `labbus` next to this Python
@@ -41,6 +42,14 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def consumer_lag(metrics_url: str, process: str) -> float | None:
+    """Sum of a labbus process's labbus_consumer_lag gauges (its `--metrics-port`), None while
+    it has reported none."""
+    found = [float(line.rsplit(" ", 1)[1]) for line in httpx.get(metrics_url).text.splitlines()
+             if line.startswith("labbus_consumer_lag{") and f'process="{process}"' in line]
+    return sum(found) if found else None
 
 
 def _docker_services() -> dict[str, str]:

@@ -1,12 +1,13 @@
-"""What the gateway benchmarks share: a fresh namespace with its own device CA, the gateway
-process, simulator processes (spawned, each driving a slice of the fleet) and the measuring
-helpers (percentiles, CPU, peak RSS, the machine)."""
+"""What the gateway benchmarks share: a fresh namespace with its own device CA (and, when asked,
+its own PostgreSQL database), the gateway process, simulator processes (spawned, each driving a
+slice of the fleet) and the measuring helpers (percentiles, CPU, peak RSS, the machine)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from labbus.deploy.demo import LABBUS  # noqa: E402
-from labbus.events import config  # noqa: E402
+from labbus.events import config, kafka  # noqa: E402
 from labbus.producers.gateway import devices as dev  # noqa: E402
 from labbus.producers.gateway import pki  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -62,17 +63,29 @@ def machine() -> str:
 
 @dataclass
 class Namespace:
-    """A private namespace (topics, groups) and device CA for one benchmark run."""
+    """A private namespace (topics, groups) and device CA for one benchmark run; with
+    `database=True` also a PostgreSQL database of its own (the read models' projector and
+    the validator run against it). `drop()` removes what the run made."""
 
     name: str
     env: dict
     cfg: config.Config
     pki_dir: Path
+    database: str | None = None
 
     @classmethod
-    def create(cls, prefix: str, devices: int, device_prefix: str = "bench") -> Namespace:
+    def create(cls, prefix: str, devices: int, device_prefix: str = "bench",
+               database: bool = False) -> Namespace:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         env = {**os.environ, "LABBUS_NAMESPACE": name, "LABBUS_LOG_LEVEL": "WARNING"}
+        db = None
+        if database:
+            from labbus.deploy.local import postgres
+
+            base = config.load(env)
+            db = "labbus_" + name.replace("-", "_")
+            env["LABBUS_POSTGRES_DSN"] = postgres.create_database(base, db)
+            env["LABBUS_POSTGRES_API_DSN"] = postgres.with_database(base.postgres_api_dsn, db)
         pki_dir = Path(tempfile.mkdtemp(prefix="labbus-bench-pki-"))
         env["LABBUS_PKI_DIR"] = str(pki_dir)
         pki.init_ca(pki_dir)
@@ -80,7 +93,19 @@ class Namespace:
         dev.ensure_certs(pki_dir, dev.make_fleet(devices, 0, dev.Stats(), prefix=device_prefix))
         print(f"{devices} device certificates issued in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
-        return cls(name, env, config.load(env), pki_dir)
+        return cls(name, env, config.load(env), pki_dir, db)
+
+    async def drop(self) -> None:
+        """The run's topics, its database and the validator's data directory."""
+        from labbus.processors import validator
+
+        await kafka.delete_namespace_topics(self.cfg, self.name)
+        if self.database:
+            from labbus.deploy.local import postgres
+
+            postgres.drop_database(config.load({**os.environ, "LABBUS_NAMESPACE": self.name}),
+                                   self.database)
+        shutil.rmtree(validator.data_dir(self.cfg), ignore_errors=True)
 
     def start(self, *args: str) -> subprocess.Popen:
         """A labbus process in this namespace, its output in the PKI directory's logs."""

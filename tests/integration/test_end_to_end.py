@@ -3,7 +3,6 @@
 from collections import Counter
 
 import asyncpg
-import httpx
 from fastapi.testclient import TestClient
 from pymongo import MongoClient
 
@@ -17,7 +16,7 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.producers import sim
-from tests.conftest import read_topic, run, wait_for
+from tests.conftest import consumer_lag, read_topic, run, wait_for
 
 N = 3000
 
@@ -31,13 +30,6 @@ async def pg_count(dsn: str) -> int:
         return 0
     finally:
         await con.close()
-
-
-def lag(metrics_url: str, process: str) -> float | None:
-    """Sum of a process's labbus_consumer_lag gauges, None while it has reported none."""
-    found = [float(line.rsplit(" ", 1)[1]) for line in httpx.get(metrics_url).text.splitlines()
-             if line.startswith("labbus_consumer_lag{") and f'process="{process}"' in line]
-    return sum(found) if found else None
 
 
 def test_readings_flow_end_to_end(cfg, processes):
@@ -109,5 +101,5 @@ def test_readings_flow_end_to_end(cfg, processes):
     assert mongo.devices.count_documents(e2e) == 12
 
     for name, worker in workers.items():  # every consumer reports its lag, drained to zero
-        wait_for(lambda w=worker, n=name: lag(w.metrics_url, n) == 0, 30,
+        wait_for(lambda w=worker, n=name: consumer_lag(w.metrics_url, n) == 0, 30,
                  f"{name} reporting consumer lag 0")

@@ -4,14 +4,12 @@ process started as a user starts it (`labbus gateway grpc`), devices in this pro
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import time
 import uuid
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from labbus.deploy.demo import LABBUS
 from labbus.events.codec import DecodeError, default_codec
@@ -29,68 +27,10 @@ from labbus.producers.gateway import labbus_gateway_pb2 as pb
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc
 from labbus.producers.gateway import pki
 from labbus.producers.gateway.server import reading_id
-from tests.conftest import REPO, Processes, free_port, read_topic
+from tests.conftest import Processes, free_port, read_topic
+from tests.support.gateway import Gateway
 
 pytestmark = pytest.mark.services
-
-
-class Gateway:
-    def __init__(self, env: dict, pki_dir, logdir, port: int | None = None) -> None:
-        self.env = {**env, "LABBUS_PKI_DIR": str(pki_dir)}
-        self.pki_dir = pki_dir
-        self.port = port or free_port()
-        self.logdir = logdir
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.logdir / f"gateway-{self.port}-{self.starts}.log", "w")
-        self.proc = subprocess.Popen(
-            [LABBUS, "gateway", "grpc", "--port", str(self.port), "--metrics-port", "-1"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.wait_serving()
-
-    def wait_serving(self, timeout: float = 30) -> None:
-        creds = dev.credentials(self.pki_dir, "operator-1")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"gateway exited {self.proc.returncode}"
-            with grpc.secure_channel(self.target, creds) as ch:
-                try:
-                    r = health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service="labbus.gateway.v1.Gateway"),
-                        timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError("gateway not SERVING")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@pytest.fixture(scope="module")
-def pki_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root)
-    pki.issue_cert(root, "operator-1", role="operator")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -358,52 +298,6 @@ async def test_a_command_reaches_its_device_and_its_statuses_are_events(gateway,
     assert device.handled_commands == {sent.command_id}
     stop.set()
     await asyncio.wait_for(runner, 15)
-
-
-async def test_kill_9_of_the_gateway_loses_and_doubles_nothing(env, pki_dir, cfg, tmp_path):
-    gw = Gateway(env, pki_dir, tmp_path)
-    gw.start()
-    stats = dev.Stats(track=True)
-    prefix = f"k9-{uuid.uuid4().hex[:5]}"
-    fleet = dev.make_fleet(30, 5.0, stats, prefix=prefix, heartbeat_s=1.0)
-    dev.ensure_certs(pki_dir, fleet)
-    stop = asyncio.Event()
-    creds = {d.device_id: dev.credentials(pki_dir, d.device_id) for d in fleet}
-    runners = [asyncio.create_task(d.run(gw.target, pki_dir, stop, creds=creds[d.device_id]))
-               for d in fleet]
-    try:
-        await asyncio.sleep(4)
-        in_flight = stats.readings
-        gw.kill9()
-        await asyncio.sleep(1.5)  # devices fail, keep producing readings, retry
-        gw.start()
-        await asyncio.sleep(4)
-        for d in fleet:
-            d.paused = True
-        deadline = time.monotonic() + 30
-        while stats.unacked(fleet) and time.monotonic() < deadline:
-            await asyncio.sleep(0.3)
-        assert stats.unacked(fleet) == 0, (
-            f"unacknowledged messages left; {stats.errors}",
-            [(d.device_id, len(d.unacked), d.connected.is_set()) for d in fleet if d.unacked])
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*runners, return_exceptions=True), 20)
-        gw.stop()
-    # whether some readings were sent but not yet acknowledged at the kill depends on timing
-    # (under load every send may already be acked); the readings made while the gateway was
-    # down are sent after the reconnect either way
-    print(f"readings re-sent after the reconnect: {stats.resent}")
-    assert in_flight > 200 and stats.reconnects >= len(fleet)
-
-    readings = [e for e in await _decoded(cfg, MEASUREMENTS_RECORDED)
-                if e.device_id.startswith(prefix)]
-    ids = {e.event_id for e in readings}
-    assert len(ids) == stats.readings  # every reading at least once, one id per reading
-    assert {(e.device_id, e.envelope.sequence) for e in readings} == {
-        (d, s) for d, seqs in stats.sent.items() for s in seqs}
-    assert all(e.event_id == uuid.UUID(reading_id(e.device_id, e.envelope.sequence))
-               for e in readings)
 
 
 def test_plain_text_is_refused_off_loopback(env):

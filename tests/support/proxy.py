@@ -1,5 +1,6 @@
 """A loopback TCP proxy the tests can cut: how a database outage looks from a client (connections
-reset, new ones refused) without stopping a server other tests share."""
+reset, new ones refused) without stopping a server other tests share. It can also hold back what
+the server sends while the clients' bytes still go through (a return path that stalls)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class Proxy:
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.replies = asyncio.Event()  # set: the server's bytes are passed on
+        self.replies.set()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.restore()
@@ -33,15 +36,25 @@ class Proxy:
         self._call(listen())
 
     def cut(self) -> None:
-        """Reset every open connection and refuse new ones."""
+        """Reset every open connection and refuse new ones; replies held back are dropped (new
+        connections pass them on again)."""
 
         async def close():
             self.server.close()
             for w in list(self.writers):
                 w.transport.abort()
             self.writers.clear()
+            self.replies.set()  # the held copies write into aborted connections: dropped
             await self.server.wait_closed()
         self._call(close())
+
+    def hold_replies(self) -> None:
+        """Keep what the server sends (TCP buffered here) instead of passing it on, while the
+        clients' bytes still reach the server; until `cut` (which drops it)."""
+
+        async def hold():
+            self.replies.clear()
+        self._call(hold())
 
     def close(self) -> None:
         try:
@@ -57,9 +70,11 @@ class Proxy:
             return
         self.writers |= {writer, up_writer}
 
-        async def copy(src, dst):
+        async def copy(src, dst, gate=None):
             try:
                 while data := await src.read(65536):
+                    if gate is not None:
+                        await gate.wait()
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -67,5 +82,5 @@ class Proxy:
             finally:
                 dst.transport.abort()
 
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer, self.replies))
         self.writers -= {writer, up_writer}
