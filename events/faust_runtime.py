@@ -298,8 +298,9 @@ class View:
             await consumer.stop()
 
 
-# tick(states of the keys this worker owns, now in ms) -> events to emit
-Tick = Callable[[dict[str, Any], int], Iterable[Event]]
+# tick(states of the keys this worker owns, now in ms, {partition: log time in ms of the last
+# record handled} for the partitions this worker is behind on) -> events to emit
+Tick = Callable[[dict[str, Any], int, dict[int, int]], Iterable[Event]]
 
 
 # The faust internals the delivery guard relies on, as tested with faust-streaming 0.15.3 (sha256
@@ -556,7 +557,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
 
     `view`: a read-only `View` handed to the handler as its `shared` argument (instead of a
     shared table). `timers`: [(interval_s, tick)]; every interval, once the worker's
-    partitions are recovered, `tick({key: state}, now_ms)` is called with the states of the
+    partitions are recovered, `tick({key: state}, now_ms, behind)` is called with the states of the
     keys of the partitions this worker owns actively (not its standbys': a state must hold its
     partition as `state["p"]`, see `partition_of`) and its events are produced through the
     same idempotent producer. A tick changes no state: a processor that must remember what a
@@ -682,6 +683,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
     # The changelog is flushed in batches too: commits stop at the first state write not yet
     # flushed (`DeliveryGuard.unflushed`).
     decisions = Decisions(states)
+    last_seen_ms: dict[Any, int] = {}  # per input partition, log time of the last record handled
     in_flight: collections.deque[InFlight] = collections.deque()
     pending: dict[str, Any] = {"n": 0, "since": None}
     settle_lock = asyncio.Lock()
@@ -801,6 +803,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                 handled[tp] = rec.offset
             busy.update(stage="decide", since=time.monotonic(), at=(rec.topic, rec.partition,
                                                                    rec.offset))
+            last_seen_ms[tp] = rec.timestamp
             metrics.EVENTS_IN.labels(process, rec.topic).inc()
             if view is not None and rec.key is not None and (
                     rec.key.decode("utf-8", "replace") not in view):
@@ -848,6 +851,24 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         return {k: v for k, v in decisions.items()
                 if isinstance(v, dict) and v.get("p") in owned}
 
+    def behind() -> dict[int, int]:
+        """{partition: log time of the last record handled} for the input partitions with
+        records not handled yet: what a tick may take as "now" there, so that a worker behind
+        on its inputs does not judge silence it has not read yet (0: nothing handled yet)."""
+        out: dict[int, int] = {}
+        for tp in app.consumer.assignment():
+            if tp.topic not in inputs_by_name:
+                continue
+            highwater, done = app.consumer.highwater(tp), guard.done.get(tp)
+            if done is None:  # nothing handled here since the start: the commit says how far
+                committed = app.consumer._committed_offset.get(tp)
+                done = committed - 1 if committed is not None else None
+            if highwater is None or (done is not None and done + 1 >= highwater):
+                continue
+            seen = last_seen_ms.get(tp, 0)
+            out[tp.partition] = min(out.get(tp.partition, seen), seen)
+        return out
+
     def add_timer(interval: float, tick: Tick) -> None:
         name = f"{process}-tick-{getattr(tick, '__name__', 'tick')}"
 
@@ -858,7 +879,8 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                     or not app.tables.recovery.completed.is_set()):
                 return
             try:
-                outputs = [step.encode(e) for e in tick(owned_states(), int(time.time() * 1000))]
+                outputs = [step.encode(e) for e in tick(owned_states(), int(time.time() * 1000),
+                                                        behind())]
             except Exception:  # noqa: BLE001 - a tick that raised must not stop the worker
                 log.exception("timer failed", extra={"timer": name})
                 return

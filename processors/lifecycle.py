@@ -280,24 +280,28 @@ def _forget(s: dict, now_us: int) -> None:
 
 # -- the timer ----------------------------------------------------------------------------------
 
-def tick(states: Mapping[str, dict], now_ms: int, registry: Any, multiple: float
-         ) -> list[Event]:
+def tick(states: Mapping[str, dict], now_ms: int, registry: Any, multiple: float,
+         behind: Mapping[int, int] | None = None) -> list[Event]:
     """OFFLINE for devices not heard from within `multiple` × their interval; CommandTimedOut for
-    open commands past expires_at. Ids derive from the state, so deciding twice is one event."""
+    open commands past expires_at. Ids derive from the state, so deciding twice is one event.
+    `behind`: {partition: log time (ms) of the last record handled} where the worker has not
+    read its inputs to the end; there that time is "now" (a heartbeat or a final state may be
+    waiting unread: the silence is judged only as far as it was read)."""
     out: list[Event] = []
     for device, s in states.items():
+        now_ms_here = (behind or {}).get(s.get("p"), now_ms)
         hb = s.get("hb")
         reg = registry.get(device)
         interval = reg.get("interval_s") if reg else None
         if (hb is not None and interval and s.get("status") != "OFFLINE"
-                and now_ms - hb["at"] > multiple * interval * 1000):
-            silent = (now_ms - hb["at"]) / 1000
+                and now_ms_here - hb["at"] > multiple * interval * 1000):
+            silent = (now_ms_here - hb["at"]) / 1000
             out.append(_status(device, "OFFLINE",
                                f"no heartbeat for {silent:.1f} s (expected every {interval:g} s, "
                                f"offline after {multiple:g} intervals)",
                                derived_id(hb["id"], "offline"), hb["id"]))
         for cid, c in s.get("cmds", {}).items():
-            if c["s"] not in FINAL_STATES and c["exp"] <= now_ms * 1000:
+            if c["s"] not in FINAL_STATES and c["exp"] <= now_ms_here * 1000:
                 out.append(CommandTimedOut.create(
                     source=PROCESS, subject=device, sequence=0,
                     event_id=uuid.UUID(derived_id(cid, "timed_out")), command_id=cid,
@@ -316,9 +320,10 @@ class Ticker:
         self.sent: dict[Any, int] = {}
         self.__name__ = "lifecycle"
 
-    def __call__(self, states: Mapping[str, dict], now_ms: int) -> list[Event]:
+    def __call__(self, states: Mapping[str, dict], now_ms: int,
+                 behind: Mapping[int, int] | None = None) -> list[Event]:
         self.sent = {k: t for k, t in self.sent.items() if now_ms - t < self.remember_ms}
-        out = [e for e in tick(states, now_ms, self.registry, self.multiple)
+        out = [e for e in tick(states, now_ms, self.registry, self.multiple, behind)
                if e.event_id not in self.sent]
         for e in out:
             self.sent[e.event_id] = now_ms

@@ -196,3 +196,21 @@ def test_every_command_schema_is_a_valid_schema():
     for path in files:
         schema = json.loads(path.read_text())
         jsonschema.validators.validator_for(schema).check_schema(schema)
+
+
+def test_a_worker_behind_on_its_inputs_judges_silence_only_as_far_as_it_read():
+    s, out = run([beat("spec-1", 1)])
+    s, _ = run(out, s)
+    slow = issue("spec-1", "slow", expires_in_s=1)
+    s, _ = run([slow], s)
+    hb_at = s["hb"]["at"]
+    wall = int((datetime.now(UTC) + timedelta(seconds=5)).timestamp() * 1000)
+    assert hb_at + 3100 < wall
+    # caught up on partition 2: silent for long enough, and the command expired
+    caught_up = lc.tick({"spec-1": s}, wall, REGISTRY, 3.0)
+    assert sorted(type(e).__name__ for e in caught_up) == ["CommandTimedOut",
+                                                           "DeviceStatusChanged"]
+    # behind on partition 2, having read up to hb_at + 500 ms: nothing decided yet
+    assert lc.tick({"spec-1": s}, wall, REGISTRY, 3.0, {2: hb_at + 500}) == []
+    # behind on another partition only: judged by the wall clock
+    assert len(lc.tick({"spec-1": s}, wall, REGISTRY, 3.0, {4: hb_at})) == 2
