@@ -707,7 +707,6 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                 if item.outputs and not item.acked():
                     if not wait:
                         return
-                    busy.update(stage="outputs acked", since=time.monotonic())
                     await _acked(producer, item)
                 in_flight.popleft()
                 _write(item)
@@ -830,6 +829,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
                     decisions.newest[decided.key] = decided.new_state
                 guard.started(tp, rec.offset)
                 in_flight.append(InFlight(event, tp, rec.offset, decided, outputs, sent))
+            busy.update(stage="outputs acked", since=time.monotonic())
             await settle(producer, wait=shared is not None or len(in_flight) >= MAX_IN_FLIGHT)
             if pending["n"] >= FLUSH_EVERY or (
                     pending["since"] and time.monotonic() - pending["since"] >= FLUSH_AFTER_S):
