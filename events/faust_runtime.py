@@ -335,6 +335,7 @@ UPSTREAM_SOURCES: dict[str, str] = {
 FLUSH_EVERY = 200  # state writes between changelog flushes, at most
 FLUSH_AFTER_S = 0.05  # and at most this long after the first unflushed write
 MAX_IN_FLIGHT = 500  # inputs decided whose outputs are not acknowledged yet, at most
+IDLE_SETTLE_S = 0.25  # an idle handler's inputs in flight are settled and flushed this often
 _MISSING = object()
 
 
@@ -451,6 +452,24 @@ class DeliveryGuard:
                 out[tp] = done + 1
                 self.seeking.add(tp)
         return out
+
+
+def capped_new_offset(consumer: Any, choose: Callable[[Any], int | None], guard: DeliveryGuard,
+                      tp: Any) -> int | None:
+    """faust's choice of the offset to commit for `tp` (`choose`: its `_new_offset`), capped by
+    the guard. faust's choice removes the acked offsets below it from faust's list; those the
+    cap keeps from being committed now go back into it, or faust would see a gap between its
+    committed offset and its first acked one after the commit, and never commit `tp` again."""
+    acked = consumer._acked[tp]
+    before = list(acked)
+    offset = choose(tp)
+    capped = guard.committable(tp, offset)
+    if offset is not None and (capped is None or capped < offset):
+        back = [o for o in before if o < offset and (capped is None or o >= capped)]
+        acked.extend(back)
+        acked.sort()
+        consumer._acked_index[tp].update(back)
+    return capped
 
 
 # handler(state or None, event, record, shared) -> (new state, events to emit)
@@ -637,8 +656,9 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         choose = consumer._new_offset
 
         def new_offset(tp: Any) -> int | None:
-            offset = choose(tp)
-            return guard.committable(tp, offset) if tp.topic in inputs_by_name else offset
+            if tp.topic not in inputs_by_name:
+                return choose(tp)
+            return capped_new_offset(consumer, choose, guard, tp)
 
         consumer._new_offset = new_offset
         consumer._labbus_capped = True
@@ -743,7 +763,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
             pending["since"] = pending["since"] or time.monotonic()
         guard.settled(item.tp, item.offset)
 
-    @app.timer(FLUSH_AFTER_S)
+    @app.timer(IDLE_SETTLE_S)
     async def settle_when_idle() -> None:
         producer = live.get("producer")
         if busy["stage"] is None and producer is not None and in_flight:

@@ -83,6 +83,7 @@ class ViewContract:
     # a view started in a test first catches up on the session's whole validated topic (every
     # earlier test's readings); SecantusDB, the Mongo-compatible dev server, is the slow one
     catch_up_s = 90
+    kill_events = 12_000  # events the kill -9 test streams (killed at 1/4 and 1/2 of them)
 
     process: str  # `labbus project <process>`
 
@@ -173,7 +174,7 @@ class ViewContract:
         run(scenario())
 
     def test_kill_9_mid_stream_leaves_the_view_equal_to_the_log(self, cfg, processes):
-        prefix, n = f"kill-{self.process}-{uuid.uuid4().hex[:6]}", 12_000
+        prefix, n = f"kill-{self.process}-{uuid.uuid4().hex[:6]}", self.kill_events
         run(publish(cfg, stream(prefix, n)))
         for threshold in (n // 4, n // 2):
             proc = processes.start("project", self.process, "--batch", "300")
@@ -285,6 +286,7 @@ class TestPostgresView(ViewContract):
 class TestMongoView(ViewContract):
     process = "mongo"
     catch_up_s = 300
+    kill_events = 4_000  # SecantusDB writes ~5x slower than PostgreSQL here; 13 batches of 300
 
     def make_view(self, cfg):
         return MongoProjection(cfg)
