@@ -496,11 +496,31 @@ async def explain(dsn: str, device: str, from_: datetime, to: datetime) -> str:
         await con.close()
 
 
-async def retention(
-    dsn: str, today: date, table: list[dict], free_of: Path | None
-) -> None:
+async def probe(dsn: str, at: datetime, stop: asyncio.Event) -> list[float]:
+    """A reader meanwhile: one minute of one series (a later day's partition) every 20 ms;
+    the latency of each query in seconds."""
+    con = await asyncpg.connect(dsn)
+    out = []
+    try:
+        while not stop.is_set():
+            t = time.monotonic()
+            await con.fetchval(
+                "SELECT count(*) FROM measurements WHERE device_id = 'bench-0007' AND metric = "
+                "'ph' AND measured_at >= $1 AND measured_at < $1 + interval '1 minute'",
+                at,
+            )
+            out.append(time.monotonic() - t)
+            await asyncio.sleep(0.02)
+    finally:
+        await con.close()
+    return out
+
+
+async def retention(dsn: str, end: datetime, table: list[dict], free_of: Path | None) -> None:
     """The projector's partition maintenance with a retention that drops the oldest day: what
-    the retention setting does at this size (before the database is dropped anyway)."""
+    the retention setting does at this size (before the database is dropped anyway), and how
+    long a reader of the table waits meanwhile."""
+    today = end.date()
     con = await asyncpg.connect(dsn)
     try:
         oldest = min(await partitions.existing_days(con))
@@ -515,11 +535,21 @@ async def retention(
         )
         free = free_bytes(free_of) if free_of else None
         print(f"\nretention: partitions.maintain(retention_days={days}), today {today}:")
+        stop = asyncio.Event()
+        reader = asyncio.create_task(probe(dsn, end - timedelta(hours=1), stop))
+        await asyncio.sleep(1)
         began = time.monotonic()
         report = await partitions.maintain(
             con, days, today=today, echo=lambda m: print(f"  {time.monotonic() - began:6.2f} s {m}")
         )
         took = time.monotonic() - began
+        await asyncio.sleep(1)
+        stop.set()
+        waits = sorted(await reader)
+        print(
+            f"  a reader meanwhile (one series' minute, every 20 ms): {len(waits)} queries, "
+            f"median {waits[len(waits) // 2] * 1000:.1f} ms, longest {waits[-1] * 1000:,.0f} ms"
+        )
         dropped = ", ".join(f"{n} ({rows:,} rows)" for n, rows in report.dropped)
         print(f"  took {took:.2f} s in all; dropped {dropped}: {mib(size)} of table and indexes")
         if free is not None:
@@ -543,7 +573,12 @@ def main() -> None:
     ap.add_argument(
         "--reuse",
         metavar="DATABASE",
-        help="Measure a database kept by an earlier --keep run (no load); kept.",
+        help="Measure a database kept by an earlier --keep run (no load); kept unless --drop.",
+    )
+    ap.add_argument(
+        "--drop",
+        action="store_true",
+        help="With --reuse: the retention step, then drop the database.",
     )
     ap.add_argument(
         "--load",
@@ -561,10 +596,14 @@ def main() -> None:
 
     base = config.load()
     hey = hey_binary(base.home)
-    free_of = None if args.reuse else check_disk(base, args.readings, args.no_disk_check)
+    free_of = (
+        data_directory(base, base.postgres_dsn)
+        if args.reuse
+        else check_disk(base, args.readings, args.no_disk_check)
+    )
     name = args.reuse or f"labbus_bench_query_{uuid.uuid4().hex[:6]}"
     dsn = postgres.create_database(base, name)  # no-op for an existing one
-    args.keep = args.keep or bool(args.reuse)
+    args.keep = args.keep or (bool(args.reuse) and not args.drop)
     api_dsn = postgres.with_database(base.postgres_api_dsn, name)
     print(
         f"database {name}; cpu count {os.cpu_count()}, load average "
@@ -673,7 +712,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(15)
             proc = None
-            asyncio.run(retention(dsn, end.date(), table, free_of))
+            asyncio.run(retention(dsn, end, table, free_of))
     finally:
         if proc is not None:
             proc.terminate()
