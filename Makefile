@@ -7,7 +7,7 @@ LABBUS := $(VENV)/bin/labbus
 # keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
 ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos sila down lint
+.PHONY: setup services demo test bench bench-stages bench-anomaly bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos sila down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: setup
 
 bench-stages: setup
 	$(VENV)/bin/python tests/bench/bench_stages.py
+
+bench-anomaly: setup
+	$(VENV)/bin/python tests/bench/bench_anomaly.py
 
 bench-faust-patches: setup
 	$(VENV)/bin/python tests/bench/bench_faust_patches.py

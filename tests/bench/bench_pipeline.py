@@ -30,8 +30,13 @@ from labbus.deploy.demo import LABBUS  # noqa: E402 - the installed `labbus` nex
 from labbus.deploy.local import kafka as local_kafka  # noqa: E402
 from labbus.deploy.local import postgres, services  # noqa: E402
 from labbus.events import config, kafka  # noqa: E402
-from labbus.events.topics import DEVICES, MEASUREMENTS_RECORDED, TopicSpec, topic_name  # noqa: E402
-from labbus.processors import validator  # noqa: E402
+from labbus.events.topics import (  # noqa: E402
+    DEVICES,
+    MEASUREMENTS_RECORDED,
+    TopicSpec,
+    group_id,
+    topic_name,
+)
 from labbus.producers import sim  # noqa: E402
 
 
@@ -230,14 +235,23 @@ async def bench_environment() -> tuple[config.Config, dict, config.Config, str]:
 
 
 async def drop_bench_environment(base: config.Config, cfg: config.Config, db: str) -> None:
-    """Leave nothing of a run behind: its database, its topics, the validator's data dir."""
+    """Leave nothing of a run behind: its database, its topics (the faust apps' changelogs too),
+    the data dirs of its faust apps (the validator's, the stateful processors')."""
     postgres.drop_database(base, db)
     await kafka.delete_namespace_topics(base, cfg.namespace)
-    shutil.rmtree(validator.data_dir(cfg), ignore_errors=True)
+    for datadir in (cfg.home / "faust").glob(group_id(cfg, "*")):
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+def load_average() -> str:
+    """The machine's load average (1, 5, 15 min), printed with every figure: the machine is
+    shared, and a figure taken under load is not one taken on an idle machine."""
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 async def main_async(args) -> None:
     base, env, cfg, db = await bench_environment()
+    print(f"at start: {load_average()}")
 
     fleet = sim.make_fleet(100, seed=1, prefix="tp")
     fleet_sim = sim.FleetSimulator(fleet, seed=1)
@@ -300,7 +314,8 @@ async def main_async(args) -> None:
     for name, peak in rss.peak.items():
         print(f"peak RSS {name}: {peak / 2**20:,.0f} MiB")
     print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}; "
+          f"{load_average()}")
 
 
 def main() -> None:
