@@ -101,7 +101,9 @@ def experiment_request(tag: str, i: int) -> Event:
     xid = f"{tag}-{i}"
     return ExperimentRequested.create(
         source="t", subject=xid, sequence=1, experiment_id=xid, target_hex=None,
-        target_lab=[50.0, 10.0 + i % 5, -20.0], dyes=["red", "blue"], budget_wells=16,
+        # red+yellow: test_experiment_instances compares red+blue campaigns with the pure
+        # simulation, which learns from no other campaign of the session
+        target_lab=[50.0, 10.0 + i % 5, -20.0], dyes=["red", "yellow"], budget_wells=16,
         batch_size=4, tolerance_de=2.0, requested_by="t")
 
 
