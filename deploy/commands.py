@@ -6,11 +6,8 @@ the command id from (device, idempotency key), so a repeated key is the same com
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from collections.abc import Callable
-from datetime import timedelta
 
 from labbus.events import kafka
 from labbus.events.config import Config
@@ -26,10 +23,7 @@ from labbus.events.model import (
     CommandStarted,
     CommandTimedOut,
     Event,
-    command_digest,
-    command_id_for,
-    derived_id,
-    utcnow,
+    issue_command,
 )
 from labbus.events.runtime import Step
 from labbus.events.topics import COMMANDS, topic_name
@@ -42,18 +36,8 @@ STEP = {CommandIssued.TYPE: 0, CommandDispatched.TYPE: 1, CommandAccepted.TYPE: 
 
 def issued_event(device: str, command_type: str, payload: dict, timeout_s: float,
                  idempotency_key: str | None, issued_by: str | None = None) -> CommandIssued:
-    key = idempotency_key or str(uuid.uuid4())
-    command_id = command_id_for(device, key)
-    payload_json = json.dumps(payload, separators=(",", ":"))
-    # the event id names what is asked: the same key with another payload is another event
-    # (which the device processor refuses), with the same payload the same one
-    event_id = derived_id(command_id, f"issued/{command_digest(command_type, payload_json)}")
-    return CommandIssued.create(
-        source="cli", subject=device, sequence=0, event_id=uuid.UUID(event_id),
-        command_id=command_id, device_id=device, idempotency_key=key,
-        command_type=command_type, payload_json=payload_json,
-        expires_at=utcnow() + timedelta(seconds=timeout_s),
-        issued_by=issued_by or f"cli/{os.environ.get('USER', 'operator')}")
+    return issue_command(device, command_type, payload, timeout_s, idempotency_key,
+                         issued_by or f"cli/{os.environ.get('USER', 'operator')}")
 
 
 async def send(cfg: Config, device: str, command_type: str, payload: dict, timeout_s: float,

@@ -118,6 +118,10 @@ SETTINGS: dict[str, Setting] = {
                                  "Command gateway (`labbus gateway http`) bind address."),
     "http_gateway_port": Setting("LABBUS_HTTP_GATEWAY_PORT", "8001",
                                  "Command gateway port; the built-in token issuer serves there."),
+    "query_api_url": Setting("LABBUS_QUERY_API_URL", "",
+                             "Where the query API is reached, for the `Location` of the command "
+                             "gateway's 202 answers (empty = http://LABBUS_API_HOST:"
+                             "LABBUS_API_PORT)."),
     "auth_issuer": Setting("LABBUS_AUTH_ISSUER", "",
                            "The OIDC issuer whose tokens labbus accepts (its `iss`; discovery at "
                            "`<issuer>/.well-known/openid-configuration`). https, or http on a "
@@ -191,6 +195,7 @@ class Config:
     deck_layout: DeckLayout = DEFAULT_DECK
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
+    query_api_url: str = "http://127.0.0.1:8000"
     auth_issuer: str = "http://127.0.0.1:8001"
     auth_built_in: bool = True
     auth_jwks_url: str = ""
@@ -333,9 +338,9 @@ def _built_in(name: str, raw: str, issuer: str) -> bool:
     return value == "on" or (value == "auto" and not issuer.strip())
 
 
-def _built_in_issuer(host: str, port: int) -> str:
-    """The built-in issuer's URL: the command gateway's address (a wildcard bind is reached on
-    loopback)."""
+def _local_url(host: str, port: int) -> str:
+    """The URL of a labbus HTTP service bound to host:port (a wildcard bind is reached on
+    loopback): the built-in issuer's (the command gateway's), the query API's."""
     host = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return f"http://{host}:{port}"
@@ -389,8 +394,10 @@ def load(environ: dict[str, str] | None = None) -> Config:
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         http_gateway_host=raw["http_gateway_host"],
         http_gateway_port=http_port,
+        query_api_url=(raw["query_api_url"].strip().rstrip("/")
+                       or _local_url(raw["api_host"], _int("api_port", raw["api_port"], 1, 65535))),
         auth_issuer=_https_url("auth_issuer", raw["auth_issuer"].strip()
-                               or _built_in_issuer(raw["http_gateway_host"], http_port)),
+                               or _local_url(raw["http_gateway_host"], http_port)),
         auth_built_in=_built_in("auth_built_in", raw["auth_built_in"], raw["auth_issuer"]),
         auth_jwks_url=(_https_url("auth_jwks_url", raw["auth_jwks_url"].strip())
                        if raw["auth_jwks_url"].strip() else ""),

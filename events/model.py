@@ -238,6 +238,26 @@ def command_digest(command_type: str, payload_json: str) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
+def issue_command(device: str, command_type: str, payload: dict, timeout_s: float,
+                  idempotency_key: str | None, issued_by: str, source: str = "cli"
+                  ) -> CommandIssued:
+    """A CommandIssued as every entry point makes it (`labbus command send`, the command
+    gateway): the command id from (device, key) — a random key when none is given — and an event
+    id that names what is asked (the same key with another payload is another event, which the
+    device processor refuses; with the same payload the same event, dropped downstream)."""
+    from datetime import timedelta
+
+    key = idempotency_key or str(uuid.uuid4())
+    command_id = command_id_for(device, key)
+    payload_json = json.dumps(payload, separators=(",", ":"))
+    event_id = derived_id(command_id, f"issued/{command_digest(command_type, payload_json)}")
+    return CommandIssued.create(
+        source=source, subject=device, sequence=0, event_id=uuid.UUID(event_id),
+        command_id=command_id, device_id=device, idempotency_key=key,
+        command_type=command_type, payload_json=payload_json,
+        expires_at=utcnow() + timedelta(seconds=timeout_s), issued_by=issued_by)
+
+
 # The final states of a command: after one of these nothing more happens to it.
 COMMAND_FINAL = ("lab.command.CommandCompleted", "lab.command.CommandFailed",
                  "lab.command.CommandRejected", "lab.command.CommandTimedOut")

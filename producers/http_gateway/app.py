@@ -1,9 +1,10 @@
 """The command gateway's HTTP app (`labbus gateway http`, its own process).
 
-This first slice serves identity: the built-in token issuer (`POST /auth/token`, the OAuth2
-password flow in FastAPI's `OAuth2PasswordRequestForm` convention; `/.well-known/jwks.json`;
-`/.well-known/openid-configuration`), plus `/health/live`, `/health/ready` and `/metrics`.
-The command routes (campaigns, device commands), which publish command events, come next.
+It serves the built-in token issuer (`POST /auth/token`, the OAuth2 password flow in FastAPI's
+`OAuth2PasswordRequestForm` convention; `/.well-known/jwks.json`;
+`/.well-known/openid-configuration`), the command routes (`POST /commands`: see
+producers/http_gateway/commands.py; campaigns come next), `/health/live`, `/health/ready` and
+`/metrics`.
 
 Errors of `/auth/token` are RFC 6749 section 5.2 bodies (`{"error": ..., "error_description":
 ...}`), status 400: `invalid_grant` for a wrong email or password, a disabled user or one with no
@@ -29,7 +30,8 @@ from pydantic import BaseModel, Field
 
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
-from labbus.producers.http_gateway import keys
+from labbus.events.tokens import TokenVerifier
+from labbus.producers.http_gateway import commands, keys
 from labbus.producers.http_gateway.issuer import JWKS_PATH, TOKEN_PATH, InvalidGrant, Issuer
 
 TOKEN_REQUESTS = Counter("labbus_gateway_token_requests_total",
@@ -71,17 +73,23 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.db = await connect_pool(dsn or cfg.postgres_dsn, "LABBUS_POSTGRES_DSN")
+        app.state.verifier = TokenVerifier.from_config(cfg)
+        app.state.publisher = commands.Publisher(cfg)
         try:
             if cfg.auth_built_in:
                 key = keys.load_or_create(cfg.auth_keys_dir)
                 app.state.issuer = Issuer.from_config(cfg, key, app.state.db)
+            await app.state.publisher.start()
             yield
         finally:
+            await app.state.publisher.stop()
+            await app.state.verifier.aclose()
             await app.state.db.close()
 
     app = FastAPI(title="labbus command gateway", lifespan=lifespan,
                   description="Commands in, events out; and, for a lab without an identity "
                               "provider, the built-in token issuer.")
+    commands.add_routes(app, cfg)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

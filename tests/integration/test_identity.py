@@ -30,7 +30,7 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Positioned
 from labbus.events.tokens import TokenExpired, TokenVerifier
-from labbus.events.topics import USERS, topic_name
+from labbus.events.topics import COMMANDS, USERS, topic_name
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import (
     REPO,
@@ -277,3 +277,50 @@ def test_an_expired_token_of_the_gateway_is_refused(gateway, users, cfg):
     old = Issuer(base, cfg.auth_audience, 900, key, clock=lambda: time.time() - 3600)
     with pytest.raises(TokenExpired):
         verify(cfg, base, old.mint(user_id_for(ADA), ("researcher",))[0])
+
+
+def test_commands_need_a_token_and_the_permission_and_a_retried_post_publishes_once(
+        gateway, users, cfg):
+    """POST /commands: 401 without a token, 403 for a student, 202 for an operator with the
+    event on lab.commands (issued_by = the token's subject) and a Location on the query API;
+    the same Idempotency-Key again publishes nothing, with another body it is a 409."""
+    base, genv = gateway
+    carol, carol_pw = f"carol-{RUN}@lab.example", "carol's long password"
+    dan, dan_pw = f"dan-{RUN}@lab.example", "dan's long password"
+    for email, pw, role in ((carol, carol_pw, "operator"), (dan, dan_pw, "student")):
+        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
+                   stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+    device = f"gw-http-{RUN}"
+    body = {"device_id": device, "command_type": "measure", "payload": {"wavelength_nm": 600},
+            "timeout_s": 30}
+
+    refused = httpx.post(f"{base}/commands", json=body, timeout=10)
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+    student = token_once_projected(base, dan, dan_pw)["access_token"]
+    forbidden = httpx.post(f"{base}/commands", json=body, timeout=10,
+                           headers={"Authorization": f"Bearer {student}"})
+    assert forbidden.status_code == 403 and "command:send" in forbidden.json()["detail"]
+
+    carol_token = token_once_projected(base, carol, carol_pw)["access_token"]
+    operator = {"Authorization": f"Bearer {carol_token}", "Idempotency-Key": "first"}
+    bad = httpx.post(f"{base}/commands", json={**body, "timeout_s": 0}, headers=operator,
+                     timeout=10)
+    assert bad.status_code == 422
+    sent = httpx.post(f"{base}/commands", json=body, headers=operator, timeout=10)
+    assert sent.status_code == 202, sent.text
+    answer = sent.json()
+    assert sent.headers["Location"] == answer["location"] == (
+        f"{cfg.query_api_url}/commands/{answer['command_id']}")
+    again = httpx.post(f"{base}/commands", json=body, headers=operator, timeout=10)
+    assert again.status_code == 202 and again.json() == answer
+    other = httpx.post(f"{base}/commands", json={**body, "payload": {"wavelength_nm": 700}},
+                       headers=operator, timeout=10)
+    assert other.status_code == 409
+
+    codec = default_codec()
+    issued = [codec.decode(rec.value) for rec in run(read_topic(cfg, topic_name(cfg, COMMANDS)))
+              if rec.key == device.encode()]
+    assert [(e.command_id, str(e.event_id), e.issued_by) for e in issued] == [
+        (answer["command_id"], answer["event_id"], user_id_for(carol))]
+    assert issued[0].payload_json == '{"wavelength_nm":600}'
