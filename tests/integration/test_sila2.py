@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import time
 import uuid
@@ -32,6 +31,7 @@ from labbus.events.topics import (
 )
 from labbus.producers.gateway import pki
 from tests.conftest import REPO, Processes, free_port, read_topic, wait_for
+from tests.support.process import Restartable
 
 pytestmark = pytest.mark.services
 
@@ -65,7 +65,9 @@ class Sim:
         return sum(p.read_text().count("SetTemperature executing") for p in self.logs)
 
 
-class BridgeProc:
+class BridgeProc(Restartable):
+    stop_timeout_s = 20
+
     def __init__(self, env, port: int, logdir) -> None:
         self.env, self.port, self.logdir = env, port, logdir
         self.proc: subprocess.Popen | None = None
@@ -79,17 +81,6 @@ class BridgeProc:
              DEVICE, "--heartbeat", "0.5", "--metrics-port", "-1"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture(scope="module")

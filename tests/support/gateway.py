@@ -4,7 +4,6 @@ service says SERVING, and stopped or killed with SIGKILL."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from labbus.deploy.demo import LABBUS
 from labbus.producers.gateway import devices as dev
 from labbus.producers.gateway import pki
 from tests.conftest import REPO, free_port
+from tests.support.process import Restartable
 
 OPERATOR = "operator-1"
 
@@ -27,7 +27,7 @@ def init_pki(root: Path) -> Path:
     return root
 
 
-class Gateway:
+class Gateway(Restartable):
     def __init__(self, env: dict, pki_dir, logdir, port: int | None = None) -> None:
         self.env = {**env, "LABBUS_PKI_DIR": str(pki_dir)}
         self.pki_dir = pki_dir
@@ -64,15 +64,3 @@ class Gateway:
                     pass
             time.sleep(0.2)
         raise AssertionError("gateway not SERVING")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
