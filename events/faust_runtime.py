@@ -563,6 +563,7 @@ class InFlight:
         self.decided, self.outputs, self.sent = decided, outputs, sent
 
     def acked(self) -> bool:
+        """Whether the broker has answered for every output (an answer may be a failure)."""
         return self.sent is not None and all(f.done() for f in self.sent.futures)
 
 
@@ -724,10 +725,10 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         async with settle_lock:
             while in_flight:
                 item = in_flight[0]
-                if item.outputs and not item.acked():
-                    if not wait:
+                if item.outputs:
+                    if not wait and not item.acked():
                         return
-                    await _acked(producer, item)
+                    await _acked(producer, item)  # at once when done; raises what failed
                 in_flight.popleft()
                 _write(item)
 
