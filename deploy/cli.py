@@ -719,7 +719,7 @@ def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance:
                      experiment_id: str | None) -> None:
     """Request an experiment; prints its id (follow it with `labbus experiment watch ID`)."""
     from labbus.deploy import experiment as exp
-    from labbus.processors.colour.scoring import TargetError
+    from labbus.events.colour_target import TargetError
 
     try:
         req = exp.request(target, budget, batch, [d.strip() for d in dyes.split(",") if d.strip()],

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import getpass
-import uuid
 from collections.abc import Callable
 
 from labbus.events import kafka
+from labbus.events.colour_target import request_experiment
 from labbus.events.config import Config
 from labbus.events.model import (
     Event,
@@ -18,7 +18,6 @@ from labbus.events.model import (
     WellScored,
 )
 from labbus.events.topics import EXPERIMENTS, topic_name
-from labbus.processors.colour import scoring
 
 FINAL = (ExperimentCompleted, ExperimentFailed, ExperimentRejected)
 
@@ -26,18 +25,13 @@ FINAL = (ExperimentCompleted, ExperimentFailed, ExperimentRejected)
 def request(target: str, budget: int, batch: int, dyes: list[str], tolerance: float = 2.0,
             experiment_id: str | None = None, requested_by: str | None = None
             ) -> ExperimentRequested:
-    """Raises scoring.TargetError for a target that does not parse."""
-    lab = [float(v) for v in scoring.parse_target(target)]
-    xid = experiment_id or f"exp-{uuid.uuid4().hex[:12]}"
+    """Straight to Kafka (an operator holding broker credentials): requested by the login name.
+    Raises TargetError for a target that does not parse."""
     try:
         who = requested_by or getpass.getuser()
     except Exception:  # noqa: BLE001 - no login name in some containers
         who = "unknown"
-    return ExperimentRequested.create(
-        source="cli", subject=xid, sequence=1, experiment_id=xid,
-        target_hex=target if target.strip().startswith("#") else None, target_lab=lab,
-        dyes=list(dyes), budget_wells=budget, batch_size=batch, tolerance_de=tolerance,
-        requested_by=who)
+    return request_experiment(target, budget, batch, dyes, who, tolerance, experiment_id)
 
 
 async def publish(cfg: Config, *events: Event) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from labbus.events.model import ENVELOPE_FIELDS, EVENT_TYPES, Envelope, Event
+from labbus.events.model import ENVELOPE_FIELDS, EVENT_TYPES, Actor, Envelope, Event
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -96,13 +96,17 @@ class Codec:
         entry = self.schema(event.TYPE)
         record = {name: getattr(event.envelope, name) for name in ENVELOPE_FIELDS}
         record["schema_version"] = entry.version
+        if event.envelope.actor is not None:
+            record["actor"] = event.envelope.actor.to_record()
         for name in self._payload_fields[event.TYPE]:
             record[name] = getattr(event, name)
         return self._write(entry, entry.parsed, record)
 
     def encode_plain(self, event_type: str, record: dict) -> bytes:
-        """Encode a plain record (uuids as str, timestamps as int micros): the hot-path form."""
+        """Encode a plain record (uuids as str, timestamps as int micros): the hot-path form.
+        Its schema_version is set to the current schema's."""
         entry = self.schema(event_type)
+        record["schema_version"] = entry.version
         return self._write(entry, entry.plain, record)
 
     @staticmethod
@@ -139,6 +143,8 @@ class Codec:
         if cls is None:
             raise UnknownFingerprint(f"schema {name} has no event class in this process")
         envelope = Envelope(**{f: record[f] for f in ENVELOPE_FIELDS})
+        if envelope.actor is not None:
+            envelope = replace(envelope, actor=Actor.from_record(envelope.actor))
         return cls(envelope, **{f: record[f] for f in self._payload_fields[name]})
 
 

@@ -17,6 +17,29 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asked for an event: the verified caller of an entry point (the command gateway
+    fills it from the token and the request; the audit log is built from it)."""
+
+    user_id: str
+    roles: tuple[str, ...]
+    client_ip: str | None = None
+    user_agent: str | None = None
+    token_id: str | None = None
+
+    def to_record(self) -> dict:
+        return {"user_id": self.user_id, "roles": list(self.roles), "client_ip": self.client_ip,
+                "user_agent": self.user_agent, "token_id": self.token_id}
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> Actor | None:
+        if record is None:
+            return None
+        return cls(record["user_id"], tuple(record["roles"]), record.get("client_ip"),
+                   record.get("user_agent"), record.get("token_id"))
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     event_id: uuid.UUID
     event_type: str
@@ -28,6 +51,16 @@ class Envelope:
     correlation_id: uuid.UUID | None
     causation_id: uuid.UUID | None
     sequence: int
+    actor: Actor | None = None  # schema v2 of every event; data written before decodes as None
+
+
+def current_version(event_type: str) -> int:
+    """The version of `event_type`'s current schema in schemas/ (what the codec writes with), so
+    an event made here equals the same event decoded."""
+    from labbus.events.codec import default_codec  # the codec imports this module
+
+    entry = default_codec().current.get(event_type)
+    return entry.version if entry is not None else 1
 
 
 ENVELOPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Envelope))
@@ -51,14 +84,15 @@ class Event:
         event_id: uuid.UUID | None = None,
         correlation_id: uuid.UUID | None = None,
         causation_id: uuid.UUID | None = None,
-        schema_version: int = 1,
+        schema_version: int | None = None,
+        actor: Actor | None = None,
         **payload: Any,
     ) -> E:
         now = utcnow()
         envelope = Envelope(
             event_id=event_id or uuid.uuid4(),
             event_type=cls.TYPE,
-            schema_version=schema_version,
+            schema_version=schema_version or current_version(cls.TYPE),
             occurred_at=occurred_at or now,
             recorded_at=now,
             source=source,
@@ -66,6 +100,7 @@ class Event:
             correlation_id=correlation_id,
             causation_id=causation_id,
             sequence=sequence,
+            actor=actor,
         )
         return cls(envelope, **payload)
 

@@ -126,7 +126,7 @@ def _derived(reading: dict, event_type: str, purpose: str, now_us: int, source: 
     return {
         "event_id": derived_id(reading["event_id"], purpose),
         "event_type": event_type,
-        "schema_version": 1,
+        "schema_version": 0,  # Codec.encode_plain writes the current schema's version
         "occurred_at": reading["occurred_at"],
         "recorded_at": now_us,
         "source": source,
@@ -143,15 +143,11 @@ def _derived(reading: dict, event_type: str, purpose: str, now_us: int, source: 
     }
 
 
-VALIDATED_VERSION = 2  # MeasurementValidated v2: quality and quality_rule
-
-
 def validated(reading: dict, now_us: int, source: str, quality: str | None = None,
               rule: str | None = None) -> dict:
     """The MeasurementValidated record for a reading that passed validation, with its quality
     and the rule that set it (processors/quality.py)."""
     record = _derived(reading, VALIDATED, "validated", now_us, source)
-    record["schema_version"] = VALIDATED_VERSION
     record["quality"] = quality
     record["quality_rule"] = rule
     return record

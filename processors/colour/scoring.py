@@ -1,25 +1,20 @@
-"""Colour targets and colour differences (CIEDE2000), all conversions via colour-science."""
+"""Colour differences (CIEDE2000) and conversions, all via colour-science. Targets are parsed
+in the kernel (labbus.events.colour_target), since entry points parse them too."""
 
 from __future__ import annotations
 
-import re
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # colour-science warns that matplotlib is absent
-    import colour
-
-D65 = colour.CCS_ILLUMINANTS["CIE 1931 2 Degree Standard Observer"]["D65"]
-
-_HEX = re.compile(r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
-_FUNCTIONAL = re.compile(r"^(lab|rgb)\(([^)]*)\)$", re.IGNORECASE)
-
-
-class TargetError(ValueError):
-    """A colour target could not be understood; the message says why."""
+from labbus.events.colour_target import (  # noqa: F401 - the colour maths' one import place
+    D65,
+    TargetError,
+    colour,
+    parse_target,
+    srgb8_to_lab,
+    srgb_to_lab,
+)
 
 
 def delta_e2000(lab_1: Sequence[float] | np.ndarray,
@@ -30,68 +25,6 @@ def delta_e2000(lab_1: Sequence[float] | np.ndarray,
     return float(result) if np.ndim(result) == 0 else result
 
 
-def srgb_to_lab(srgb: Sequence[float] | np.ndarray) -> np.ndarray:
-    """sRGB in 0..1 (gamma-encoded) → CIELAB (D65)."""
-    return colour.XYZ_to_Lab(colour.sRGB_to_XYZ(np.asarray(srgb, dtype=float)), D65)
-
-
-def srgb8_to_lab(rgb8: Sequence[float] | np.ndarray) -> np.ndarray:
-    return srgb_to_lab(np.asarray(rgb8, dtype=float) / 255.0)
-
-
 def lab_to_srgb(lab: Sequence[float] | np.ndarray) -> np.ndarray:
     """CIELAB (D65) → sRGB in 0..1, unclipped (values outside 0..1 mean out of the sRGB gamut)."""
     return colour.XYZ_to_sRGB(colour.Lab_to_XYZ(np.asarray(lab, dtype=float), D65))
-
-
-def parse_target(value: str | Sequence[float], space: str = "lab") -> np.ndarray:
-    """A colour target as CIELAB (D65).
-
-    Accepts '#7a3cc0' / '7a3cc0' / '#73c', 'rgb(122, 60, 192)', 'lab(50, 20, -30)',
-    or a triple interpreted in `space`: "lab" (default), "srgb8" (0..255) or "srgb" (0..1).
-    """
-    if isinstance(value, str):
-        text = value.strip()
-        hex_match = _HEX.match(text)
-        if hex_match:
-            digits = hex_match.group(1)
-            if len(digits) == 3:
-                digits = "".join(d * 2 for d in digits)
-            return srgb8_to_lab([int(digits[i:i + 2], 16) for i in (0, 2, 4)])
-        functional = _FUNCTIONAL.match(text.replace(" ", ""))
-        if functional:
-            return parse_target(_numbers(functional.group(2), value),
-                                space="lab" if functional.group(1).lower() == "lab" else "srgb8")
-        raise TargetError(f"target {value!r}: expected '#rrggbb', 'rgb(r, g, b)' or 'lab(L, a, b)'")
-
-    triple = _triple(value)
-    if space == "lab":
-        if not 0.0 <= triple[0] <= 100.0:
-            raise TargetError(f"target {tuple(value)}: L* must be between 0 and 100")
-        return triple
-    if space == "srgb8":
-        if np.any(triple < 0) or np.any(triple > 255):
-            raise TargetError(f"target {tuple(value)}: 8-bit sRGB values must be between 0 and 255")
-        return srgb8_to_lab(triple)
-    if space == "srgb":
-        if np.any(triple < 0) or np.any(triple > 1):
-            raise TargetError(f"target {tuple(value)}: sRGB values must be between 0 and 1")
-        return srgb_to_lab(triple)
-    raise TargetError(f"unknown colour space {space!r}: use 'lab', 'srgb8' or 'srgb'")
-
-
-def _numbers(text: str, original: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise TargetError(f"target {original!r}: components must be numbers") from None
-
-
-def _triple(value: Sequence[float]) -> np.ndarray:
-    try:
-        triple = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise TargetError(f"target {value!r}: expected three numbers") from None
-    if triple.shape != (3,) or not np.all(np.isfinite(triple)):
-        raise TargetError(f"target {value!r}: expected three finite numbers")
-    return triple

@@ -23,6 +23,7 @@ from labbus.events.codec import (
 from labbus.events.model import (
     ENVELOPE_FIELDS,
     EVENT_TYPES,
+    Actor,
     AnomalyDetected,
     CommandAccepted,
     CommandCompleted,
@@ -67,15 +68,13 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 SAMPLES = [
     DeviceRegistered.create(source="s", subject="d1", sequence=1, device_id="d1",
-                            schema_version=2,
                             device_type="thermometer", model="m", location="lab",
                             metrics=["temperature"], attributes={"a": "b"}),
     MeasurementRecorded.create(source="s", subject="d1", sequence=2, occurred_at=T0,
                                correlation_id=uuid.uuid4(), device_id="d1",
                                metric="temperature", value=21.25, unit="degC"),
     MeasurementValidated.create(source="v", subject="d1", sequence=2, causation_id=uuid.uuid4(),
-                                schema_version=2,
-                                measurement_id=uuid.uuid4(), device_id="d1", metric="ph",
+                                    measurement_id=uuid.uuid4(), device_id="d1", metric="ph",
                                 value=7.0, unit="pH", measured_at=T0, quality="suspect",
                                 quality_rule="sequence"),
     MeasurementRejected.create(source="v", subject="d1", sequence=3, measurement_id=uuid.uuid4(),
@@ -92,7 +91,6 @@ _SPEC = {"metric": "temperature", "unit": "degC", "min": -20.0, "max": 150.0,
 _CMD = dict(command_id="c-1", device_id="d1")
 SAMPLES += [
     DeviceRegistered.create(source="gw", subject="d2", sequence=1, device_id="d2",
-                            schema_version=2,
                             device_type="ph-meter", model="m", location="lab", metrics=["ph"],
                             specs=[_SPEC, dict(_SPEC, metric="ph", unit="pH", min=None, max=None)],
                             spec_version=3),
@@ -270,18 +268,17 @@ def test_data_written_with_a_previous_schema_version_still_decodes(tmp_path):
     shutil.copytree(SCHEMAS_DIR, schemas)
     name = "lab.measurement.MeasurementRecorded"
     v1 = json.loads((schemas / f"{name}.avsc").read_text())
-    (schemas / "previous" / name).mkdir(parents=True)
-    (schemas / "previous" / name / "v1.avsc").write_text(json.dumps(v1))
+    (schemas / "previous" / name / "v2.avsc").write_text(json.dumps(v1))
     v2 = dict(v1, fields=v1["fields"] + [{"name": "quality", "type": "string",
                                           "default": "unknown"}])
-    v2["labbus.version"] = 2
+    v2["labbus.version"] = 3
     (schemas / f"{name}.avsc").write_text(json.dumps(v2))
 
     old_bytes = Codec().encode(SAMPLES[1])  # written by a producer still on v1
     new = Codec(schemas)
     kind, record = new.decode_record(old_bytes)
     assert kind == name and record["quality"] == "unknown" and record["value"] == 21.25
-    assert record["schema_version"] == 1
+    assert record["schema_version"] == 2
 
 
 def test_device_registered_v1_bytes_decode_through_v2_with_empty_specs():
@@ -304,7 +301,7 @@ def test_device_registered_v1_bytes_decode_through_v2_with_empty_specs():
     assert isinstance(event, DeviceRegistered)
     assert event.specs == [] and event.spec_version == 1
     assert event.metrics == ["temperature"] and event.envelope.schema_version == 1
-    assert codec.schema(DeviceRegistered.TYPE).version == 2
+    assert codec.schema(DeviceRegistered.TYPE).version == 3
     # and new bytes carry the specs
     new = codec.decode(codec.encode(SAMPLES[5]))
     assert new.specs[0]["max"] == 150.0 and new.specs[1]["min"] is None
@@ -331,15 +328,16 @@ def test_measurement_validated_v1_bytes_decode_through_v2_without_quality():
     assert isinstance(event, MeasurementValidated) and event.value == 7.0
     assert event.quality is None and event.quality_rule is None
     assert event.envelope.schema_version == 1
-    assert codec.schema(MeasurementValidated.TYPE).version == 2
+    assert codec.schema(MeasurementValidated.TYPE).version == 3
     new = MeasurementValidated.create(
         source="v", subject="d1", sequence=2, measurement_id=uuid.uuid4(), device_id="d1",
         metric="ph", value=99.0, unit="pH", measured_at=T0, quality="bad", quality_rule="range")
     back = codec.decode(codec.encode(new))
     assert (back.quality, back.quality_rule) == ("bad", "range")
-    # the validator's hot-path records are v2 as well
-    from labbus.processors import validation
-    assert validation.VALIDATED_VERSION == codec.schema(MeasurementValidated.TYPE).version
+    # hot-path records are written with the current version, whatever they say
+    _, plain = codec.decode_record(codec.encode(new), plain=True)
+    again = codec.encode_plain(MeasurementValidated.TYPE, dict(plain, schema_version=0))
+    assert codec.decode(again).envelope.schema_version == 3
 
 
 def _compatible(reader: dict, writer: dict) -> bool:
@@ -385,3 +383,50 @@ def test_encoding_matches_plain_fastavro():
     record.update(device_id="d1", metric="temperature", value=21.25, unit="degC")
     schemaless_writer(buf, parse_schema(raw), record)
     assert codec.encode(event)[10:] == buf.getvalue()
+
+
+ACTOR = Actor("user-1", ("student",), "10.0.0.7", "curl/8.5", "jti-1")
+
+
+def test_the_actor_round_trips_on_the_envelope():
+    codec = default_codec()
+    event = SAMPLES[1].with_envelope(actor=ACTOR)
+    back = codec.decode(codec.encode(event))
+    assert back == event and back.envelope.actor == ACTOR
+    assert codec.decode(codec.encode(SAMPLES[1])).envelope.actor is None
+
+
+def test_every_event_written_before_the_actor_existed_decodes_with_no_actor():
+    """Schema evolution: each schema's kept version without `actor` (v1 for most) is a writer
+    schema; its bytes decode through the current schema with actor None and their own version."""
+    codec = default_codec()
+    checked = 0
+    for entry in codec.writers.values():
+        raw = json.loads(entry.path.read_text())
+        if "previous" not in entry.path.parts or "actor" in [f["name"] for f in raw["fields"]]:
+            continue
+        event = next(e for e in SAMPLES if e.TYPE == entry.name)
+        record = {f: getattr(event.envelope, f) for f in ENVELOPE_FIELDS if f != "actor"}
+        record["schema_version"] = entry.version
+        for f in raw["fields"][len(record):]:
+            record[f["name"]] = getattr(event, f["name"])
+        buf = io.BytesIO()
+        buf.write(MAGIC)
+        buf.write(entry.fingerprint)
+        schemaless_writer(buf, entry.parsed, record)
+        back = codec.decode(buf.getvalue())
+        assert back.envelope.actor is None and back.envelope.schema_version == entry.version
+        assert back.envelope.event_id == event.envelope.event_id
+        checked += 1
+    assert checked >= len(codec.current)  # every current schema has a kept pre-actor version
+
+
+def test_other_avro_libraries_read_the_actor():
+    import avro.io
+
+    data = default_codec().encode(SAMPLES[1].with_envelope(actor=ACTOR))
+    schema = avro.schema.parse((SCHEMAS_DIR / f"{SAMPLES[1].TYPE}.avsc").read_text())
+    record = avro.io.DatumReader(schema).read(avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    assert record["actor"] == {"user_id": "user-1", "roles": ["student"],
+                               "client_ip": "10.0.0.7", "user_agent": "curl/8.5",
+                               "token_id": "jti-1"}
