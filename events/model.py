@@ -274,8 +274,8 @@ def command_digest(command_type: str, payload_json: str) -> str:
 
 
 def issue_command(device: str, command_type: str, payload: dict, timeout_s: float,
-                  idempotency_key: str | None, issued_by: str, source: str = "cli"
-                  ) -> CommandIssued:
+                  idempotency_key: str | None, issued_by: str, source: str = "cli",
+                  actor: Actor | None = None) -> CommandIssued:
     """A CommandIssued as every entry point makes it (`labbus command send`, the command
     gateway): the command id from (device, key) — a random key when none is given — and an event
     id that names what is asked (the same key with another payload is another event, which the
@@ -287,7 +287,7 @@ def issue_command(device: str, command_type: str, payload: dict, timeout_s: floa
     payload_json = json.dumps(payload, separators=(",", ":"))
     event_id = derived_id(command_id, f"issued/{command_digest(command_type, payload_json)}")
     return CommandIssued.create(
-        source=source, subject=device, sequence=0, event_id=uuid.UUID(event_id),
+        source=source, subject=device, sequence=0, event_id=uuid.UUID(event_id), actor=actor,
         command_id=command_id, device_id=device, idempotency_key=key,
         command_type=command_type, payload_json=payload_json,
         expires_at=utcnow() + timedelta(seconds=timeout_s), issued_by=issued_by)

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
 from labbus.events.tokens import TokenVerifier
-from labbus.producers.http_gateway import commands, keys
+from labbus.producers.http_gateway import commands, experiments, keys
 from labbus.producers.http_gateway.issuer import JWKS_PATH, TOKEN_PATH, InvalidGrant, Issuer
 
 TOKEN_REQUESTS = Counter("labbus_gateway_token_requests_total",
@@ -90,6 +90,7 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
                   description="Commands in, events out; and, for a lab without an identity "
                               "provider, the built-in token issuer.")
     commands.add_routes(app, cfg)
+    experiments.add_routes(app, cfg)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from labbus.events import kafka
 from labbus.events.config import Config
 from labbus.events.identity import Principal
-from labbus.events.model import issue_command
+from labbus.events.model import Actor, issue_command
 from labbus.events.runtime import Deliveries, Step
 from labbus.events.tokens import TokenError, TokenVerifier, bearer_token, www_authenticate
 
@@ -83,6 +83,45 @@ async def caller(request: Request,
                             headers={"WWW-Authenticate": www_authenticate(exc)}) from None
 
 
+def actor_of(principal: Principal, request: Request) -> Actor:
+    """Who asks, as the command event carries it (the audit log reads it)."""
+    return Actor(principal.user_id, principal.roles,
+                 request.client.host if request.client else None,
+                 request.headers.get("user-agent"), principal.token_id)
+
+
+class Answered:
+    """The answers to the last REMEMBERED_KEYS requests that carried an Idempotency-Key: a
+    retry gets the first answer again and publishes nothing; the same key with another body is
+    a 409."""
+
+    def __init__(self) -> None:
+        self._answers: collections.OrderedDict[tuple, tuple[dict, dict]] = \
+            collections.OrderedDict()
+
+    def get(self, memo: tuple, asked: dict) -> dict | None:
+        if memo not in self._answers:
+            return None
+        first_asked, answer = self._answers[memo]
+        if first_asked != asked:
+            raise HTTPException(409, "this Idempotency-Key was used for another request; use a "
+                                     "new key for a new request")
+        return answer
+
+    def remember(self, memo: tuple, asked: dict, answer: dict) -> None:
+        self._answers[memo] = (asked, answer)
+        while len(self._answers) > REMEMBERED_KEYS:
+            self._answers.popitem(last=False)
+
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                              max_length=200)]
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No token, or a token that is not valid."},
+    403: {"model": Problem, "description": "The caller's roles lack the permission."},
+    409: {"model": Problem, "description": "The Idempotency-Key was used for another request."}}
+
+
 def require(principal: Principal, permission: str) -> None:
     if not principal.may(permission):
         raise HTTPException(403, f"the roles {list(principal.roles)} do not grant "
@@ -90,39 +129,27 @@ def require(principal: Principal, permission: str) -> None:
 
 
 def add_routes(app: FastAPI, cfg: Config) -> None:
-    answered: collections.OrderedDict[tuple, tuple[dict, dict]] = collections.OrderedDict()
-    refusals: dict[int | str, dict[str, Any]] = {
-        401: {"model": Problem, "description": "No token, or a token that is not valid."},
-        403: {"model": Problem, "description": "The caller's roles lack the permission."},
-        409: {"model": Problem, "description": "The Idempotency-Key was used for another "
-                                               "request."}}
+    answered = Answered()
 
-    @app.post("/commands", status_code=202, response_model=Accepted, responses=refusals,
+    @app.post("/commands", status_code=202, response_model=Accepted, responses=REFUSALS,
               summary="Send a command to a device (publishes CommandIssued)",
               operation_id="send_command", tags=["commands"])
     async def send_command(body: DeviceCommand, request: Request, response: Response,
                            principal: Annotated[Principal, Depends(caller)],
-                           idempotency_key: Annotated[str | None, Header(
-                               alias="Idempotency-Key", min_length=1, max_length=200)] = None
-                           ) -> dict:
+                           idempotency_key: IdempotencyKey = None) -> dict:
         require(principal, "command:send")
-        memo = (principal.user_id, body.device_id, idempotency_key)
+        memo = ("command", principal.user_id, body.device_id, idempotency_key)
         asked = body.model_dump()
-        if idempotency_key is not None and memo in answered:
-            first_asked, answer = answered[memo]
-            if first_asked != asked:
-                raise HTTPException(409, "this Idempotency-Key was used for another request "
-                                         "to this device; use a new key for a new command")
-        else:
+        answer = answered.get(memo, asked) if idempotency_key is not None else None
+        if answer is None:
             key = f"{principal.user_id}/{idempotency_key}" if idempotency_key else None
             event = issue_command(body.device_id, body.command_type, body.payload,
-                                  body.timeout_s, key, principal.user_id, source=PROCESS)
+                                  body.timeout_s, key, principal.user_id, source=PROCESS,
+                                  actor=actor_of(principal, request))
             await request.app.state.publisher.publish(event)
             answer = {"event_id": str(event.event_id), "command_id": event.command_id,
                       "location": f"{cfg.query_api_url}/commands/{event.command_id}"}
             if idempotency_key is not None:
-                answered[memo] = (asked, answer)
-                while len(answered) > REMEMBERED_KEYS:
-                    answered.popitem(last=False)
+                answered.remember(memo, asked, answer)
         response.headers["Location"] = answer["location"]
         return answer

@@ -30,7 +30,7 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Positioned
 from labbus.events.tokens import TokenExpired, TokenVerifier
-from labbus.events.topics import COMMANDS, USERS, topic_name
+from labbus.events.topics import COMMANDS, EXPERIMENTS, USERS, topic_name
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import (
     REPO,
@@ -324,3 +324,49 @@ def test_commands_need_a_token_and_the_permission_and_a_retried_post_publishes_o
     assert [(e.command_id, str(e.event_id), e.issued_by) for e in issued] == [
         (answer["command_id"], answer["event_id"], user_id_for(carol))]
     assert issued[0].payload_json == '{"wavelength_nm":600}'
+    actor = issued[0].envelope.actor  # who asked, for the audit log
+    assert (actor.user_id, actor.roles, actor.client_ip) == (
+        user_id_for(carol), ("operator",), "127.0.0.1")
+    assert actor.user_agent.startswith("python-httpx") and actor.token_id
+
+
+def test_a_campaign_started_through_the_gateway_is_requested_by_the_caller(gateway, users, cfg):
+    """POST /experiments: 403 for a role without experiment:start, 422 for a target that does
+    not parse, 202 for a student with ExperimentRequested on lab.experiments requested by the
+    student and carrying the student as its actor; a retry with the same key publishes once."""
+    base, genv = gateway
+    eve, eve_pw = f"eve-{RUN}@lab.example", "eve's long password"
+    fay, fay_pw = f"fay-{RUN}@lab.example", "fay's long password"
+    for email, pw, role in ((eve, eve_pw, "student"), (fay, fay_pw, "viewer")):
+        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
+                   stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+    body = {"target": "#7a3cc0", "dyes": ["red", "yellow", "blue"], "budget_wells": 16,
+            "batch_size": 8}
+    viewer = token_once_projected(base, fay, fay_pw)["access_token"]
+    forbidden = httpx.post(f"{base}/experiments", json=body, timeout=10,
+                           headers={"Authorization": f"Bearer {viewer}"})
+    assert forbidden.status_code == 403 and "experiment:start" in forbidden.json()["detail"]
+    student = {"Authorization": f"Bearer {token_once_projected(base, eve, eve_pw)['access_token']}",
+               "Idempotency-Key": f"campaign-{RUN}", "User-Agent": "labbus-test/1"}
+    bad = httpx.post(f"{base}/experiments", json={**body, "target": "#zzz"}, headers=student,
+                     timeout=10)
+    assert bad.status_code == 422 and "#zzz" in bad.json()["detail"]
+    started = httpx.post(f"{base}/experiments", json=body, headers=student, timeout=10)
+    assert started.status_code == 202, started.text
+    answer = started.json()
+    assert started.headers["Location"] == f"{cfg.query_api_url}/experiments/" \
+                                          f"{answer['experiment_id']}"
+    again = httpx.post(f"{base}/experiments", json=body, headers=student, timeout=10)
+    assert again.status_code == 202 and again.json() == answer
+
+    codec = default_codec()
+    requested = [codec.decode(rec.value)
+                 for rec in run(read_topic(cfg, topic_name(cfg, EXPERIMENTS)))
+                 if rec.key == answer["experiment_id"].encode()]
+    assert [str(e.event_id) for e in requested] == [answer["event_id"]]
+    (req,) = requested
+    assert req.requested_by == user_id_for(eve) and req.budget_wells == 16
+    assert req.dyes == ["red", "yellow", "blue"] and req.target_hex == "#7a3cc0"
+    assert (req.envelope.actor.user_id, req.envelope.actor.roles,
+            req.envelope.actor.user_agent) == (user_id_for(eve), ("student",), "labbus-test/1")

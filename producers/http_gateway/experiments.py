@@ -1,0 +1,100 @@
+"""The command gateway's campaign routes: `POST /experiments` starts a colour campaign (publishes
+ExperimentRequested, requested by the token's subject, with the caller as its actor).
+
+What the gateway checks is what it can judge alone: the permission, the body's shape and the
+target colour (a target that does not parse is a 422 here, not a rejection later). Everything
+that depends on the log (the user's quota, the dye stocks on the deck, a duplicate id) is judged
+by the processors, which answer with ExperimentRejected and a reason, visible at the Location.
+
+`Idempotency-Key`: the experiment id derives from (caller, key) and the event id from what is
+asked, so a retried POST is the same request (after a restart as well: consumers drop the repeated
+event id); within this process's memory a retry publishes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from labbus.events.colour_target import TargetError, request_experiment
+from labbus.events.config import Config
+from labbus.events.identity import Principal
+from labbus.events.model import derived_id
+from labbus.producers.http_gateway.commands import (
+    PROCESS,
+    REFUSALS,
+    Answered,
+    IdempotencyKey,
+    actor_of,
+    caller,
+    require,
+)
+
+
+class CampaignRequest(BaseModel):
+    target: str = Field(min_length=1, max_length=100,
+                        description="The colour to mix: '#rrggbb', 'rgb(r, g, b)' or "
+                                    "'lab(L, a, b)'.")
+    dyes: list[str] = Field(min_length=1, max_length=8,
+                            description="Dye stocks to mix, in reservoir order.")
+    budget_wells: int = Field(24, ge=1, le=96, description="Most wells the campaign may use "
+                                                           "(reserved from the caller's quota).")
+    batch_size: int = Field(8, ge=1, le=96, description="Wells per robot run.")
+    tolerance_de: float = Field(2.0, gt=0, le=100,
+                                description="Success when a confirmed ΔE00 is below this.")
+
+
+class CampaignAccepted(BaseModel):
+    event_id: str = Field(description="The id of the ExperimentRequested published.")
+    experiment_id: str = Field(description="The campaign's id (follow it at `Location`).")
+    location: str = Field(description="Where the query API shows the campaign.")
+
+
+def experiment_id_for(user_id: str, idempotency_key: str | None) -> str:
+    """A retried request (same caller, same key) names the same experiment."""
+    if idempotency_key is None:
+        return f"exp-{uuid.uuid4().hex[:12]}"
+    return "exp-" + derived_id(f"user/{user_id}", f"experiment/{idempotency_key}")[:13]
+
+
+def _digest(asked: dict) -> str:
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def add_routes(app: FastAPI, cfg: Config) -> None:
+    answered = Answered()
+
+    @app.post("/experiments", status_code=202, response_model=CampaignAccepted,
+              responses=REFUSALS, summary="Start a colour campaign (publishes "
+                                          "ExperimentRequested)",
+              operation_id="start_experiment", tags=["experiments"])
+    async def start_experiment(body: CampaignRequest, request: Request, response: Response,
+                               principal: Annotated[Principal, Depends(caller)],
+                               idempotency_key: IdempotencyKey = None) -> dict:
+        require(principal, "experiment:start")
+        memo = ("experiment", principal.user_id, idempotency_key)
+        asked = body.model_dump()
+        answer = answered.get(memo, asked) if idempotency_key is not None else None
+        if answer is None:
+            xid = experiment_id_for(principal.user_id, idempotency_key)
+            try:
+                event = request_experiment(
+                    body.target, body.budget_wells, body.batch_size, body.dyes,
+                    principal.user_id, body.tolerance_de, xid,
+                    actor=actor_of(principal, request), source=PROCESS)
+            except TargetError as exc:
+                raise HTTPException(422, str(exc)) from None
+            event = event.with_envelope(event_id=uuid.UUID(
+                derived_id(xid, f"requested/{_digest(asked)}")))
+            await request.app.state.publisher.publish(event)
+            answer = {"event_id": str(event.event_id), "experiment_id": xid,
+                      "location": f"{cfg.query_api_url}/experiments/{xid}"}
+            if idempotency_key is not None:
+                answered.remember(memo, asked, answer)
+        response.headers["Location"] = answer["location"]
+        return answer
