@@ -29,7 +29,9 @@ from labbus.events.topics import (
     topic_name,
 )
 from labbus.projections import partitions
+from labbus.projections import postgres_audit as audit
 from labbus.projections.migrate import migrate
+from labbus.projections.postgres_audit import AUDITED
 from labbus.projections.postgres_devices import DEVICE_SQL, HEARTBEATS, heartbeat_args
 from labbus.projections.postgres_users import USER_SQL
 
@@ -137,6 +139,8 @@ class PostgresProjection:
         beats: dict[str, int] = {}  # device -> its latest heartbeat in the batch (µs)
         statements: list[tuple[str, tuple]] = []  # (sql, args) in log order
         for p in events:
+            if p.event_type in AUDITED or p.record.get("actor") is not None:
+                statements.extend(audit.statements(p))
             if p.event_type in CAMPAIGN_SQL:
                 statements.extend(CAMPAIGN_SQL[p.event_type](p.record))
                 continue
