@@ -388,6 +388,69 @@ def process_devices(metrics_port: int | None) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------
+# -- the CLI's identity at the command gateway ------------------------------------------------
+@main.command("login")
+@click.argument("email", required=False)
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from the first line of standard input (else a prompt).")
+@click.option("--token-stdin", is_flag=True,
+              help="Store a token got elsewhere (a lab's own identity provider) read from "
+                   "standard input, instead of logging in with a password.")
+def login_cmd(email: str | None, password_stdin: bool, token_stdin: bool) -> None:
+    """Get a token from the issuer (OAuth2 password flow) and keep it in LABBUS_TOKEN_FILE;
+    `experiment start` and `command send` then go through the command gateway with it."""
+    from labbus.deploy import login as lg
+
+    cfg = _cfg()
+    try:
+        if token_stdin:
+            token = lg.store(cfg, sys.stdin.readline().strip())
+        else:
+            if not email:
+                raise click.UsageError("EMAIL is needed (or --token-stdin)")
+            password = (sys.stdin.readline().rstrip("\r\n") if password_stdin
+                        else click.prompt("Password", hide_input=True))
+            token = lg.login(cfg, email, password)
+    except lg.LoginError as exc:
+        raise click.ClickException(str(exc)) from None
+    left = max(0, int(token.expires_at - time.time()))
+    click.echo(f"logged in as {token.subject} at {token.gateway_url}; the token is valid for "
+               f"{left // 60} min {left % 60} s ({cfg.token_file})")
+
+
+@main.command("logout")
+def logout_cmd() -> None:
+    """Forget the stored token."""
+    from labbus.deploy import login as lg
+
+    cfg = _cfg()
+    click.echo("logged out" if lg.logout(cfg) else f"no token stored at {cfg.token_file}")
+
+
+def _route(via: str, cfg):
+    """The stored token when the command goes through the gateway, None when straight to Kafka
+    (`--via auto`: the gateway when logged in)."""
+    from labbus.deploy import login as lg
+
+    try:
+        token = lg.stored(cfg) if via in ("auto", "gateway") else None
+    except lg.LoginError as exc:
+        raise click.ClickException(str(exc)) from None
+    if via == "gateway" and token is None:
+        raise click.ClickException(f"no token for {cfg.gateway_url}: run `labbus login` first")
+    if token is not None and token.expired:
+        raise click.ClickException("the stored token has expired: run `labbus login` again "
+                                   "(or `--via kafka` with broker credentials)")
+    return token
+
+
+VIA = click.option("--via", type=click.Choice(["auto", "gateway", "kafka"]), default="auto",
+                   show_default=True,
+                   help="gateway: through `labbus gateway http` with the token of `labbus "
+                        "login`; kafka: straight to the broker (an operator with broker "
+                        "credentials); auto: the gateway when logged in.")
+
+
 @main.group()
 def command() -> None:
     """Commands to devices (lab.commands)."""
@@ -422,9 +485,11 @@ def _duration(value: str) -> float:
                    "(default: a new uuid).")
 @click.option("--wait", is_flag=True,
               help="Follow the command to its final state; exit 1 unless it completed.")
+@VIA
 def command_send(device: str, command_type: str, payload: str, timeout: str,
-                 idempotency_key: str | None, wait: bool) -> None:
-    """Publish a CommandIssued for DEVICE straight to Kafka; prints the command id."""
+                 idempotency_key: str | None, wait: bool, via: str) -> None:
+    """Send a command to DEVICE (a CommandIssued): through the command gateway when logged in,
+    else straight to Kafka; prints the command id."""
     import json
 
     from labbus.deploy import commands as cmds
@@ -437,7 +502,26 @@ def command_send(device: str, command_type: str, payload: str, timeout: str,
     if not isinstance(parsed, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--payload")
     cfg = _cfg()
-    issued = asyncio.run(cmds.send(cfg, device, command_type, parsed, seconds, idempotency_key))
+    token = _route(via, cfg)
+    if token is None:
+        issued = asyncio.run(cmds.send(cfg, device, command_type, parsed, seconds,
+                                       idempotency_key))
+    else:
+        import uuid
+
+        from labbus.deploy import login as lg
+
+        key = idempotency_key or str(uuid.uuid4())
+        try:
+            answer = lg.post(cfg, token, "/commands", {
+                "device_id": device, "command_type": command_type, "payload": parsed,
+                "timeout_s": seconds}, key)
+        except lg.LoginError as exc:
+            raise click.ClickException(str(exc)) from None
+        # the command as the gateway made it (its id derives from the caller and the key)
+        issued = cmds.issued_event(device, command_type, parsed, seconds,
+                                   f"{token.subject}/{key}", token.subject)
+        assert issued.command_id == answer["command_id"], answer
     click.echo(issued.command_id)
     if not wait:
         return
@@ -714,20 +798,42 @@ def experiment() -> None:
 @click.option("--dyes", default="red,yellow,blue", show_default=True,
               help="Comma-separated dye stocks.")
 @click.option("--tolerance", default=2.0, show_default=True, help="Success below this ΔE00.")
-@click.option("--id", "experiment_id", default=None, help="Experiment id (default: generated).")
+@click.option("--id", "experiment_id", default=None,
+              help="Experiment id, straight to Kafka only (default: generated; through the "
+                   "gateway it derives from --idempotency-key).")
+@click.option("--idempotency-key", default=None,
+              help="Through the gateway: the same key again is the same request.")
+@VIA
 def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance: float,
-                     experiment_id: str | None) -> None:
-    """Request an experiment; prints its id (follow it with `labbus experiment watch ID`)."""
+                     experiment_id: str | None, idempotency_key: str | None, via: str) -> None:
+    """Request an experiment: through the command gateway when logged in, else straight to
+    Kafka; prints its id (follow it with `labbus experiment watch ID`)."""
     from labbus.deploy import experiment as exp
     from labbus.events.colour_target import TargetError
 
+    cfg = _cfg()
+    token = _route(via, cfg)
+    dye_list = [d.strip() for d in dyes.split(",") if d.strip()]
     try:
-        req = exp.request(target, budget, batch, [d.strip() for d in dyes.split(",") if d.strip()],
-                          tolerance, experiment_id)
+        req = exp.request(target, budget, batch, dye_list, tolerance, experiment_id)
     except TargetError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from None
-    asyncio.run(exp.publish(_cfg(), req))
-    click.echo(req.experiment_id)
+    if token is None:
+        asyncio.run(exp.publish(cfg, req))
+        click.echo(req.experiment_id)
+        return
+    if experiment_id is not None:
+        raise click.UsageError("--id works straight to Kafka only (--via kafka); through the "
+                               "gateway the id derives from --idempotency-key")
+    from labbus.deploy import login as lg
+
+    try:
+        answer = lg.post(cfg, token, "/experiments", {
+            "target": target, "dyes": dye_list, "budget_wells": budget, "batch_size": batch,
+            "tolerance_de": tolerance}, idempotency_key)
+    except lg.LoginError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(answer["experiment_id"])
 
 
 @experiment.command("watch")

@@ -122,6 +122,13 @@ SETTINGS: dict[str, Setting] = {
                              "Where the query API is reached, for the `Location` of the command "
                              "gateway's 202 answers (empty = http://LABBUS_API_HOST:"
                              "LABBUS_API_PORT)."),
+    "gateway_url": Setting("LABBUS_GATEWAY_URL", "",
+                           "Where the CLI reaches the command gateway (`labbus login`, "
+                           "`experiment start`, `command send` with a token; empty = "
+                           "http://LABBUS_HTTP_GATEWAY_HOST:LABBUS_HTTP_GATEWAY_PORT)."),
+    "token_file": Setting("LABBUS_TOKEN_FILE", "~/.config/labbus/token.json",
+                          "Where `labbus login` keeps the token (mode 0600) the CLI sends to "
+                          "the command gateway."),
     "auth_issuer": Setting("LABBUS_AUTH_ISSUER", "",
                            "The OIDC issuer whose tokens labbus accepts (its `iss`; discovery at "
                            "`<issuer>/.well-known/openid-configuration`). https, or http on a "
@@ -196,6 +203,8 @@ class Config:
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
     query_api_url: str = "http://127.0.0.1:8000"
+    gateway_url: str = "http://127.0.0.1:8001"
+    token_file: Path = Path("~/.config/labbus/token.json")
     auth_issuer: str = "http://127.0.0.1:8001"
     auth_built_in: bool = True
     auth_jwks_url: str = ""
@@ -396,6 +405,11 @@ def load(environ: dict[str, str] | None = None) -> Config:
         http_gateway_port=http_port,
         query_api_url=(raw["query_api_url"].strip().rstrip("/")
                        or _local_url(raw["api_host"], _int("api_port", raw["api_port"], 1, 65535))),
+        gateway_url=(_url("gateway_url", raw["gateway_url"].strip().rstrip("/"),
+                          ("http", "https"))
+                     if raw["gateway_url"].strip()
+                     else _local_url(raw["http_gateway_host"], http_port)),
+        token_file=Path(raw["token_file"]).expanduser(),
         auth_issuer=_https_url("auth_issuer", raw["auth_issuer"].strip()
                                or _local_url(raw["http_gateway_host"], http_port)),
         auth_built_in=_built_in("auth_built_in", raw["auth_built_in"], raw["auth_issuer"]),

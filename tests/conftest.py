@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -111,6 +112,8 @@ def env(base_env) -> dict[str, str]:
     e["LABBUS_NAMESPACE"] = f"test-{run}"
     e["LABBUS_MONGO_DB"] = f"labbus_test_{run}"
     e["LABBUS_LOG_LEVEL"] = "WARNING"
+    # a developer's own `labbus login` must not send the tests' CLI commands to a gateway
+    e["LABBUS_TOKEN_FILE"] = str(Path(tempfile.gettempdir()) / f"labbus-test-{run}-token.json")
     db = f"labbus_test_{run}"
     if os.environ.get("LABBUS_TEST_SERVICES") != "docker":
         from labbus.deploy.local import postgres

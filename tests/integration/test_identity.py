@@ -370,3 +370,46 @@ def test_a_campaign_started_through_the_gateway_is_requested_by_the_caller(gatew
     assert req.dyes == ["red", "yellow", "blue"] and req.target_hex == "#7a3cc0"
     assert (req.envelope.actor.user_id, req.envelope.actor.roles,
             req.envelope.actor.user_agent) == (user_id_for(eve), ("student",), "labbus-test/1")
+
+
+def test_the_cli_logs_in_and_goes_through_the_gateway(gateway, users, cfg, tmp_path):
+    """`labbus login` keeps a token (mode 0600); `experiment start` and `command send` then go
+    through the gateway: the events carry the user as actor, with the CLI's user agent. A wrong
+    password is refused with the issuer's reason; `--via gateway` without a token says so."""
+    base, genv = gateway
+    cenv = {**genv, "LABBUS_TOKEN_FILE": str(tmp_path / "token.json"),
+            "LABBUS_GATEWAY_URL": base}
+    gil, gil_pw = f"gil-{RUN}@lab.example", "gil's long password"
+    r = labbus(cenv, "users", "add", gil, "--role", "researcher", "--role", "operator",
+               "--password-stdin", stdin=gil_pw + "\n")
+    assert r.returncode == 0, r.stderr
+    token_once_projected(base, gil, gil_pw)
+    no_token = labbus(cenv, "experiment", "start", "--target", "#7a3cc0", "--via", "gateway")
+    assert no_token.returncode != 0 and "labbus login" in no_token.stderr
+    wrong = labbus(cenv, "login", gil, "--password-stdin", stdin="not the password\n")
+    assert wrong.returncode != 0 and "refused" in wrong.stderr
+    ok = labbus(cenv, "login", gil, "--password-stdin", stdin=gil_pw + "\n")
+    assert ok.returncode == 0 and user_id_for(gil) in ok.stdout, ok.stderr
+    assert (tmp_path / "token.json").stat().st_mode & 0o777 == 0o600
+
+    started = labbus(cenv, "experiment", "start", "--target", "#336699", "--budget", "8",
+                     "--idempotency-key", f"cli-{RUN}")
+    assert started.returncode == 0, started.stderr
+    xid = started.stdout.strip()
+    device = f"cli-gw-{RUN}"
+    sent = labbus(cenv, "command", "send", device, "measure", "--payload", '{"n": 1}')
+    assert sent.returncode == 0, sent.stderr
+    command_id = sent.stdout.strip()
+
+    codec = default_codec()
+    req = [codec.decode(rec.value) for rec in run(read_topic(cfg, topic_name(cfg, EXPERIMENTS)))
+           if rec.key == xid.encode()]
+    cmd = [codec.decode(rec.value) for rec in run(read_topic(cfg, topic_name(cfg, COMMANDS)))
+           if rec.key == device.encode()]
+    assert len(req) == 1 and req[0].requested_by == user_id_for(gil)
+    assert [c.command_id for c in cmd] == [command_id]
+    for event in (req[0], cmd[0]):
+        actor = event.envelope.actor
+        assert (actor.user_id, actor.user_agent) == (user_id_for(gil), "labbus-cli")
+        assert set(actor.roles) == {"researcher", "operator"}
+    assert labbus(cenv, "logout").returncode == 0 and not (tmp_path / "token.json").exists()
