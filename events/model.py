@@ -564,6 +564,18 @@ class QuotaGranted(Event):
     note: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AccessDenied(Event):
+    """An entry point refused a caller with a valid token whose roles lack the permission (its
+    actor says who and from where); the audit log shows it as `denied`."""
+
+    TYPE: ClassVar[str] = "lab.user.AccessDenied"
+    user_id: str
+    permission: str
+    request: str  # method and path, e.g. "POST /commands"
+    reason: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
@@ -575,7 +587,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 RobotRunRequested, RobotRunStarted, RobotCommandExecuted, WellDispensed,
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,
                 ExperimentCompleted, ExperimentFailed, UserRegistered, RoleGranted, RoleRevoked,
-                UserDisabled, QuotaGranted)
+                UserDisabled, QuotaGranted, AccessDenied)
 }
 
 

@@ -93,10 +93,11 @@ COLOUR_READINGS = TopicSpec(
 USERS = TopicSpec(
     "lab.users", 3, "user_id",
     ("lab.user.UserRegistered", "lab.user.RoleGranted", "lab.user.RoleRevoked",
-     "lab.user.UserDisabled", "lab.user.QuotaGranted"),
+     "lab.user.UserDisabled", "lab.user.QuotaGranted", "lab.user.AccessDenied"),
     retention_ms=-1,
     description="Users of the built-in token issuer: registrations, roles granted and revoked, "
-                "disabling, quotas. Never credentials. Kept forever: the users read model is "
+                "disabling, quotas; and every request an entry point refused for lack of a "
+                "permission. Never credentials. Kept forever: the users read model is "
                 "rebuilt from it.")
 
 CATALOG: tuple[TopicSpec, ...] = (

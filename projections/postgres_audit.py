@@ -43,6 +43,14 @@ WHERE audit.outcome_event IS NULL
 """
 
 
+_DENIED = """
+INSERT INTO audit (event_id, at, user_id, roles, client_ip, user_agent, token_id, action,
+                   event_type, subject, outcome, reason, outcome_at, outcome_event)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'denied', $11, $2, $1)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+
 def _ts(micros: int) -> datetime:
     return datetime.fromtimestamp(micros / 1e6, UTC)
 
@@ -80,12 +88,25 @@ OUTCOME_SQL = {
 }
 
 
+def denied(p: Positioned) -> list[tuple[str, tuple]]:
+    """A request an entry point refused: asked and decided at once."""
+    r = p.record
+    a = r["actor"] or {"user_id": r["user_id"], "roles": [], "client_ip": None,
+                       "user_agent": None, "token_id": None}
+    return [(_DENIED, (r["event_id"], _ts(r["occurred_at"]), a["user_id"], a["roles"],
+                       a["client_ip"], a["user_agent"], a["token_id"], r["permission"],
+                       p.event_type, r["request"], r["reason"]))]
+
+
 def statements(p: Positioned) -> list[tuple[str, tuple]]:
     """The audit rows an event writes: its own if it carries an actor, its cause's outcome if it
     is a decision."""
+    if p.event_type == m.AccessDenied.TYPE:
+        return denied(p)
     out = asked(p) if p.record.get("actor") is not None else []
     decide = OUTCOME_SQL.get(p.event_type)
     return out + decide(p) if decide is not None else out
 
 
-AUDITED = frozenset(OUTCOME_SQL)  # event types that always touch the log (actors aside)
+# event types that always touch the log (actors aside)
+AUDITED = frozenset(OUTCOME_SQL) | {m.AccessDenied.TYPE}

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from labbus.events import kafka
 from labbus.events.config import Config
 from labbus.events.identity import Principal
-from labbus.events.model import Actor, issue_command
+from labbus.events.model import AccessDenied, Actor, issue_command
 from labbus.events.runtime import Deliveries, Step
 from labbus.events.tokens import TokenError, TokenVerifier, bearer_token, www_authenticate
 
@@ -122,10 +122,17 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     409: {"model": Problem, "description": "The Idempotency-Key was used for another request."}}
 
 
-def require(principal: Principal, permission: str) -> None:
-    if not principal.may(permission):
-        raise HTTPException(403, f"the roles {list(principal.roles)} do not grant "
-                                 f"{permission!r}")
+async def require(principal: Principal, permission: str, request: Request) -> None:
+    """403 when the caller's roles lack `permission`; the refusal is published first
+    (AccessDenied, for the audit log)."""
+    if principal.may(permission):
+        return
+    reason = f"the roles {list(principal.roles)} do not grant {permission!r}"
+    await request.app.state.publisher.publish(AccessDenied.create(
+        source=PROCESS, subject=principal.user_id, sequence=0,
+        actor=actor_of(principal, request), user_id=principal.user_id, permission=permission,
+        request=f"{request.method} {request.url.path}", reason=reason))
+    raise HTTPException(403, reason)
 
 
 def add_routes(app: FastAPI, cfg: Config) -> None:
@@ -137,7 +144,7 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     async def send_command(body: DeviceCommand, request: Request, response: Response,
                            principal: Annotated[Principal, Depends(caller)],
                            idempotency_key: IdempotencyKey = None) -> dict:
-        require(principal, "command:send")
+        await require(principal, "command:send", request)
         memo = ("command", principal.user_id, body.device_id, idempotency_key)
         asked = body.model_dump()
         answer = answered.get(memo, asked) if idempotency_key is not None else None

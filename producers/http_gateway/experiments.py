@@ -76,7 +76,7 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     async def start_experiment(body: CampaignRequest, request: Request, response: Response,
                                principal: Annotated[Principal, Depends(caller)],
                                idempotency_key: IdempotencyKey = None) -> dict:
-        require(principal, "experiment:start")
+        await require(principal, "experiment:start", request)
         memo = ("experiment", principal.user_id, idempotency_key)
         asked = body.model_dump()
         answer = answered.get(memo, asked) if idempotency_key is not None else None

@@ -11,6 +11,7 @@ from aiokafka import TopicPartition
 from labbus.events.codec import default_codec
 from labbus.events.colour_target import request_experiment
 from labbus.events.model import (
+    AccessDenied,
     Actor,
     CommandDispatched,
     CommandRejected,
@@ -37,6 +38,9 @@ def test_command_events_and_their_outcomes_make_the_activity_log(cfg):
     cmd_bad = issue_command(f"dev-{RUN}", "measure", {}, 30, "k2", operator.user_id,
                             actor=operator)
     no_actor = issue_command(f"dev-{RUN}", "measure", {}, 30, "k3", "cli-user")
+    denied = AccessDenied.create(source="gw", subject=student.user_id, sequence=0, actor=student,
+                                 user_id=student.user_id, permission="command:send",
+                                 request="POST /commands", reason="not for students")
 
     def caused(cls, cause, **payload):
         return cls.create(source="t", subject=cause.envelope.subject, sequence=1,
@@ -56,10 +60,11 @@ def test_command_events_and_their_outcomes_make_the_activity_log(cfg):
     tp = TopicPartition(f"audit-test-{RUN}", 0)
     # the rejection of the second request is projected before the request itself
     order = [accepted_req, refused, proposed, rejected_req, cmd_ok, dispatched, cmd_bad,
-             cmd_refused, no_actor]
+             cmd_refused, no_actor, denied]
     events = [Positioned(tp, i, *codec.decode_record(codec.encode(e), plain=True))
               for i, e in enumerate(order)]
-    ids = [str(e.event_id) for e in (accepted_req, rejected_req, cmd_ok, cmd_bad, no_actor)]
+    ids = [str(e.event_id) for e in (accepted_req, rejected_req, cmd_ok, cmd_bad, denied,
+                                     no_actor)]
 
     async def go():
         projection = PostgresProjection(cfg)
@@ -79,7 +84,7 @@ def test_command_events_and_their_outcomes_make_the_activity_log(cfg):
     first, again = run(go())
     assert again == first
     rows = {r["event_id"]: r for r in first}
-    assert set(rows) == set(ids[:4])  # the command without an actor is not in the log
+    assert set(rows) == set(ids[:5])  # the command without an actor is not in the log
     a = rows[str(accepted_req.event_id)]
     assert (a["user_id"], a["roles"], a["client_ip"], a["user_agent"], a["token_id"]) == (
         student.user_id, ["student"], "10.1.2.3", "labbus-cli/1", "jti-s")
@@ -93,3 +98,6 @@ def test_command_events_and_their_outcomes_make_the_activity_log(cfg):
                                                          "accepted")
     b = rows[str(cmd_bad.event_id)]
     assert (b["outcome"], b["reason"]) == ("rejected", "no such device")
+    d = rows[str(denied.event_id)]
+    assert (d["user_id"], d["client_ip"], d["action"], d["subject"], d["outcome"]) == (
+        student.user_id, "10.1.2.3", "command:send", "POST /commands", "denied")

@@ -22,6 +22,7 @@ from labbus.deploy.demo import LABBUS
 from labbus.events.codec import default_codec
 from labbus.events.identity import user_id_for
 from labbus.events.model import (
+    AccessDenied,
     QuotaGranted,
     RoleGranted,
     RoleRevoked,
@@ -370,6 +371,13 @@ def test_a_campaign_started_through_the_gateway_is_requested_by_the_caller(gatew
     assert req.dyes == ["red", "yellow", "blue"] and req.target_hex == "#7a3cc0"
     assert (req.envelope.actor.user_id, req.envelope.actor.roles,
             req.envelope.actor.user_agent) == (user_id_for(eve), ("student",), "labbus-test/1")
+    # the viewer's refusal is on the log, for the audit
+    denied = [e for e in (codec.decode(rec.value)
+                          for rec in run(read_topic(cfg, topic_name(cfg, USERS)))
+                          if rec.key == user_id_for(fay).encode())
+              if isinstance(e, AccessDenied)]
+    assert [(d.permission, d.request, d.envelope.actor.client_ip) for d in denied] == [
+        ("experiment:start", "POST /experiments", "127.0.0.1")]
 
 
 def test_the_cli_logs_in_and_goes_through_the_gateway(gateway, users, cfg, tmp_path):
