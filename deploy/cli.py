@@ -675,7 +675,9 @@ def users_list() -> None:
     for r in _users(u.listing(_cfg())):
         state = "disabled" if r["disabled"] else "active"
         click.echo(f"{r['email']:32} {state:8} {','.join(r['roles']) or '-':28} "
-                   f"quota={r['quota_granted_wells']} {r['user_id']}")
+                   f"quota={r['quota_granted_wells']} "
+                   f"left={'-' if r['quota_remaining'] is None else r['quota_remaining']} "
+                   f"{r['user_id']}")
 
 
 @main.group()
