@@ -89,6 +89,13 @@ def experiment(cfg: Config, stop: Stop | None = None) -> None:
     app.run(cfg)
 
 
+def quota(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (balances per user in a Table): runs until SIGINT/SIGTERM."""
+    from labbus.processors import quota as app
+
+    app.run(cfg)
+
+
 def devices(cfg: Config, stop: Stop | None = None) -> None:
     """A faust worker (state per device in a Table, timers): runs until SIGINT/SIGTERM."""
     from labbus.processors import lifecycle
@@ -113,7 +120,10 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("projector-mongo", "MongoDB documents", mongo_view),
     Process("validator", "faust validator: MeasurementRecorded -> Validated/Rejected",
             validator),
-    Process("experiment", "colour-mixing campaigns", experiment),
+    Process("experiment", "colour-mixing campaigns (each starts once its budget is reserved)",
+            experiment),
+    Process("quota", "wells per user: ExperimentRequested -> QuotaReserved or "
+            "ExperimentRejected (quota_exceeded); campaign ends -> QuotaRefunded", quota),
     Process("devices", "device status (ONLINE/OFFLINE from heartbeats) and command lifecycle "
             "(rejections, timeouts, idempotency)", devices),
     Process("anomalies", "rolling statistics: MeasurementValidated -> AnomalyDetected",

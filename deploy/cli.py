@@ -373,6 +373,20 @@ def process_experiment(metrics_port: int | None) -> None:
     PROCESSES["experiment"].run(cfg)
 
 
+@process.command("quota")
+@metrics_option
+def process_quota(metrics_port: int | None) -> None:
+    """Quotas of wells per user: reserve a campaign's budget before it starts (QuotaReserved, or
+    ExperimentRejected with reason quota_exceeded), give the unused wells back when it ends
+    (QuotaRefunded). Campaigns start only once reserved: run it beside `process experiment`.
+    Start more than one: they share the users."""
+    from labbus.deploy.bootstrap import PROCESSES
+
+    cfg = _cfg()
+    _start_process("quota", cfg, metrics_port)
+    PROCESSES["quota"].run(cfg)
+
+
 @process.command("devices")
 @metrics_option
 def process_devices(metrics_port: int | None) -> None:
@@ -745,7 +759,9 @@ def users_list() -> None:
     for r in _users(u.listing(_cfg())):
         state = "disabled" if r["disabled"] else "active"
         click.echo(f"{r['email']:32} {state:8} {','.join(r['roles']) or '-':28} "
-                   f"quota={r['quota_granted_wells']} {r['user_id']}")
+                   f"quota={r['quota_granted_wells']} "
+                   f"left={'-' if r['quota_remaining'] is None else r['quota_remaining']} "
+                   f"{r['user_id']}")
 
 
 @main.group()
@@ -836,11 +852,26 @@ def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance:
     click.echo(answer["experiment_id"])
 
 
+@experiment.command("cancel")
+@click.argument("experiment_id")
+@click.option("--reason", default="cancelled from the command line", show_default=True,
+              help="Why (kept in the event).")
+def experiment_cancel(experiment_id: str, reason: str) -> None:
+    """Cancel a campaign: no new batch starts (a robot run in flight may finish), the unused
+    wells go back to the quota. Prints the cancel request's event id."""
+    from labbus.deploy import experiment as exp
+
+    event = exp.cancel_request(experiment_id, reason)
+    asyncio.run(exp.publish(_cfg(), event))
+    click.echo(str(event.event_id))
+
+
 @experiment.command("watch")
 @click.argument("experiment_id")
 @click.option("--timeout", default=0.0, help="Give up after this many seconds (0 = never).")
 def experiment_watch(experiment_id: str, timeout: float) -> None:
-    """Follow an experiment: wells used, best ΔE00, until it completes, fails or is rejected."""
+    """Follow an experiment: wells used, best ΔE00, until it completes, fails, is rejected or
+    cancelled."""
     from labbus.deploy import experiment as exp
     from labbus.events.model import ExperimentCompleted, ExperimentRequested, WellScored
 

@@ -38,6 +38,7 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
         "agent": ["agent", "sim", "--devices", str(devices), "--rate", str(rate),
                   "--bad-fraction", str(bad_fraction)],
         "experiment": ["process", "experiment"],
+        "quota": ["process", "quota"],
         "agent-ot2": ["agent", "ot2", "--simulate"],
         "agent-reader": ["agent", "reader"],
     }
@@ -69,7 +70,7 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
         echo(f"  its plate             {base}/experiments/{xid}/plate.svg")
         echo(f"  follow it             labbus experiment watch {xid}")
         for name in ("agent", "validator", "projector-postgres", "projector-mongo", "experiment",
-                     "agent-ot2", "agent-reader"):
+                     "quota", "agent-ot2", "agent-reader"):
             echo(f"  {name + ' metrics':21} http://127.0.0.1:{DEFAULT_PORTS[name]}/metrics")
         echo(f"  logs (JSON lines)     {logdir}/")
         echo("Ctrl-C stops the processes (services keep running: `labbus services down`).")

@@ -1,4 +1,5 @@
-"""`labbus experiment start|watch`: publish an ExperimentRequested, follow a campaign's events."""
+"""`labbus experiment start|cancel|watch`: publish an ExperimentRequested or an
+ExperimentCancelRequested, follow a campaign's events."""
 
 from __future__ import annotations
 
@@ -10,16 +11,27 @@ from labbus.events.colour_target import request_experiment
 from labbus.events.config import Config
 from labbus.events.model import (
     Event,
+    ExperimentCancelled,
+    ExperimentCancelRequested,
     ExperimentCompleted,
     ExperimentFailed,
     ExperimentRejected,
     ExperimentRequested,
+    QuotaRefunded,
+    QuotaReserved,
     RecipesProposed,
     WellScored,
 )
 from labbus.events.topics import EXPERIMENTS, topic_name
 
-FINAL = (ExperimentCompleted, ExperimentFailed, ExperimentRejected)
+FINAL = (ExperimentCompleted, ExperimentFailed, ExperimentRejected, ExperimentCancelled)
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        return "unknown"
 
 
 def request(target: str, budget: int, batch: int, dyes: list[str], tolerance: float = 2.0,
@@ -27,11 +39,15 @@ def request(target: str, budget: int, batch: int, dyes: list[str], tolerance: fl
             ) -> ExperimentRequested:
     """Straight to Kafka (an operator holding broker credentials): requested by the login name.
     Raises TargetError for a target that does not parse."""
-    try:
-        who = requested_by or getpass.getuser()
-    except Exception:  # noqa: BLE001 - no login name in some containers
-        who = "unknown"
-    return request_experiment(target, budget, batch, dyes, who, tolerance, experiment_id)
+    return request_experiment(target, budget, batch, dyes, requested_by or _who(), tolerance,
+                              experiment_id)
+
+
+def cancel_request(experiment_id: str, reason: str, requested_by: str | None = None
+                   ) -> ExperimentCancelRequested:
+    return ExperimentCancelRequested.create(
+        source="cli", subject=experiment_id, sequence=0, experiment_id=experiment_id,
+        reason=reason, requested_by=requested_by or _who())
 
 
 async def publish(cfg: Config, *events: Event) -> None:
@@ -61,6 +77,15 @@ def describe(event: Event) -> str | None:
         return f"failed after {event.wells_used} wells: {event.reason}"
     if isinstance(event, ExperimentRejected):
         return f"rejected: {event.reason}"
+    if isinstance(event, ExperimentCancelled):
+        return (f"cancelled after {event.wells_used} wells by {event.cancelled_by}: "
+                f"{event.reason}")
+    if isinstance(event, QuotaReserved):
+        left = "" if event.remaining is None else f", {event.remaining} left"
+        return f"{event.wells} wells reserved for {event.user_id}{left}"
+    if isinstance(event, QuotaRefunded):
+        left = "" if event.remaining is None else f", {event.remaining} left"
+        return f"{event.wells} unused wells given back to {event.user_id}{left}"
     if isinstance(event, WellScored):
         return None
     return None

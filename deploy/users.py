@@ -137,4 +137,7 @@ async def listing(cfg: Config) -> list[dict]:
 
 
 async def _rows(pool) -> list[dict]:
-    return [dict(r) for r in await store.users(pool)]
+    remaining = {r["user_id"]: r["quota_remaining"] for r in await pool.fetch(
+        "SELECT user_id, quota_remaining FROM users")}
+    return [{**dict(r), "quota_remaining": remaining.get(r["user_id"])}
+            for r in await store.users(pool)]

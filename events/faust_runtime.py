@@ -15,7 +15,9 @@ handler and the names of its tables; this module builds the faust app around the
 - a **Table keyed by the input key** (the aggregate id): `handler` gets that key's value (None
   when there is none) and returns the new value (None deletes the key; return the same object
   to leave it as it is). Values must be JSON-able; the handler must not modify the value it was
-  given. Table partition p lives on the worker that owns input partition p: two workers share the
+  given. Its outputs are events (routed by type) or `Outgoing` records (a topic, key and bytes
+  of its choosing: a repartition, e.g. processors/quota.py re-keys inputs by user). Table
+  partition p lives on the worker that owns input partition p: two workers share the
   partitions and every key is decided by exactly one of them; a restarted worker recovers its
   partitions from the changelog (compacted), not from the input topics.
 - optionally a **shared table** every worker holds in full (`SharedLog`, e.g. learning shared
@@ -522,7 +524,7 @@ def decide(step: Step, handler: StatefulHandler, rec: Record, table: Any,
     shared = Shared(shared_table) if shared_table is not None else Shared()
     try:
         new_state, events = handler(state, event, rec, shared)
-        outputs = [step.encode(e) for e in events]
+        outputs = [e if isinstance(e, Outgoing) else step.encode(e) for e in events]
     except Exception as exc:  # noqa: BLE001 - one bad event must not stop the process
         log.exception("handler failed; dead-lettering the input",
                       extra={"topic": rec.topic, "partition": rec.partition,

@@ -520,6 +520,59 @@ class ExperimentFailed(Event):
     best_de: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class ExperimentCancelRequested(Event):
+    """A command: stop a campaign (no new batches; a robot run in flight may finish)."""
+
+    TYPE: ClassVar[str] = "lab.experiment.ExperimentCancelRequested"
+    experiment_id: str
+    reason: str
+    requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentCancelled(Event):
+    """A campaign stopped on request. `wells_used`: wells sent to the robot, a run in flight
+    included (it may still finish and be scored)."""
+
+    TYPE: ClassVar[str] = "lab.experiment.ExperimentCancelled"
+    experiment_id: str
+    reason: str
+    cancelled_by: str
+    wells_used: int
+    best_de: float | None
+
+
+# -- quotas (issue 10): the quota processor's decisions, keyed by experiment id ---------------
+
+@dataclass(frozen=True, slots=True)
+class QuotaReserved(Event):
+    """A campaign's budget set aside from its user's balance; the campaign may start.
+    `charged`: whether the user's balance paid for it (False: a user without a quota);
+    `remaining`: the balance after it (None when not charged)."""
+
+    TYPE: ClassVar[str] = "lab.quota.QuotaReserved"
+    experiment_id: str
+    user_id: str
+    wells: int
+    charged: bool
+    remaining: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRefunded(Event):
+    """A campaign ended: the wells of its reservation it did not use go back to the balance
+    (`wells`, possibly 0; given back only when the reservation was `charged`)."""
+
+    TYPE: ClassVar[str] = "lab.quota.QuotaRefunded"
+    experiment_id: str
+    user_id: str
+    wells: int
+    wells_used: int
+    charged: bool
+    remaining: int | None
+
+
 # -- users of the built-in issuer (issue 10), keyed by user id. Credentials never go here. -----
 
 @dataclass(frozen=True, slots=True)
@@ -586,8 +639,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 ExperimentRequested, ExperimentRejected, RecipesProposed, RecipeRejected,
                 RobotRunRequested, RobotRunStarted, RobotCommandExecuted, WellDispensed,
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,
-                ExperimentCompleted, ExperimentFailed, UserRegistered, RoleGranted, RoleRevoked,
-                UserDisabled, QuotaGranted, AccessDenied)
+                ExperimentCompleted, ExperimentFailed, ExperimentCancelRequested,
+                ExperimentCancelled, QuotaReserved, QuotaRefunded, UserRegistered, RoleGranted,
+                RoleRevoked, UserDisabled, QuotaGranted, AccessDenied)
 }
 
 

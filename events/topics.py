@@ -75,10 +75,13 @@ EXPERIMENTS = TopicSpec(
     "lab.experiments", 3, "experiment_id",
     ("lab.experiment.ExperimentRequested", "lab.experiment.ExperimentRejected",
      "lab.experiment.RecipesProposed", "lab.experiment.RecipeRejected", "lab.experiment.WellScored",
-     "lab.experiment.ExperimentCompleted", "lab.experiment.ExperimentFailed"),
+     "lab.experiment.ExperimentCompleted", "lab.experiment.ExperimentFailed",
+     "lab.experiment.ExperimentCancelRequested", "lab.experiment.ExperimentCancelled",
+     "lab.quota.QuotaReserved", "lab.quota.QuotaRefunded"),
     retention_ms=-1,
-    description="Colour-mixing campaigns: requests, proposals, scores and verdicts. Kept forever: "
-                "the experiment processor rebuilds its state from it.")
+    description="Colour-mixing campaigns: requests, cancel requests, quota reservations and "
+                "refunds, proposals, scores and verdicts. Kept forever: the experiment "
+                "processor rebuilds its state from it.")
 ROBOT_RUNS = TopicSpec(
     "lab.robot.runs", 3, "experiment_id",
     ("lab.robot.RobotRunRequested", "lab.robot.RobotRunStarted", "lab.robot.RobotCommandExecuted",
@@ -100,10 +103,25 @@ USERS = TopicSpec(
                 "permission. Never credentials. Kept forever: the users read model is "
                 "rebuilt from it.")
 
+# The quota processor's repartition topic: copies (the same bytes) of the lab.users events and of
+# the experiment requests and ends, keyed by user id, so that everything about one user is one
+# partition of one topic, in one order (processors/quota.py). Only that processor writes it.
+QUOTA_INBOX = TopicSpec(
+    "lab.quota.inbox", 3, "user_id",
+    ("lab.user.UserRegistered", "lab.user.RoleGranted", "lab.user.RoleRevoked",
+     "lab.user.QuotaGranted", "lab.experiment.ExperimentRequested",
+     "lab.experiment.ExperimentRejected", "lab.experiment.ExperimentCompleted",
+     "lab.experiment.ExperimentFailed", "lab.experiment.ExperimentCancelled"),
+    retention_ms=-1,
+    description="The quota processor's repartition topic: lab.users events and experiment "
+                "requests and ends re-keyed by user id (copies; the originals' topics route "
+                "these types). Kept forever: the quota decisions are a function of it.")
+
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
     DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
     EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS,
+    QUOTA_INBOX,  # last: topic_for routes its (copied) event types to their own topics
 )
 
 

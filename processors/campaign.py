@@ -32,6 +32,8 @@ from labbus.events.codec import default_codec
 from labbus.events.labware import DEFAULT_DECK, DeckLayout, WellRecipe
 from labbus.events.model import (
     Event,
+    ExperimentCancelled,
+    ExperimentCancelRequested,
     ExperimentCompleted,
     ExperimentFailed,
     ExperimentRejected,
@@ -207,18 +209,26 @@ def request_problems(req: ExperimentRequested, deck: DeckLayout = DEFAULT_DECK) 
     return problems
 
 
+def rejection(req: ExperimentRequested, deck: DeckLayout = DEFAULT_DECK
+              ) -> ExperimentRejected | None:
+    """The ExperimentRejected of a request that cannot run (`request_problems`), else None."""
+    problems = request_problems(req, deck)
+    if not problems:
+        return None
+    return ExperimentRejected.create(
+        source=SOURCE, subject=req.experiment_id, sequence=1,
+        event_id=uuid.UUID(derived_id(req.event_id, "rejected")),
+        correlation_id=req.event_id, causation_id=req.event_id,
+        experiment_id=req.experiment_id, reason="; ".join(problems))
+
+
 def start(req: ExperimentRequested, warm_start: Sequence[optimiser.Observation] = (),
           deck: DeckLayout = DEFAULT_DECK) -> tuple[Campaign | None, list[Event]]:
     """A new campaign and its first batch, or None and an ExperimentRejected. `warm_start`: wells
     of earlier campaigns with the same dye stocks (see `warm_start_for`); `deck`: the layout its
     robot runs use."""
-    problems = request_problems(req, deck)
-    if problems:
-        rejected = ExperimentRejected.create(
-            source=SOURCE, subject=req.experiment_id, sequence=1,
-            event_id=uuid.UUID(derived_id(req.event_id, "rejected")),
-            correlation_id=req.event_id, causation_id=req.event_id,
-            experiment_id=req.experiment_id, reason="; ".join(problems))
+    rejected = rejection(req, deck)
+    if rejected is not None:
         return None, [rejected]
     c = Campaign(req.experiment_id, req.event_id, np.asarray(req.target_lab, dtype=float),
                  list(req.dyes), req.budget_wells, req.batch_size, req.tolerance_de,
@@ -352,6 +362,31 @@ def on_run_failed(c: Campaign, failed: RobotRunFailed) -> list[Event]:
     done = [de for well, (_, de) in c.scored.items() if well not in c.batch]  # earlier batches
     return _fail(c, f"robot run {failed.run_id} (batch {failed.iteration}) failed: {failed.error}",
                  failed.event_id, min(done, default=None))
+
+
+def cancel(c: Campaign, req: ExperimentCancelRequested) -> list[Event]:
+    """Stop the campaign: no new batch is proposed; a robot run in flight may finish and its
+    wells are still scored (`on_reading`), as after a failure. ExperimentCancelled counts the
+    wells sent to the robot, that run included. Nothing for a campaign already decided."""
+    if c.finished:
+        return []
+    c.finished = True
+    best = min((de for _, de in c.scored.values()), default=None)
+    return [c.emit(ExperimentCancelled, "cancelled", req.event_id, reason=req.reason,
+                   cancelled_by=req.requested_by, wells_used=c.wells_allocated,
+                   best_de=None if best is None else float(best))]
+
+
+def cancel_before_start(req: ExperimentRequested, cancel_req: ExperimentCancelRequested
+                        ) -> ExperimentCancelled:
+    """The ExperimentCancelled of a request cancelled before its campaign started (its budget
+    not reserved yet): no well used. Same id as `cancel` would give it."""
+    return ExperimentCancelled.create(
+        source=SOURCE, subject=req.experiment_id, sequence=1,
+        event_id=uuid.UUID(derived_id(req.event_id, "cancelled")), correlation_id=req.event_id,
+        causation_id=cancel_req.event_id, experiment_id=req.experiment_id,
+        reason=cancel_req.reason, cancelled_by=cancel_req.requested_by, wells_used=0,
+        best_de=None)
 
 
 def _best(c: Campaign, volumes: dict[str, int] | None = None) -> tuple[str, float]:

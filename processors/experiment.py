@@ -1,11 +1,23 @@
 """The experiment processor: closed-loop colour-mixing campaigns (processors/campaign.py) on faust.
 
-Inputs: ExperimentRequested (lab.experiments), RobotRunFinished / RobotRunFailed (lab.robot.runs)
-and WellColourMeasured (lab.colour.readings), all keyed by experiment_id with the same partition
-count, so partition p of the three is one worker's: `labbus.events.faust_runtime` runs `handle`
-below over them with
+Inputs: ExperimentRequested, QuotaReserved, ExperimentRejected and ExperimentCancelRequested
+(lab.experiments), RobotRunFinished / RobotRunFailed (lab.robot.runs) and WellColourMeasured
+(lab.colour.readings), all keyed by experiment_id with the same partition count, so partition p
+of the three is one worker's: `labbus.events.faust_runtime` runs `handle` below over them.
+
+A campaign starts only once its budget is reserved: a request that can run is kept (with its log
+time) until the quota processor's QuotaReserved for it, which starts the campaign exactly as the
+request did before quotas (the warm start is still chosen by the *request's* log time, so a
+replay decides the same); the quota processor's ExperimentRejected (quota_exceeded) drops it.
+A request that cannot run is rejected at once (the quota processor then gives its reservation,
+if any, back). ExperimentCancelRequested stops a campaign (`campaign.cancel`: no new batch, a
+run in flight may finish) or a request still waiting for its reservation
+(ExperimentCancelled with no well used; the reservation that may still come is dropped).
+The processor keeps
 
 - Table `campaigns`, keyed by experiment_id: the campaign (`campaign.to_state`) while it runs;
+  before it, `{"request": [encoded request, log time]}` while the reservation is awaited, or
+  `{"cancelled": true}` for a request cancelled meanwhile, until the quota decision comes;
   once it is settled (verdict given, nothing outstanding) the key is deleted, so the compacted
   changelog keeps nothing of finished campaigns. Inputs of an experiment without a campaign wait
   in its value until the request comes (after a takeover the replayed request can follow
@@ -35,7 +47,10 @@ from labbus.events.config import Config
 from labbus.events.labware import DEFAULT_DECK, DeckLayout
 from labbus.events.model import (
     Event,
+    ExperimentCancelRequested,
+    ExperimentRejected,
     ExperimentRequested,
+    QuotaReserved,
     RobotRunFailed,
     RobotRunFinished,
     WellColourMeasured,
@@ -48,7 +63,8 @@ from labbus.processors.colour import optimiser
 
 PROCESS = "experiment"
 INPUTS = (EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS)
-ACCEPTS = {ExperimentRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
+ACCEPTS = {ExperimentRequested.TYPE, QuotaReserved.TYPE, ExperimentRejected.TYPE,
+           ExperimentCancelRequested.TYPE, WellColourMeasured.TYPE, RobotRunFinished.TYPE,
            RobotRunFailed.TYPE}
 PARTITIONS = EXPERIMENTS.partitions
 RING = 96  # scored wells kept per dye set and input partition (GlobalTable)
@@ -121,17 +137,14 @@ def handle(state: dict | None, event: Event, record: Record, shared,
     takeover the replayed request can come after readings produced since (the three topics are
     read independently)."""
     if isinstance(event, ExperimentRequested):
-        if state is not None and "campaign" in state:
+        if state is not None and ({"campaign", "request", "cancelled"} & state.keys()):
             return state, []  # a repeated request: the first one counts
-        c, out = campaign.start(event, warm_start(shared, event, record.timestamp), deck)
-        if c is None:
-            return None, out  # rejected: nothing to keep
-        codec = default_codec()
-        for data, at in (state or {}).get("waiting", []):
-            waiting = codec.decode(base64.b64decode(data))
-            out += _apply(c, waiting, at)
-        remember(shared, c, out, record.partition)
-        return _saved(c), out
+        rejected = campaign.rejection(event, deck)
+        if rejected is not None:
+            return None, [rejected]  # nothing to keep
+        return {**(state or {}), "request": [_encoded(event), record.timestamp]}, []
+    if isinstance(event, (QuotaReserved, ExperimentRejected, ExperimentCancelRequested)):
+        return _on_command(state, event, record, shared, deck)
     if state is None or "campaign" not in state:
         waiting = list((state or {}).get("waiting", []))
         if len(waiting) >= MAX_WAITING:
@@ -139,13 +152,47 @@ def handle(state: dict | None, event: Event, record: Record, shared,
                         extra={"experiment_id": getattr(event, "experiment_id", None),
                                "event_type": event.TYPE})
             return state, []
-        data = base64.b64encode(default_codec().encode(event)).decode("ascii")
-        return {"waiting": [*waiting, [data, record.timestamp]]}, []
+        return {**(state or {}), "waiting": [*waiting, [_encoded(event), record.timestamp]]}, []
     c = campaign.from_state(state["campaign"], deck)
     out = _apply(c, event, record.timestamp)
     remember(shared, c, out, record.partition)
     saved = _saved(c)
     return (state if saved == state else saved), out  # unchanged: nothing to write
+
+
+def _encoded(event: Event) -> str:
+    return base64.b64encode(default_codec().encode(event)).decode("ascii")
+
+
+def _on_command(state: dict | None, event: Event, record: Record, shared, deck: DeckLayout
+                ) -> tuple[dict | None, list[Event]]:
+    """The quota decision on a waiting request, or a cancel request."""
+    state = state or {}
+    if "campaign" in state:
+        if not isinstance(event, ExperimentCancelRequested):
+            return state, []  # the campaign runs already
+        c = campaign.from_state(state["campaign"], deck)
+        out = campaign.cancel(c, event)
+        saved = _saved(c)
+        return (state if saved == state else saved), out
+    if "request" not in state:
+        if "cancelled" in state and not isinstance(event, ExperimentCancelRequested):
+            return None, []  # the quota decision on a cancelled request: nothing more to wait for
+        return state or None, []  # no request waiting (rejected, unknown, or a repeat)
+    data, at = state["request"]
+    req = default_codec().decode(base64.b64decode(data))
+    if isinstance(event, ExperimentRejected):
+        return None, []  # refused (quota): nothing to keep
+    if isinstance(event, ExperimentCancelRequested):
+        return {"cancelled": True}, [campaign.cancel_before_start(req, event)]
+    c, out = campaign.start(req, warm_start(shared, req, at), deck)
+    if c is None:
+        return None, out  # the deck changed since the request was accepted
+    codec = default_codec()
+    for waiting_data, waiting_at in state.get("waiting", []):
+        out += _apply(c, codec.decode(base64.b64decode(waiting_data)), waiting_at)
+    remember(shared, c, out, record.partition)
+    return _saved(c), out
 
 
 def build_app(cfg: Config, **settings):

@@ -310,6 +310,7 @@ _EXPERIMENT_UPDATES = {
     m.ExperimentRejected.TYPE: _ended("rejected"),
     m.ExperimentCompleted.TYPE: _ended("completed"),
     m.ExperimentFailed.TYPE: _ended("failed"),
+    m.ExperimentCancelled.TYPE: _ended("cancelled"),
     m.RecipesProposed.TYPE: _proposed,
     m.RecipeRejected.TYPE: _recipe_rejected,
     m.WellScored.TYPE: _scored,

@@ -302,6 +302,7 @@ CAMPAIGN_SQL = {
     m.ExperimentRejected.TYPE: _ended("rejected"),
     m.ExperimentCompleted.TYPE: _ended("completed"),
     m.ExperimentFailed.TYPE: _ended("failed"),
+    m.ExperimentCancelled.TYPE: _ended("cancelled"),
     m.RecipesProposed.TYPE: lambda r: [
         (_RECIPES_PROPOSED, (r["experiment_id"], r["iteration"])),
         (_WELL_PROPOSED, (r["experiment_id"], r["iteration"], json.dumps(r["recipes"]),

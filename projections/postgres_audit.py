@@ -20,6 +20,7 @@ from labbus.events.runtime import Positioned
 ACTIONS = {
     m.CommandIssued.TYPE: "command:send",
     m.ExperimentRequested.TYPE: "experiment:start",
+    m.ExperimentCancelRequested.TYPE: "experiment:cancel",
 }
 
 _ASKED = """
@@ -32,7 +33,8 @@ ON CONFLICT (event_id) DO UPDATE SET
     token_id = EXCLUDED.token_id, action = EXCLUDED.action, event_type = EXCLUDED.event_type,
     subject = EXCLUDED.subject
 """
-# the first decision stands (a replayed or repeated one changes nothing)
+# the first decision stands (a replayed or repeated one changes nothing), except that a
+# rejection overrides an acceptance: one processor may pass a request another then refuses
 _DECIDED = """
 INSERT INTO audit (event_id, outcome, reason, outcome_at, outcome_event)
 VALUES ($1, $2, $3, $4, $5)
@@ -40,6 +42,7 @@ ON CONFLICT (event_id) DO UPDATE SET
     outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, outcome_at = EXCLUDED.outcome_at,
     outcome_event = EXCLUDED.outcome_event
 WHERE audit.outcome_event IS NULL
+   OR (EXCLUDED.outcome = 'rejected' AND audit.outcome <> 'rejected')
 """
 
 
@@ -85,6 +88,7 @@ OUTCOME_SQL = {
     m.CommandDispatched.TYPE: _decided("accepted"),
     m.CommandRejected.TYPE: _decided("rejected", "reason"),
     m.ExperimentRejected.TYPE: _decided("rejected", "reason"),
+    m.ExperimentCancelled.TYPE: _decided("accepted"),
 }
 
 

@@ -184,15 +184,27 @@ def walk_pages(api, path: str, **params) -> tuple[list[dict], int]:
         params["cursor"] = body["next_cursor"]
 
 
+# Processes that must run beside another for it to do its work: a campaign starts only once the
+# quota processor has reserved its budget.
+COMPANIONS = {("process", "experiment"): ("process", "quota")}
+
+
 class Processes:
-    """labbus worker processes started as a user would start them, killed at teardown."""
+    """labbus worker processes started as a user would start them, killed at teardown. Starting
+    one starts its COMPANIONS too (once per test, unless the test started them itself)."""
 
     def __init__(self, env: dict[str, str], logdir: Path) -> None:
         self.env = env
         self.logdir = logdir
         self.running: list[subprocess.Popen] = []
+        self.started: set[tuple[str, ...]] = set()
 
-    def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, *args: str, extra_env: dict[str, str] | None = None,
+              companions: bool = True) -> subprocess.Popen:
+        companion = COMPANIONS.get(tuple(args[:2])) if companions else None
+        if companion is not None and companion not in self.started:
+            self.start(*companion, extra_env=extra_env)
+        self.started.add(tuple(args[:2]))
         name = "-".join(args[:2])
         log = open(self.logdir / f"{name}-{len(self.running)}.log", "w")
         port = free_port()

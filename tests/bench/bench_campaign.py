@@ -95,7 +95,7 @@ def run_scenario(base_env: dict[str, str], name: str, target: str, tolerance: fl
     cfg = config.load(env)
     asyncio.run(kafka.ensure_topics(cfg))
     procs = []
-    for args in (("process", "experiment"), ("agent", "ot2", "--simulate"),
+    for args in (("process", "experiment"), ("process", "quota"), ("agent", "ot2", "--simulate"),
                  ("agent", "reader")):
         log = open(logdir / f"{namespace}-{'-'.join(args[:2])}.log", "w")
         procs.append(subprocess.Popen([LABBUS, *args, "--metrics-port", str(free_port())],

@@ -17,8 +17,15 @@ from labbus.events.model import (
     WellColourMeasured,
 )
 from labbus.events.runtime import Record
-from labbus.processors import campaign, experiment
+from labbus.processors import campaign, experiment, quota
 from tests.unit.test_campaign import finished, reader, request
+
+
+def reserved(req: ExperimentRequested):
+    """The quota processor's QuotaReserved for a request of a user without a quota."""
+    _, (event,) = quota.decide(quota.new_user(req.requested_by), req)
+    assert event.TYPE == "lab.quota.QuotaReserved"
+    return event
 
 
 def json_round_trip(value):
@@ -113,7 +120,8 @@ def drive(table: dict, shared: Shared, req: ExperimentRequested, read, t0: int,
             table[key] = json_round_trip(new)
         return list(out)
 
-    log = feed(req)
+    assert feed(req) == []  # a campaign starts once its budget is reserved
+    log = feed(reserved(req))
     pending = log
     while True:
         runs = [e for e in pending if isinstance(e, RobotRunRequested)]
@@ -155,8 +163,12 @@ def test_the_handler_decides_as_the_pure_campaign_and_warm_starts_from_the_globa
     third = ExperimentRequested.create(source="t", subject="x3", sequence=1,
                                        **{**request_fields(), "experiment_id": "x3"})
     state, out = experiment.handle(None, third, rec, shared)
-    assert out and state is not None
+    assert out == [] and state is not None
     assert experiment.handle(state, third, rec, shared) == (state, [])
+    state, out = experiment.handle(state, reserved(third), rec, shared)
+    assert out and "campaign" in state
+    assert experiment.handle(state, third, rec, shared) == (state, [])
+    assert experiment.handle(state, reserved(third), rec, shared) == (state, [])
 
 
 def request_fields() -> dict:
@@ -191,7 +203,8 @@ def test_inputs_before_their_request_wait_for_it():
     """After a takeover the replayed request can come after readings produced since."""
     shared = Shared({})
     req = request()
-    state, out = experiment.handle(None, req, Record("t", 0, 1, b"x1", b"", 1), shared)
+    state, _ = experiment.handle(None, req, Record("t", 0, 1, b"x1", b"", 1), shared)
+    state, out = experiment.handle(state, reserved(req), Record("t", 0, 2, b"x1", b"", 2), shared)
     run = next(e for e in out if isinstance(e, RobotRunRequested))
     events = [*readings_of(run, reader(seed=3)), finished(run)]
     waiting = None
@@ -200,7 +213,11 @@ def test_inputs_before_their_request_wait_for_it():
                                              shared)
         assert nothing == [] and "campaign" not in waiting
     waiting = json_round_trip(waiting)
-    _, replayed = experiment.handle(waiting, req, Record("t", 0, 1, b"x1", b"", 1), Shared({}))
+    pending, nothing = experiment.handle(waiting, req, Record("t", 0, 1, b"x1", b"", 1),
+                                         Shared({}))
+    assert nothing == []
+    _, replayed = experiment.handle(json_round_trip(pending), reserved(req),
+                                    Record("t", 0, 2, b"x1", b"", 2), Shared({}))
     direct = list(out)
     state = json_round_trip(state)
     for i, e in enumerate(events):

@@ -41,6 +41,8 @@ from labbus.events.model import (
     DeviceRejected,
     DeviceSpecChanged,
     DeviceStatusChanged,
+    ExperimentCancelled,
+    ExperimentCancelRequested,
     ExperimentCompleted,
     ExperimentFailed,
     ExperimentRejected,
@@ -49,6 +51,8 @@ from labbus.events.model import (
     MeasurementRejected,
     MeasurementValidated,
     QuotaGranted,
+    QuotaRefunded,
+    QuotaReserved,
     RecipeRejected,
     RecipesProposed,
     RobotCommandExecuted,
@@ -169,6 +173,15 @@ SAMPLES += [
                                wells_used=24, reason="confirmed"),
     ExperimentFailed.create(source="p", subject="x1", sequence=8, experiment_id="x1",
                             reason="budget spent", wells_used=96, best_de=None),
+    ExperimentCancelRequested.create(source="cli", subject="x1", sequence=0, experiment_id="x1",
+                                     reason="wrong dyes", requested_by="sam"),
+    ExperimentCancelled.create(source="p", subject="x1", sequence=9, experiment_id="x1",
+                               reason="wrong dyes", cancelled_by="sam", wells_used=16,
+                               best_de=4.5),
+    QuotaReserved.create(source="quota", subject="x1", sequence=1, experiment_id="x1",
+                         user_id="u-1", wells=24, charged=True, remaining=176),
+    QuotaRefunded.create(source="quota", subject="x1", sequence=2, experiment_id="x1",
+                         user_id="u-1", wells=8, wells_used=16, charged=False, remaining=None),
 ]
 
 _USER = dict(source="cli", subject="u-1", sequence=0, user_id="u-1")
