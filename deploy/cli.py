@@ -856,14 +856,27 @@ def experiment_start(target: str, budget: int, batch: int, dyes: str, tolerance:
 @click.argument("experiment_id")
 @click.option("--reason", default="cancelled from the command line", show_default=True,
               help="Why (kept in the event).")
-def experiment_cancel(experiment_id: str, reason: str) -> None:
+@VIA
+def experiment_cancel(experiment_id: str, reason: str, via: str) -> None:
     """Cancel a campaign: no new batch starts (a robot run in flight may finish), the unused
-    wells go back to the quota. Prints the cancel request's event id."""
+    wells go back to the quota. Through the command gateway when logged in (one's own campaigns,
+    anyone's with read:all), else straight to Kafka. Prints the cancel request's event id."""
     from labbus.deploy import experiment as exp
 
-    event = exp.cancel_request(experiment_id, reason)
-    asyncio.run(exp.publish(_cfg(), event))
-    click.echo(str(event.event_id))
+    cfg = _cfg()
+    token = _route(via, cfg)
+    if token is None:
+        event = exp.cancel_request(experiment_id, reason)
+        asyncio.run(exp.publish(cfg, event))
+        click.echo(str(event.event_id))
+        return
+    from labbus.deploy import login as lg
+
+    try:
+        answer = lg.post(cfg, token, f"/experiments/{experiment_id}/cancel", {"reason": reason})
+    except lg.LoginError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(answer["event_id"])
 
 
 @experiment.command("watch")

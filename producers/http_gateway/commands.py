@@ -123,11 +123,14 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
 
 
 async def require(principal: Principal, permission: str, request: Request) -> None:
-    """403 when the caller's roles lack `permission`; the refusal is published first
-    (AccessDenied, for the audit log)."""
-    if principal.may(permission):
-        return
-    reason = f"the roles {list(principal.roles)} do not grant {permission!r}"
+    """403 when the caller's roles lack `permission` (see `deny`)."""
+    if not principal.may(permission):
+        await deny(principal, permission, request,
+                   f"the roles {list(principal.roles)} do not grant {permission!r}")
+
+
+async def deny(principal: Principal, permission: str, request: Request, reason: str) -> None:
+    """Publish the refusal (AccessDenied, for the audit log), then answer 403 with `reason`."""
     await request.app.state.publisher.publish(AccessDenied.create(
         source=PROCESS, subject=principal.user_id, sequence=0,
         actor=actor_of(principal, request), user_id=principal.user_id, permission=permission,

@@ -1,5 +1,8 @@
 """The command gateway's campaign routes: `POST /experiments` starts a colour campaign (publishes
-ExperimentRequested, requested by the token's subject, with the caller as its actor).
+ExperimentRequested, requested by the token's subject, with the caller as its actor);
+`POST /experiments/{id}/cancel` stops one (ExperimentCancelRequested): one's own campaign with
+`experiment:cancel`, anyone's with `read:all` as well (identity.may_act_on), judged against the
+experiments read model (404 for an experiment it does not hold yet).
 
 What the gateway checks is what it can judge alone: the permission, the body's shape and the
 target colour (a target that does not parse is a 422 here, not a rejection later). Everything
@@ -18,20 +21,22 @@ import json
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from labbus.events.colour_target import TargetError, request_experiment
 from labbus.events.config import Config
-from labbus.events.identity import Principal
-from labbus.events.model import derived_id
+from labbus.events.identity import Principal, may_act_on
+from labbus.events.model import ExperimentCancelRequested, derived_id
 from labbus.producers.http_gateway.commands import (
     PROCESS,
     REFUSALS,
     Answered,
     IdempotencyKey,
+    Problem,
     actor_of,
     caller,
+    deny,
     require,
 )
 
@@ -47,6 +52,17 @@ class CampaignRequest(BaseModel):
     batch_size: int = Field(8, ge=1, le=96, description="Wells per robot run.")
     tolerance_de: float = Field(2.0, gt=0, le=100,
                                 description="Success when a confirmed ΔE00 is below this.")
+
+
+class CancelRequest(BaseModel):
+    reason: str = Field("cancelled by its requester", min_length=1, max_length=500,
+                        description="Why; shown on the experiment.")
+
+
+class CancelAccepted(BaseModel):
+    event_id: str = Field(description="The id of the ExperimentCancelRequested published.")
+    experiment_id: str
+    location: str = Field(description="Where the query API shows the campaign.")
 
 
 class CampaignAccepted(BaseModel):
@@ -98,3 +114,34 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
                 answered.remember(memo, asked, answer)
         response.headers["Location"] = answer["location"]
         return answer
+
+    cancel_refusals = {**REFUSALS, 404: {"model": Problem,
+                                         "description": "No such experiment (yet)."}}
+
+    @app.post("/experiments/{experiment_id}/cancel", status_code=202,
+              response_model=CancelAccepted, responses=cancel_refusals,
+              summary="Cancel a colour campaign (publishes ExperimentCancelRequested)",
+              operation_id="cancel_experiment", tags=["experiments"])
+    async def cancel_experiment(experiment_id: Annotated[str, Path(max_length=200)],
+                                request: Request, response: Response,
+                                principal: Annotated[Principal, Depends(caller)],
+                                body: CancelRequest | None = None) -> dict:
+        await require(principal, "experiment:cancel", request)
+        owner = await request.app.state.db.fetchval(
+            "SELECT requested_by FROM experiments WHERE experiment_id = $1", experiment_id)
+        if owner is None:
+            raise HTTPException(404, f"no experiment {experiment_id!r} (a campaign just "
+                                     "requested shows within a second)")
+        if not may_act_on(principal.roles, "experiment:cancel", principal.user_id, owner):
+            await deny(principal, "experiment:cancel", request,
+                       f"{experiment_id} was started by someone else; without read:all a "
+                       "user may cancel only their own campaigns")
+        reason = (body or CancelRequest()).reason
+        event = ExperimentCancelRequested.create(
+            source=PROCESS, subject=experiment_id, sequence=0, experiment_id=experiment_id,
+            reason=reason, requested_by=principal.user_id, actor=actor_of(principal, request))
+        await request.app.state.publisher.publish(event)
+        location = f"{cfg.query_api_url}/experiments/{experiment_id}"
+        response.headers["Location"] = location
+        return {"event_id": str(event.event_id), "experiment_id": experiment_id,
+                "location": location}

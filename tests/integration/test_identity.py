@@ -23,6 +23,7 @@ from labbus.events.codec import default_codec
 from labbus.events.identity import user_id_for
 from labbus.events.model import (
     AccessDenied,
+    ExperimentCancelRequested,
     QuotaGranted,
     RoleGranted,
     RoleRevoked,
@@ -420,4 +421,59 @@ def test_the_cli_logs_in_and_goes_through_the_gateway(gateway, users, cfg, tmp_p
         actor = event.envelope.actor
         assert (actor.user_id, actor.user_agent) == (user_id_for(gil), "labbus-cli")
         assert set(actor.roles) == {"researcher", "operator"}
+
+    def cancelled():  # through the gateway, once the projector shows the experiment
+        r = labbus(cenv, "experiment", "cancel", xid, "--reason", "changed my mind")
+        return r if "(404)" not in r.stderr else None
+    done = wait_for(cancelled, 30, "the cancel through the gateway")
+    assert done.returncode == 0, done.stderr
     assert labbus(cenv, "logout").returncode == 0 and not (tmp_path / "token.json").exists()
+
+
+def test_a_campaign_is_cancelled_by_its_requester_not_by_another_student(gateway, users, cfg):
+    """POST /experiments/{id}/cancel: 404 for an experiment the read model does not hold, 403
+    (and an AccessDenied) for another student, 202 for the requester with
+    ExperimentCancelRequested carrying the requester as actor; an admin may cancel anyone's."""
+    base, genv = gateway
+    people = {}
+    for name, role in (("hal", "student"), ("ivy", "student"), ("jon", "admin")):
+        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
+        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
+                   stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+        people[name] = {"Authorization": "Bearer "
+                        + token_once_projected(base, email, pw)["access_token"]}
+    body = {"target": "#336699", "dyes": ["red", "yellow", "blue"], "budget_wells": 8}
+    started = httpx.post(f"{base}/experiments", json=body, headers=people["hal"], timeout=10)
+    assert started.status_code == 202, started.text
+    xid = started.json()["experiment_id"]
+    unknown = httpx.post(f"{base}/experiments/exp-nope-{RUN}/cancel", headers=people["hal"],
+                         timeout=10)
+    assert unknown.status_code == 404
+
+    def cancel(who: str) -> httpx.Response | None:
+        r = httpx.post(f"{base}/experiments/{xid}/cancel", json={"reason": f"by {who}"},
+                       headers=people[who], timeout=10)
+        return None if r.status_code == 404 else r  # not projected yet
+
+    other = wait_for(lambda: cancel("ivy"), 30, "the experiment in the read model")
+    assert other.status_code == 403 and "own campaigns" in other.json()["detail"]
+    mine = cancel("hal")
+    assert mine.status_code == 202 and mine.headers["Location"].endswith(f"/experiments/{xid}")
+    admin = cancel("jon")
+    assert admin.status_code == 202
+
+    codec = default_codec()
+    cancels = [e for e in (codec.decode(rec.value)
+                           for rec in run(read_topic(cfg, topic_name(cfg, EXPERIMENTS)))
+                           if rec.key == xid.encode())
+               if isinstance(e, ExperimentCancelRequested)]
+    assert [(c.reason, c.requested_by, c.envelope.actor.roles) for c in cancels] == [
+        ("by hal", user_id_for(f"hal-{RUN}@lab.example"), ("student",)),
+        ("by jon", user_id_for(f"jon-{RUN}@lab.example"), ("admin",))]
+    denied = [e for e in (codec.decode(rec.value)
+                          for rec in run(read_topic(cfg, topic_name(cfg, USERS)))
+                          if rec.key == user_id_for(f"ivy-{RUN}@lab.example").encode())
+              if isinstance(e, AccessDenied)]
+    assert [(d.permission, d.request) for d in denied] == [
+        ("experiment:cancel", f"POST /experiments/{xid}/cancel")]
