@@ -29,6 +29,7 @@ templates; `labbus.processors.qc` evaluates criteria and analyses with it.
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import hashlib
 import json
@@ -277,7 +278,7 @@ class CriterionSpec:
     applies_if: Comparison | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one template, one object: compare ids/versions/hashes
 class ProtocolTemplate:
     id: str
     version: int
@@ -367,7 +368,7 @@ def parse_template(document: Any, source: str = "<template>") -> ProtocolTemplat
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise TemplateError(f"{source}: {json_path(list(best.absolute_path))}: "
                             f"{best.message}{more}")
-    return _Reader(document, source).template()
+    return _Reader(copy.deepcopy(document), source).template()  # later edits do not leak in
 
 
 class _Reader:

@@ -75,9 +75,16 @@ def _limit(c: Comparison, env: Mapping[str, float]) -> Limit:
     return c.limit.evaluate(env)
 
 
-def _missing(names: frozenset[str], unavailable: Mapping[str, str]) -> str | None:
-    reasons = [unavailable[n] for n in sorted(names) if n in unavailable]
-    return "; ".join(dict.fromkeys(reasons)) if reasons else None
+def _values(c: Comparison, env: Mapping[str, float],
+            unavailable: Mapping[str, str]) -> tuple[float, Limit] | str:
+    """(value, limit) of a comparison, or why they cannot be computed."""
+    reasons = [unavailable[n] for n in sorted(c.names) if n in unavailable]
+    if reasons:
+        return "; ".join(dict.fromkeys(reasons))
+    try:
+        return c.value.evaluate(env), _limit(c, env)
+    except ExpressionError as e:
+        return str(e)
 
 
 def judge(criterion: CriterionSpec, env: Mapping[str, float],
@@ -96,23 +103,17 @@ def judge(criterion: CriterionSpec, env: Mapping[str, float],
 
     if criterion.applies_if is not None:
         a = criterion.applies_if
-        missing = _missing(a.names, unavailable)
-        if missing:
-            return result(FAIL, f"cannot tell whether it applies: {missing}")
-        try:
-            subject, bound = a.value.evaluate(env), _limit(a, env)
-        except ExpressionError as e:
-            return result(FAIL, f"cannot tell whether it applies: {e}")
+        got = _values(a, env, unavailable)
+        if isinstance(got, str):
+            return result(FAIL, f"cannot tell whether it applies: {got}")
+        subject, bound = got
         if not compare(subject, a.operator, bound):
             return result(NOT_APPLICABLE, f"not applicable ({a.value.text} = {fmt(subject)}, "
                                           f"applies when {fmt_limit(a.operator, bound, '')})")
-    missing = _missing(c.names, unavailable)
-    if missing:
-        return result(FAIL, f"cannot be judged: {missing}")
-    try:
-        value, limit = c.value.evaluate(env), _limit(c, env)
-    except ExpressionError as e:
-        return result(FAIL, f"cannot be judged: {e}")
+    got = _values(c, env, unavailable)
+    if isinstance(got, str):
+        return result(FAIL, f"cannot be judged: {got}")
+    value, limit = got
     verdict = PASS if compare(value, c.operator, limit) else FAIL
     u = f" {criterion.unit}" if criterion.unit and criterion.unit != "1" else ""
     return result(verdict, f"{fmt(value)}{u}, limit {fmt_limit(c.operator, limit, criterion.unit)}"
