@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
+from labbus.events.http_auth import document
 from labbus.events.tokens import TokenVerifier
 from labbus.producers.http_gateway import commands, keys
 from labbus.producers.http_gateway.issuer import JWKS_PATH, TOKEN_PATH, InvalidGrant, Issuer
@@ -160,4 +161,5 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    document(app, "Problem")
     return app

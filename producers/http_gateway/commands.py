@@ -4,7 +4,8 @@ event through the idempotent acks=all producer, and gets `202 Accepted` with the
 a `Location` on the query API.
 
 - 401 without a token or with a bad one (`WWW-Authenticate` says why, RFC 6750), 403 when the
-  roles lack the permission; the token's subject is the command's `issued_by`.
+  roles lack the permission (`SEND`, the kernel's `http_auth.Guard`, as on every route that
+  needs a token); the token's subject is the command's `issued_by`.
 - `Idempotency-Key`: the command id derives from (device, caller, key), so a retried POST is the
   same command. Within this process's memory (the last 10,000 keys) a retry publishes nothing
   and gets the first answer again (409 if the body differs); after a restart it publishes the
@@ -22,13 +23,14 @@ from pydantic import BaseModel, Field
 
 from labbus.events import kafka
 from labbus.events.config import Config
+from labbus.events.http_auth import Guard
 from labbus.events.identity import Principal
 from labbus.events.model import issue_command
 from labbus.events.runtime import Deliveries, Step
-from labbus.events.tokens import TokenError, TokenVerifier, bearer_token, www_authenticate
 
 PROCESS = "gateway-http"
 REMEMBERED_KEYS = 10_000
+SEND = Guard("command:send")
 
 
 class DeviceCommand(BaseModel):
@@ -72,28 +74,10 @@ class Publisher:
         await sent.acked()
 
 
-async def caller(request: Request,
-                 authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The verified caller of a command route (401 with the reason otherwise)."""
-    verifier: TokenVerifier = request.app.state.verifier
-    try:
-        return await verifier.verify(bearer_token(authorization))
-    except TokenError as exc:
-        raise HTTPException(exc.status, str(exc),
-                            headers={"WWW-Authenticate": www_authenticate(exc)}) from None
-
-
-def require(principal: Principal, permission: str) -> None:
-    if not principal.may(permission):
-        raise HTTPException(403, f"the roles {list(principal.roles)} do not grant "
-                                 f"{permission!r}")
-
-
 def add_routes(app: FastAPI, cfg: Config) -> None:
     answered: collections.OrderedDict[tuple, tuple[dict, dict]] = collections.OrderedDict()
+    # 401, 403 and 503 are documented from the guard (labbus.events.http_auth.document)
     refusals: dict[int | str, dict[str, Any]] = {
-        401: {"model": Problem, "description": "No token, or a token that is not valid."},
-        403: {"model": Problem, "description": "The caller's roles lack the permission."},
         409: {"model": Problem, "description": "The Idempotency-Key was used for another "
                                                "request."}}
 
@@ -101,11 +85,10 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
               summary="Send a command to a device (publishes CommandIssued)",
               operation_id="send_command", tags=["commands"])
     async def send_command(body: DeviceCommand, request: Request, response: Response,
-                           principal: Annotated[Principal, Depends(caller)],
+                           principal: Annotated[Principal, Depends(SEND)],
                            idempotency_key: Annotated[str | None, Header(
                                alias="Idempotency-Key", min_length=1, max_length=200)] = None
                            ) -> dict:
-        require(principal, "command:send")
         memo = (principal.user_id, body.device_id, idempotency_key)
         asked = body.model_dump()
         if idempotency_key is not None and memo in answered:
