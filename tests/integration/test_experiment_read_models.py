@@ -9,10 +9,8 @@ from xml.etree import ElementTree
 
 import pytest
 from aiokafka import TopicPartition
-from fastapi.testclient import TestClient
 
 from labbus.api import cursor
-from labbus.api.app import create_app
 from labbus.events.codec import default_codec
 from labbus.events.model import (
     ExperimentCompleted,
@@ -119,7 +117,7 @@ def mongo_projection(cfg) -> MongoProjection:
 
 
 @pytest.fixture(scope="module")
-def api(cfg):
+def api(cfg, query_api):
     async def seed():
         pg, mongo = PostgresProjection(cfg), mongo_projection(cfg)
         await pg.start()
@@ -133,7 +131,7 @@ def api(cfg):
             await mongo.stop()
 
     run(seed())
-    with TestClient(create_app(cfg)) as client:
+    with query_api(cfg) as client:
         yield client
 
 

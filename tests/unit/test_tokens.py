@@ -11,8 +11,6 @@ import uuid
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from labbus.events import config
 from labbus.events.tokens import (
@@ -33,33 +31,9 @@ from labbus.events.tokens import (
     parse_jwks,
     www_authenticate,
 )
-from tests.support.idp import Provider
+from tests.support.idp import Keys, Provider
 
 AUD = "labbus"
-
-
-class Keys:
-    """A signing key of each kind the verifier accepts by default."""
-
-    def __init__(self, alg: str = "ES256", kid: str | None = None) -> None:
-        self.alg = alg
-        self.kid = kid or f"{alg}-{uuid.uuid4().hex[:8]}"
-        if alg == "ES256":
-            self.private = ec.generate_private_key(ec.SECP256R1())
-            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        elif alg == "EdDSA":
-            self.private = ed25519.Ed25519PrivateKey.generate()
-            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        else:
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        self.jwk = {**jwk, "kid": self.kid, "use": "sig", "alg": alg}
-
-    def sign(self, claims: dict, kid: str | None = "same", **headers) -> str:
-        header = {**headers}
-        if kid is not None:
-            header["kid"] = self.kid if kid == "same" else kid
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers=header)
 
 
 @pytest.fixture
