@@ -45,13 +45,13 @@ def well_name(i: int) -> str:
     return f"{'ABCDEFGH'[i % 8]}{i // 8 + 1}"
 
 
-def campaign_events(xid: str) -> dict[str, list]:
+def campaign_events(xid: str, requested_by: str = "test") -> dict[str, list]:
     """The events of a three-iteration campaign, per topic, in log order."""
     t = dict(source="t", subject=xid)
     ex: list = [ExperimentRequested.create(
         **t, sequence=0, experiment_id=xid, target_hex="#7a3cc0", target_lab=[40.0, 50.0, -50.0],
         dyes=["red", "yellow", "blue"], budget_wells=48, batch_size=BATCH,
-        tolerance_de=TOLERANCE, requested_by="test")]
+        tolerance_de=TOLERANCE, requested_by=requested_by)]
     runs: list = []
     readings: list = []
     best = None
