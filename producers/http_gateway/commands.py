@@ -78,6 +78,7 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     answered: collections.OrderedDict[tuple, tuple[dict, dict]] = collections.OrderedDict()
     # 401, 403 and 503 are documented from the guard (labbus.events.http_auth.document)
     refusals: dict[int | str, dict[str, Any]] = {
+        400: {"model": Problem, "description": "A body that cannot be parsed (not UTF-8 JSON)."},
         409: {"model": Problem, "description": "The Idempotency-Key was used for another "
                                                "request."}}
 
