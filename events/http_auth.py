@@ -16,7 +16,10 @@ A route declares what it needs once, with a `Guard` dependency that carries the 
   no role name appears here or in the routes.
 - The issuer's keys cannot be had (none cached): 503.
 
-The refusals are `HTTPException`s, so each app answers them with its own error body.
+The refusals are `HTTPException`s, so each app answers them with its own error body. An app that
+records refusals (the command gateway publishes them for the audit log) sets
+`app.state.on_denied`, an async callable `(request, principal, permissions, reason)` awaited
+before a 403 for missing permissions is raised.
 
 `document(app, error_schema)` writes the guards into the app's OpenAPI document: the bearer
 security scheme and each guarded operation's `security` come from the dependency (FastAPI), and
@@ -83,6 +86,9 @@ class Guard:
         if not principal.permissions.intersection(self.permissions):
             detail = (f"the roles {list(principal.roles)} do not grant "
                       f"{' or '.join(repr(p) for p in self.permissions)}")
+            on_denied = getattr(request.app.state, "on_denied", None)
+            if on_denied is not None:
+                await on_denied(request, principal, self.permissions, detail)
             raise refusal(403, detail, _insufficient(detail))
         return principal
 

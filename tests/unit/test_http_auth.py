@@ -4,11 +4,17 @@ the apps are built, not started."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 
 from labbus.events import config
 from labbus.events.http_auth import PERMISSIONS_KEY, Guard, admitted, route_guards, routes_markdown
+from labbus.events.identity import Principal
+from labbus.events.tokens import TokenVerifier
+from tests.support.idp import Tokens
 
 PUBLIC = {"/health/live", "/health/ready", "/auth/token", "/.well-known/jwks.json",
           "/.well-known/openid-configuration"}
@@ -59,3 +65,35 @@ def test_admitted_by_any_of_the_permissions_through_the_roles_table():
         Guard("read:everything")
     with pytest.raises(ValueError):
         Guard()
+
+
+SEND = Guard("command:send")
+
+
+def test_a_refusal_for_missing_permissions_is_reported_to_the_app_before_the_403():
+    """`app.state.on_denied` (the gateway's audit hook) hears each 403 for missing permissions,
+    not the 401s nor the callers let in."""
+    tokens = Tokens()
+    heard = []
+
+    async def on_denied(request, principal, permissions, reason):
+        heard.append((request.url.path, principal.user_id, permissions, reason))
+
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x(principal: Annotated[Principal, Depends(SEND)]) -> dict:
+        return {"user": principal.user_id}
+
+    try:
+        app.state.verifier = TokenVerifier.from_config(tokens.config(config.load({})))
+        app.state.on_denied = on_denied
+        with TestClient(app) as client:
+            assert client.get("/x").status_code == 401
+            assert client.get("/x", headers=tokens.headers("op", ("operator",))).json() == {
+                "user": "op"}
+            r = client.get("/x", headers=tokens.headers("stu", ("student",)))
+            assert r.status_code == 403 and "insufficient_scope" in r.headers["www-authenticate"]
+        assert heard == [("/x", "stu", ("command:send",), r.json()["detail"])]
+    finally:
+        tokens.close()
