@@ -4,6 +4,23 @@
 Its OpenAPI is a contract, checked by schemathesis (tests/integration/test_api_contract.py):
 every error answer has the one `Error` body of api/errors.py, every paginated route reads and
 writes its cursor through one `cursor.Key`, and no input gives a 500.
+
+Every route but `/health/*`, `/metrics` and the OpenAPI documents needs a bearer token, checked
+by the kernel's `http_auth.Guard` (as the command gateway's routes are): 401 without one or with
+a bad one, 403 when the token's roles grant none of the route's permissions. Each route names
+its permissions once, in its guard, and the OpenAPI document declares them
+(`x-labbus-permissions`) with the 401/403 answers:
+
+- `READ_ALL` (`read:all`): devices, their measurements, alerts. Instrument data is the lab's,
+  not one user's: readings of a device may belong to anyone's work (a testing lab's customer
+  samples as well as a colour campaign), so it is for the roles that read everything.
+- `READ_OWN` (`read:own` or `read:all`): experiments (with their wells, plate, convergence and
+  robot runs' commands) and device commands. A caller with `read:all` sees all of them; one with
+  only `read:own` sees those they started: experiments whose `requested_by`, commands whose
+  `issued_by`, is the token's subject (`identity.may_read`). Lists leave the others out; asking
+  for another's by id answers **404**, the answer for an id that does not exist, rather than
+  403: a 403 would tell a student which ids exist (other students' campaigns), a 404 tells
+  nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +34,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Literal
 
 import asyncpg
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BeforeValidator
@@ -27,7 +44,10 @@ from labbus.api import cursor, errors, models, series
 from labbus.events import labware
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
+from labbus.events.http_auth import Guard, document
+from labbus.events.identity import Principal, may_read
 from labbus.events.model import CommandProgress
+from labbus.events.tokens import TokenVerifier
 
 REQUESTS = Counter("labbus_api_requests_total", "API requests", ["route", "status"])
 LATENCY = Histogram("labbus_api_request_seconds", "API request latency", ["route"])
@@ -94,6 +114,7 @@ EXPERIMENTS_KEY = cursor.Key.of(experiment_id=str)
 COMMANDS_KEY = cursor.Key.of(index=int)
 DEVICE_COMMANDS_KEY = cursor.Key.of(first_at=datetime, command_id=str)
 ALERTS_KEY = cursor.Key.of(detected_at=datetime, alert_id=uuid.UUID)
+AUDIT_KEY = cursor.Key.of(at=datetime, event_id=uuid.UUID)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="Items per page.")]
 Cursor = Annotated[str | None, Query(
@@ -104,6 +125,19 @@ DeviceId = Annotated[str, Path(description="A device id.")]
 ExperimentId = Annotated[str, Path(description="An experiment id.")]
 RunId = Annotated[str, Path(description="A robot run id.")]
 CommandId = Annotated[str, Path(description="A command id.")]
+
+# What each route needs (see the module's docstring).
+READ_ALL = Guard("read:all")
+READ_OWN = Guard("read:own", "read:all")
+ReadsAll = Annotated[Principal, Depends(READ_ALL)]
+ReadsOwn = Annotated[Principal, Depends(READ_OWN)]
+ReadsAudit = Annotated[Principal, Depends(Guard("audit:read"))]
+
+
+def _owner(principal: Principal) -> str | None:
+    """Whose experiments and commands a caller may list: None = everyone's (read:all), else
+    the caller's own (read:own)."""
+    return None if principal.may("read:all") else principal.user_id
 
 
 # The SVG routes keep response_class=Response (no media type of its own), so that their error
@@ -186,9 +220,14 @@ class Observe:
         REQUESTS.labels(_scope_route(scope), str(status)).inc()
 
 
-def create_app(cfg: Config) -> FastAPI:
+def create_app(cfg: Config, *, auth: bool = True) -> FastAPI:
+    """The app. `auth=False` builds it without the token check (every caller may read
+    everything): for the benchmark that measures what the check costs, never for serving.
+    `labbus api` always builds it with the check, and no setting turns it off."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.verifier = TokenVerifier.from_config(cfg) if auth else None
         app.state.pg = await connect_pool(
             cfg.postgres_api_dsn, "LABBUS_POSTGRES_API_DSN",
             init=lambda con: con.set_type_codec("jsonb", encoder=str, decoder=_json_loads,
@@ -198,6 +237,8 @@ def create_app(cfg: Config) -> FastAPI:
         yield
         await app.state.pg.close()
         await app.state.mongo.close()
+        if app.state.verifier is not None:
+            await app.state.verifier.aclose()
 
     app = FastAPI(title="labbus query API", version="0.1.0", lifespan=lifespan,
                   description="Read-only access to labbus read models: devices and their "
@@ -215,6 +256,7 @@ def create_app(cfg: Config) -> FastAPI:
              | errors.responses(400, 422, 503))
     async def list_devices(
         request: Request,
+        _: ReadsAll,
         type_: Annotated[str | None, Query(
             alias="type", description="Only devices of this type, e.g. ph-meter.")] = None,
         device_type: Annotated[str | None, Query(
@@ -241,7 +283,7 @@ def create_app(cfg: Config) -> FastAPI:
              summary="One device: registration, status and its history, latest readings",
              operation_id="get_device", response_model=models.DeviceDetail,
              response_model_exclude_unset=True, responses=errors.responses(404, 422, 503))
-    async def get_device(request: Request, device_id: DeviceId) -> dict:
+    async def get_device(request: Request, device_id: DeviceId, _: ReadsAll) -> dict:
         if _unstorable(device_id):
             raise HTTPException(404, f"no device {device_id!r}")
         pg = request.app.state.pg
@@ -277,6 +319,7 @@ def create_app(cfg: Config) -> FastAPI:
     async def device_measurements(
         request: Request,
         device_id: DeviceId,
+        _: ReadsAll,
         metric: str | None = None,
         from_: Annotated[datetime | None, BeforeValidator(_rfc3339), Query(
             alias="from", description="Inclusive; RFC 3339, e.g. 2026-03-01T12:00:00Z.")] = None,
@@ -349,6 +392,7 @@ def create_app(cfg: Config) -> FastAPI:
              | errors.responses(400, 422, 503))
     async def list_experiments(
         request: Request,
+        principal: ReadsOwn,
         status: str | None = None,
         limit: Limit = 100,
         cursor_: Cursor = None,
@@ -359,15 +403,19 @@ def create_app(cfg: Config) -> FastAPI:
         rows = await request.app.state.pg.fetch(
             f"""SELECT {_EXPERIMENT_COLUMNS} FROM experiments e
                 WHERE experiment_id > $1 AND ($2::text IS NULL OR status = $2)
-                ORDER BY experiment_id LIMIT $3""", after, status, limit + 1)
+                  AND ($4::text IS NULL OR requested_by = $4)
+                ORDER BY experiment_id LIMIT $3""", after, status, limit + 1,
+            _owner(principal))
         return _page(rows, limit, EXPERIMENTS_KEY)
 
-    async def _experiment(pg, experiment_id: str) -> dict:
+    async def _experiment(pg, experiment_id: str, principal: Principal) -> dict:
+        """The experiment, if the caller may read it; 404 alike when it does not exist and when
+        it is another's (see the module's docstring)."""
         if _unstorable(experiment_id):
             raise HTTPException(404, f"no experiment {experiment_id!r}")
         row = await pg.fetchrow(f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments e "
                                 "WHERE experiment_id = $1", experiment_id)
-        if row is None:
+        if row is None or not may_read(principal.roles, principal.user_id, row["requested_by"]):
             raise HTTPException(404, f"no experiment {experiment_id!r}")
         return dict(row)
 
@@ -376,9 +424,10 @@ def create_app(cfg: Config) -> FastAPI:
              responses=_links("get_experiment", run_commands={"run_id": "runs/0/run_id"},
                               experiment_wells=_THIS_EXPERIMENT)
              | errors.responses(404, 422, 503))
-    async def get_experiment(request: Request, experiment_id: ExperimentId) -> dict:
+    async def get_experiment(request: Request, experiment_id: ExperimentId,
+                             principal: ReadsOwn) -> dict:
         pg = request.app.state.pg
-        body = await _experiment(pg, experiment_id)
+        body = await _experiment(pg, experiment_id, principal)
         runs = await pg.fetch(
             """SELECT run_id, iteration, status, protocol_hash, mode, commands, wells, error,
                       requested_at, started_at, finished_at
@@ -391,17 +440,19 @@ def create_app(cfg: Config) -> FastAPI:
     @app.get("/experiments/{experiment_id}/wells", summary="Every well of an experiment's plate",
              operation_id="experiment_wells", response_model=models.WellList,
              responses=errors.responses(404, 422, 503))
-    async def experiment_wells(request: Request, experiment_id: ExperimentId) -> dict:
+    async def experiment_wells(request: Request, experiment_id: ExperimentId,
+                               principal: ReadsOwn) -> dict:
         pg = request.app.state.pg
-        await _experiment(pg, experiment_id)
+        await _experiment(pg, experiment_id, principal)
         return {"items": await _wells(pg, experiment_id)}
 
     @app.get("/experiments/{experiment_id}/plate.svg", summary="The plate as measured, as SVG",
              operation_id="experiment_plate", response_class=Response,
              responses=SVG | errors.responses(404, 422, 503))
-    async def experiment_plate(request: Request, experiment_id: ExperimentId) -> Response:
+    async def experiment_plate(request: Request, experiment_id: ExperimentId,
+                               principal: ReadsOwn) -> Response:
         pg = request.app.state.pg
-        experiment = await _experiment(pg, experiment_id)
+        experiment = await _experiment(pg, experiment_id, principal)
         svg = plate_svg(experiment, await _wells(pg, experiment_id))
         return Response(svg, media_type="image/svg+xml")
 
@@ -409,9 +460,10 @@ def create_app(cfg: Config) -> FastAPI:
              summary="Best ΔE00 of each iteration, with the tolerance, as an SVG line chart",
              operation_id="experiment_convergence", response_class=Response,
              responses=SVG | errors.responses(404, 422, 503))
-    async def experiment_convergence(request: Request, experiment_id: ExperimentId) -> Response:
+    async def experiment_convergence(request: Request, experiment_id: ExperimentId,
+                                     principal: ReadsOwn) -> Response:
         pg = request.app.state.pg
-        experiment = await _experiment(pg, experiment_id)
+        experiment = await _experiment(pg, experiment_id, principal)
         rows = await pg.fetch(
             """SELECT iteration, min(delta_e) AS best_de, count(*)::int AS wells FROM wells
                WHERE experiment_id = $1 AND iteration IS NOT NULL AND delta_e IS NOT NULL
@@ -426,12 +478,18 @@ def create_app(cfg: Config) -> FastAPI:
     async def run_commands(
         request: Request,
         run_id: RunId,
+        principal: ReadsOwn,
         limit: Limit = 100,
         cursor_: Cursor = None,
     ) -> dict:
         after = COMMANDS_KEY.decode(cursor_)[0] if cursor_ else -1
         pg = request.app.state.pg
-        if _unstorable(run_id) or not await pg.fetchval(
+        owner = _owner(principal)
+        if _unstorable(run_id) or (owner is not None and not await pg.fetchval(
+                """SELECT 1 FROM robot_runs r JOIN experiments e USING (experiment_id)
+                   WHERE r.run_id = $1 AND e.requested_by = $2""", run_id, owner)):
+            raise HTTPException(404, f"no robot run {run_id!r}")  # or another's: see the top
+        if not await pg.fetchval(
                 "SELECT 1 FROM robot_runs WHERE run_id = $1 UNION ALL "
                 "SELECT 1 FROM robot_commands WHERE run_id = $1 LIMIT 1", run_id):
             raise HTTPException(404, f"no robot run {run_id!r}")
@@ -451,6 +509,7 @@ def create_app(cfg: Config) -> FastAPI:
              | errors.responses(400, 422, 503))
     async def list_commands(
         request: Request,
+        principal: ReadsOwn,
         device: Annotated[str | None, Query(description="Only this device's commands.")] = None,
         status: Annotated[models.CommandStatus | None, Query(
             description="Only commands whose current status is this one.")] = None,
@@ -464,19 +523,20 @@ def create_app(cfg: Config) -> FastAPI:
             f"""SELECT {_COMMAND_COLUMNS}, first_at FROM commands
                 WHERE ($1::text IS NULL OR device_id = $1) AND ($2::text IS NULL OR status = $2)
                   AND ($3::timestamptz IS NULL OR (first_at, command_id) < ($3, $4))
+                  AND ($6::text IS NULL OR issued_by = $6)
                 ORDER BY first_at DESC, command_id DESC LIMIT $5""",
-            device, status, before_t, before_id, limit + 1)
+            device, status, before_t, before_id, limit + 1, _owner(principal))
         return _page(rows, limit, DEVICE_COMMANDS_KEY, _command)
 
     @app.get("/commands/{command_id}", summary="One command with its full status history",
              operation_id="get_command", response_model=models.DeviceCommandDetail,
              responses=_links("get_command", get_device={"device_id": "device_id"})
              | errors.responses(404, 422, 503))
-    async def get_command(request: Request, command_id: CommandId) -> dict:
+    async def get_command(request: Request, command_id: CommandId, principal: ReadsOwn) -> dict:
         pg = request.app.state.pg
         row = None if _unstorable(command_id) else await pg.fetchrow(
             f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE command_id = $1", command_id)
-        if row is None:
+        if row is None or not may_read(principal.roles, principal.user_id, row["issued_by"]):
             raise HTTPException(404, f"no command {command_id!r}")
         body = _command(row)
         body["history"] = [dict(r) for r in await pg.fetch(
@@ -494,6 +554,7 @@ def create_app(cfg: Config) -> FastAPI:
              | errors.responses(400, 422, 503))
     async def list_alerts(
         request: Request,
+        _: ReadsAll,
         since: Annotated[datetime | None, BeforeValidator(_rfc3339), Query(
             description="Alerts detected at or after this time; RFC 3339, e.g. "
                         "2026-03-01T12:00:00Z.")] = None,
@@ -516,6 +577,39 @@ def create_app(cfg: Config) -> FastAPI:
             device, _utc(since) or _EARLIEST, after_t, after_id, limit + 1)
         return _page(rows, limit, ALERTS_KEY)
 
+    @app.get("/audit", summary="The activity log: who asked for what, when, from where, and "
+                                "the outcome",
+             description="Every command event an entry point published for a verified caller "
+                         "(starting or cancelling a campaign, a device command), every request "
+                         "refused for a missing permission, and the decision on each; newest "
+                         "first, cursor-paginated. Admins only (`audit:read`).",
+             operation_id="list_audit", response_model=models.AuditPage,
+             responses=errors.responses(400, 422, 503))
+    async def list_audit(
+        request: Request,
+        _: ReadsAudit,
+        user: Annotated[str | None, Query(description="Only this user's (a user id).")] = None,
+        action: Annotated[str | None, Query(
+            description="Only this action, e.g. experiment:start, command:send.")] = None,
+        since: Annotated[datetime | None, BeforeValidator(_rfc3339), Query(
+            description="At or after this time; RFC 3339, e.g. 2026-03-01T12:00:00Z.")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
+    ) -> dict:
+        before_t, before_id = AUDIT_KEY.decode(cursor_) if cursor_ else (None, None)
+        if _unstorable(user) or _unstorable(action):
+            return {"items": [], "next_cursor": None}
+        rows = await request.app.state.pg.fetch(
+            """SELECT event_id, at, user_id, roles, client_ip, user_agent, token_id,
+                      action, event_type, subject, outcome, reason, outcome_at
+               FROM audit
+               WHERE user_id IS NOT NULL AND ($1::text IS NULL OR user_id = $1)
+                 AND ($2::text IS NULL OR action = $2) AND at >= $3
+                 AND ($4::timestamptz IS NULL OR (at, event_id) < ($4, $5))
+               ORDER BY at DESC, event_id DESC LIMIT $6""",
+            user, action, _utc(since) or _EARLIEST, before_t, before_id, limit + 1)
+        return _page(rows, limit, AUDIT_KEY)
+
     @app.get("/health/live", summary="The process is up", operation_id="live",
              response_model=models.Live)
     async def live() -> dict:
@@ -537,6 +631,7 @@ def create_app(cfg: Config) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    document(app, "Error")
     return app
 
 

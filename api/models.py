@@ -126,7 +126,7 @@ class BucketSeries(BaseModel):
 
 class Experiment(BaseModel):
     experiment_id: str
-    status: str = Field(description="running, completed, failed or rejected.")
+    status: str = Field(description="running, completed, failed, rejected or cancelled.")
     target_hex: str | None
     target_lab: list[float] | None
     dyes: list[str] | None
@@ -314,4 +314,27 @@ class Alert(BaseModel):
 
 class AlertPage(BaseModel):
     items: list[Alert]
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class AuditEntry(BaseModel):
+    event_id: uuid.UUID = Field(description="The command event (or the refusal) this row is.")
+    at: datetime = Field(description="When it was asked.")
+    user_id: str = Field(description="Who asked (the token's subject).")
+    roles: list[str] = Field(description="The labbus roles the token carried.")
+    client_ip: str | None = Field(description="From where, as the entry point saw it.")
+    user_agent: str | None
+    token_id: str | None = Field(description="The token's jti.")
+    action: str = Field(description="The permission exercised, e.g. experiment:start.")
+    event_type: str
+    subject: str = Field(description="What it was about: an experiment, a device, or for a "
+                                     "refusal the request (method and path).")
+    outcome: str = Field(description="requested (not decided yet), accepted, rejected or "
+                                     "denied (refused at the entry point).")
+    reason: str | None = Field(description="Why it was rejected or denied.")
+    outcome_at: datetime | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntry]
     next_cursor: str | None = NEXT_CURSOR

@@ -1,5 +1,10 @@
 """`labbus demo`: every labbus process against the local services, with a simulated fleet and one
-closed-loop colour campaign (experiment processor, OT-2 agent in simulation, plate reader)."""
+closed-loop colour campaign (experiment processor, OT-2 agent in simulation, plate reader).
+
+The query API needs a token: the demo runs the command gateway (the built-in issuer) and signs a
+viewer's token with the issuer's key (it runs on the labbus host, where the key is), prints it and
+reads the API with it. With the lab's own identity provider (LABBUS_AUTH_ISSUER) it cannot: it
+says so, and the API's answers need a token of that provider."""
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
         "projector-postgres": ["project", "postgres"],
         "projector-mongo": ["project", "mongo"],
         "api": ["api"],
+        "gateway-http": ["gateway", "http"],
         "agent": ["agent", "sim", "--devices", str(devices), "--rate", str(rate),
                   "--bad-fraction", str(bad_fraction)],
         "experiment": ["process", "experiment"],
@@ -58,9 +64,18 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
                                               start_new_session=True)
         base = f"http://{cfg.api_host}:{cfg.api_port}"
         _wait_ready(base, children, logdir)
+        _wait_ready(f"http://{cfg.http_gateway_host}:{cfg.http_gateway_port}", children, logdir)
         xid = _start_campaign(cfg)
         echo("\nlabbus is running. Open:")
         echo(f"  API docs (OpenAPI)    {base}/docs")
+        token = _viewer_token(cfg)
+        if token:
+            echo(f"  every API route but /health and /metrics needs a token; a viewer's, "
+                 f"valid {cfg.auth_token_ttl_s // 60} min (Authorize in /docs):\n"
+                 f"    curl -H 'Authorization: Bearer {token}' {base}/devices")
+        else:
+            echo("  every API route but /health and /metrics needs a token of "
+                 f"{cfg.auth_issuer}")
         echo(f"  devices               {base}/devices")
         echo(f"  one device's readings {base}/devices/sim-0000/measurements")
         echo(f"  readiness             {base}/health/ready")
@@ -81,8 +96,9 @@ def run(cfg: Config, *, devices: int, rate: float, bad_fraction: float, duration
                     raise SystemExit(f"{name} exited with {child.returncode}; see "
                                      f"{logdir / (name + '.log')}")
             time.sleep(0.5)
-        _summary(base, echo)
-        _campaign_summary(base, xid, echo)
+        headers = {"Authorization": f"Bearer {_viewer_token(cfg)}"}
+        _summary(base, headers, echo)
+        _campaign_summary(base, xid, headers, echo)
     finally:
         for child in children.values():
             if child.poll() is None:
@@ -110,13 +126,25 @@ def _wait_ready(base: str, children: dict[str, subprocess.Popen], logdir: Path) 
     raise SystemExit(f"the API did not become ready within 120 s; see {logdir}/api.log")
 
 
-def _summary(base: str, echo) -> None:
+def _viewer_token(cfg: Config) -> str | None:
+    """A viewer's token signed with the built-in issuer's key (None when it is off)."""
+    if not cfg.auth_built_in:
+        return None
+    from labbus.producers.http_gateway import keys
+    from labbus.producers.http_gateway.issuer import Issuer
+
+    key = keys.load_or_create(cfg.auth_keys_dir)
+    return Issuer.from_config(cfg, key).mint("demo", ("viewer",))[0]
+
+
+def _summary(base: str, headers: dict, echo) -> None:
     try:
-        devices = httpx.get(f"{base}/devices", params={"limit": 1000}, timeout=5).json()["items"]
+        devices = httpx.get(f"{base}/devices", params={"limit": 1000}, headers=headers,
+                            timeout=5).json()["items"]
         total = 0
         for d in devices:
-            total += httpx.get(f"{base}/devices/{d['device_id']}", timeout=5).json().get(
-                "total_measurements", 0)
+            total += httpx.get(f"{base}/devices/{d['device_id']}", headers=headers,
+                               timeout=5).json().get("total_measurements", 0)
         echo(f"\n{len(devices)} devices, {total} validated readings projected so far")
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         echo(f"(could not read the summary from the API: {exc})")
@@ -132,9 +160,9 @@ def _start_campaign(cfg: Config) -> str:
     return req.experiment_id
 
 
-def _campaign_summary(base: str, xid: str, echo) -> None:
+def _campaign_summary(base: str, xid: str, headers: dict, echo) -> None:
     try:
-        body = httpx.get(f"{base}/experiments/{xid}", timeout=5)
+        body = httpx.get(f"{base}/experiments/{xid}", headers=headers, timeout=5)
         if body.status_code == 404:
             echo(f"colour campaign {xid}: not projected yet")
             return

@@ -13,6 +13,15 @@ them be fetched again, at most once per LABBUS_AUTH_JWKS_MIN_REFRESH_S, so a key
 picked up at once and a flood of made-up key ids cannot flood the issuer. Only asymmetric
 algorithms are accepted (LABBUS_AUTH_ALGORITHMS), never `none` or HMAC.
 
+A token that verified is remembered (the last VERIFIED_KEPT of them) until it expires or the
+keys it was verified with are fetched again, whichever comes first: a client sends the same token
+with every request for its lifetime, and checking its signature again each time cost about a
+third of a cheap query's CPU (tests/bench/bench_auth.py). Nothing is answered differently: the
+signature, issuer, audience and roles of the same token string cannot change, `nbf`/`iat` only
+get further in the past, `exp` (with the leeway) is checked at every use, and the keys it was
+checked with are the ones the verifier would use (refetched after LABBUS_AUTH_JWKS_CACHE_S or on
+an unknown key id, which forgets what they verified). Refused tokens are not remembered.
+
 The JOSE work (JWK parsing, signature and registered-claim checks) is PyJWT's.
 """
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +45,7 @@ from labbus.events.identity import Principal, known_roles
 log = logging.getLogger(__name__)
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+VERIFIED_KEPT = 10_000  # tokens that verified, remembered (see the module's docstring)
 
 
 class TokenError(Exception):
@@ -174,6 +185,10 @@ class KeySet:
     def _may_refresh(self, now: float) -> bool:
         return self.fetched_at is None or now - self.fetched_at >= self.min_refresh_s
 
+    def fresh(self) -> bool:
+        """The keys were fetched within the cache period (key() would not fetch them again)."""
+        return self.fetched_at is not None and self.clock() - self.fetched_at < self.cache_s
+
     async def _refresh(self) -> None:
         self.fetched_at = self.clock()
         try:
@@ -240,6 +255,9 @@ class TokenVerifier:
         self.roles_claim = roles_claim
         self.algorithms = algorithms
         self.leeway_s = leeway_s
+        # token -> (caller, until (wall clock: exp + leeway), fetched_at of the keys it used)
+        self._verified: OrderedDict[str, tuple[Principal, float, float | None]] = OrderedDict()
+        self.signature_checks = 0  # full verifications made (not answered from memory)
 
     @classmethod
     def from_config(cls, cfg: Config, client: httpx.AsyncClient | None = None) -> TokenVerifier:
@@ -253,6 +271,21 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> Principal:
         """The caller of a valid token, or a TokenError saying what is wrong with it."""
+        kept = self._verified.get(token)
+        if kept is not None:
+            principal, until, keys_at = kept
+            if time.time() < until and keys_at == self.keys.fetched_at and self.keys.fresh():
+                return principal
+            del self._verified[token]
+        principal = await self._verify(token)
+        self._verified[token] = (principal, principal.claims["exp"] + self.leeway_s,
+                                 self.keys.fetched_at)
+        while len(self._verified) > VERIFIED_KEPT:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
+        self.signature_checks += 1
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:

@@ -139,6 +139,31 @@ def cfg(env) -> config.Config:
     return config.load(env)
 
 
+@pytest.fixture(scope="session")
+def tokens():
+    """A stand-in OpenID provider on loopback (tests/support/idp.py) minting test tokens."""
+    from tests.support.idp import Tokens
+
+    issuer = Tokens()
+    yield issuer
+    issuer.close()
+
+
+@pytest.fixture(scope="session")
+def query_api(tokens):
+    """`query_api(cfg)`: a TestClient of the query API (`with query_api(cfg) as client:`) that
+    trusts the stand-in issuer and sends a token with every request: a viewer's by default
+    (read:all), or `roles` and `user` of the test's choosing."""
+    from fastapi.testclient import TestClient
+
+    from labbus.api.app import create_app
+
+    def client(cfg: config.Config, roles=("viewer",), user: str = "tester") -> TestClient:
+        return TestClient(create_app(tokens.config(cfg)), headers=tokens.headers(user, roles))
+
+    return client
+
+
 @contextlib.contextmanager
 def http_server(args: list[str], env: dict[str, str], log_path: Path, ready_url: str,
                 timeout: float = 60):

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from labbus.events.config import Config
 from labbus.events.db import connect_pool
+from labbus.events.http_auth import document
 from labbus.events.tokens import TokenVerifier
 from labbus.producers.http_gateway import commands, experiments, keys
 from labbus.producers.http_gateway.issuer import JWKS_PATH, TOKEN_PATH, InvalidGrant, Issuer
@@ -75,6 +76,7 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
         app.state.db = await connect_pool(dsn or cfg.postgres_dsn, "LABBUS_POSTGRES_DSN")
         app.state.verifier = TokenVerifier.from_config(cfg)
         app.state.publisher = commands.Publisher(cfg)
+        app.state.on_denied = commands.publish_denied  # 403s become AccessDenied events
         try:
             if cfg.auth_built_in:
                 key = keys.load_or_create(cfg.auth_keys_dir)
@@ -161,4 +163,5 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    document(app, "Problem")
     return app

@@ -4,7 +4,8 @@ event through the idempotent acks=all producer, and gets `202 Accepted` with the
 a `Location` on the query API.
 
 - 401 without a token or with a bad one (`WWW-Authenticate` says why, RFC 6750), 403 when the
-  roles lack the permission; the token's subject is the command's `issued_by`.
+  roles lack the permission (`SEND`, the kernel's `http_auth.Guard`, as on every route that
+  needs a token); the token's subject is the command's `issued_by`.
 - `Idempotency-Key`: the command id derives from (device, caller, key), so a retried POST is the
   same command. Within this process's memory (the last 10,000 keys) a retry publishes nothing
   and gets the first answer again (409 if the body differs); after a restart it publishes the
@@ -22,13 +23,14 @@ from pydantic import BaseModel, Field
 
 from labbus.events import kafka
 from labbus.events.config import Config
+from labbus.events.http_auth import Guard
 from labbus.events.identity import Principal
 from labbus.events.model import AccessDenied, Actor, issue_command
 from labbus.events.runtime import Deliveries, Step
-from labbus.events.tokens import TokenError, TokenVerifier, bearer_token, www_authenticate
 
 PROCESS = "gateway-http"
 REMEMBERED_KEYS = 10_000
+SEND = Guard("command:send")
 
 
 class DeviceCommand(BaseModel):
@@ -72,17 +74,6 @@ class Publisher:
         await sent.acked()
 
 
-async def caller(request: Request,
-                 authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The verified caller of a command route (401 with the reason otherwise)."""
-    verifier: TokenVerifier = request.app.state.verifier
-    try:
-        return await verifier.verify(bearer_token(authorization))
-    except TokenError as exc:
-        raise HTTPException(exc.status, str(exc),
-                            headers={"WWW-Authenticate": www_authenticate(exc)}) from None
-
-
 def actor_of(principal: Principal, request: Request) -> Actor:
     """Who asks, as the command event carries it (the audit log reads it)."""
     return Actor(principal.user_id, principal.roles,
@@ -116,25 +107,26 @@ class Answered:
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                               max_length=200)]
+# 401, 403 and 503 are documented from the guards (labbus.events.http_auth.document)
 REFUSALS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No token, or a token that is not valid."},
-    403: {"model": Problem, "description": "The caller's roles lack the permission."},
+    400: {"model": Problem, "description": "A body that cannot be parsed (not UTF-8 JSON)."},
     409: {"model": Problem, "description": "The Idempotency-Key was used for another request."}}
 
 
-async def require(principal: Principal, permission: str, request: Request) -> None:
-    """403 when the caller's roles lack `permission` (see `deny`)."""
-    if not principal.may(permission):
-        await deny(principal, permission, request,
-                   f"the roles {list(principal.roles)} do not grant {permission!r}")
+async def publish_denied(request: Request, principal: Principal,
+                         permissions: tuple[str, ...], reason: str) -> None:
+    """The gateway's `app.state.on_denied` (http_auth.Guard awaits it before each 403): the
+    refusal as an AccessDenied event, for the audit log."""
+    await request.app.state.publisher.publish(AccessDenied.create(
+        source=PROCESS, subject=principal.user_id, sequence=0,
+        actor=actor_of(principal, request), user_id=principal.user_id,
+        permission=" or ".join(permissions), request=f"{request.method} {request.url.path}",
+        reason=reason))
 
 
 async def deny(principal: Principal, permission: str, request: Request, reason: str) -> None:
-    """Publish the refusal (AccessDenied, for the audit log), then answer 403 with `reason`."""
-    await request.app.state.publisher.publish(AccessDenied.create(
-        source=PROCESS, subject=principal.user_id, sequence=0,
-        actor=actor_of(principal, request), user_id=principal.user_id, permission=permission,
-        request=f"{request.method} {request.url.path}", reason=reason))
+    """A refusal a route decides itself (beyond its guard): published, then 403."""
+    await publish_denied(request, principal, (permission,), reason)
     raise HTTPException(403, reason)
 
 
@@ -145,9 +137,8 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
               summary="Send a command to a device (publishes CommandIssued)",
               operation_id="send_command", tags=["commands"])
     async def send_command(body: DeviceCommand, request: Request, response: Response,
-                           principal: Annotated[Principal, Depends(caller)],
+                           principal: Annotated[Principal, Depends(SEND)],
                            idempotency_key: IdempotencyKey = None) -> dict:
-        await require(principal, "command:send", request)
         memo = ("command", principal.user_id, body.device_id, idempotency_key)
         asked = body.model_dump()
         answer = answered.get(memo, asked) if idempotency_key is not None else None

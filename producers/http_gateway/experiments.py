@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from labbus.events.colour_target import TargetError, request_experiment
 from labbus.events.config import Config
+from labbus.events.http_auth import Guard
 from labbus.events.identity import Principal, may_act_on
 from labbus.events.model import ExperimentCancelRequested, derived_id
 from labbus.producers.http_gateway.commands import (
@@ -35,9 +36,7 @@ from labbus.producers.http_gateway.commands import (
     IdempotencyKey,
     Problem,
     actor_of,
-    caller,
     deny,
-    require,
 )
 
 
@@ -71,6 +70,10 @@ class CampaignAccepted(BaseModel):
     location: str = Field(description="Where the query API shows the campaign.")
 
 
+START = Guard("experiment:start")
+CANCEL = Guard("experiment:cancel")
+
+
 def experiment_id_for(user_id: str, idempotency_key: str | None) -> str:
     """A retried request (same caller, same key) names the same experiment."""
     if idempotency_key is None:
@@ -90,9 +93,8 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
                                           "ExperimentRequested)",
               operation_id="start_experiment", tags=["experiments"])
     async def start_experiment(body: CampaignRequest, request: Request, response: Response,
-                               principal: Annotated[Principal, Depends(caller)],
+                               principal: Annotated[Principal, Depends(START)],
                                idempotency_key: IdempotencyKey = None) -> dict:
-        await require(principal, "experiment:start", request)
         memo = ("experiment", principal.user_id, idempotency_key)
         asked = body.model_dump()
         answer = answered.get(memo, asked) if idempotency_key is not None else None
@@ -124,9 +126,8 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
               operation_id="cancel_experiment", tags=["experiments"])
     async def cancel_experiment(experiment_id: Annotated[str, Path(max_length=200)],
                                 request: Request, response: Response,
-                                principal: Annotated[Principal, Depends(caller)],
+                                principal: Annotated[Principal, Depends(CANCEL)],
                                 body: CancelRequest | None = None) -> dict:
-        await require(principal, "experiment:cancel", request)
         owner = await request.app.state.db.fetchval(
             "SELECT requested_by FROM experiments WHERE experiment_id = $1", experiment_id)
         if owner is None:

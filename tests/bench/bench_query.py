@@ -28,10 +28,12 @@ stored readings, through `labbus api` (one uvicorn worker) driven by `hey`.
 3. Sizes per partition (table and each index) and the plan of the query (EXPLAIN ANALYZE of the
    API's prepared statement, generic plan: partition pruning at executor start-up), twice: the
    first run reads what the load left out of PostgreSQL's buffers.
-4. `labbus api` on a free port with the SELECT-only role; `hey` (installed with `go install
-   github.com/rakyll/hey@latest` into LABBUS_HOME/bin when missing) warms it up, then runs
-   closed-loop at several concurrencies and open-loop at 1,000 requests/s; p50/p99 and
-   requests/s of each run. Targets: p99 < 25 ms and >= 1,000 requests/s.
+4. `labbus api` on a free port with the SELECT-only role, trusting a stand-in OpenID provider on
+   loopback (tests/support/idp.py) whose viewer's token every request carries (the token check
+   costs these reads nothing measurable: tests/bench/bench_auth.py); `hey` (installed with
+   `go install github.com/rakyll/hey@latest` into LABBUS_HOME/bin when missing) warms it up,
+   then runs closed-loop at several concurrencies and open-loop at 1,000 requests/s; p50/p99
+   and requests/s of each run. Targets: p99 < 25 ms and >= 1,000 requests/s.
 5. Unless the database is kept: the retention at that size, the projector's partition
    maintenance (`projections/partitions.py`) with a retention that drops the oldest day, timed,
    with the disk space it gives back.
@@ -66,6 +68,7 @@ from labbus.events import config  # noqa: E402
 from labbus.projections import partitions  # noqa: E402
 from labbus.projections.migrate import migrate  # noqa: E402
 from tests.conftest import free_port, wait_for  # noqa: E402
+from tests.support.idp import Tokens  # noqa: E402
 
 LOAD = """
 INSERT INTO {table} (measurement_id, device_id, metric, value, unit, measured_at,
@@ -653,12 +656,15 @@ def main() -> None:
             print(asyncio.run(explain(dsn, device, q_from, q_to)))
 
         port = free_port()
+        tokens = Tokens()
         env = dict(
             os.environ,
             LABBUS_POSTGRES_DSN=dsn,
             LABBUS_POSTGRES_API_DSN=api_dsn,
             LABBUS_LOG_LEVEL="WARNING",
+            **tokens.env,
         )
+        bearer = f"Authorization: Bearer {tokens.token('bench-viewer', ('viewer',))}"
         log = open(Path("/tmp") / f"{name}-api.log", "w")
         proc = subprocess.Popen(
             [LABBUS, "api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -670,11 +676,12 @@ def main() -> None:
             f"&from={q_from.strftime('%Y-%m-%dT%H:%M:%SZ')}"
             f"&to={q_to.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         )
-        body = httpx.get(url).json()
+        body = httpx.get(url, headers=[tuple(bearer.split(": ", 1))]).json()
         counts = [b["count"] for b in body["items"]]
         assert len(counts) == 60 and sum(counts) == 3600 // args.every, (len(counts), sum(counts))
         print(f"\nGET {url.removeprefix(base_url)}\n  -> 60 buckets, {sum(counts)} readings")
-        run_hey(hey, url, "-z", "5s", "-c", "8")  # warm-up: statement caches, pool, buffers
+        # warm-up: statement caches, pool, buffers
+        run_hey(hey, url, "-z", "5s", "-c", "8", "-H", bearer)
 
         def backends() -> list[int]:
             return asyncio.run(backend_pids(dsn, name))
@@ -686,9 +693,10 @@ def main() -> None:
         cpu = {"api_pid": proc.pid, "pg_pids": backends}
         results = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", str(c), **cpu)
+            r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", str(c), "-H", bearer, **cpu)
             results.append((f"closed loop, {c} connections", r))
-        r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", "10", "-q", "100", **cpu)
+        r = run_hey(hey, url, "-z", f"{args.duration}s", "-c", "10", "-q", "100", "-H", bearer,
+                    **cpu)
         results.append(("open loop, 1,000 req/s (10 x 100)", r))
         print(
             f"\nhey, {args.duration} s each, one uvicorn worker "

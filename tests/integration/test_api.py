@@ -5,10 +5,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 
 from labbus.api import cursor
-from labbus.api.app import create_app
 from labbus.events.codec import default_codec
 from labbus.events.model import DeviceRegistered, MeasurementValidated
 from labbus.events.runtime import Positioned
@@ -21,7 +19,7 @@ ROWS = 137
 
 
 @pytest.fixture(scope="module")
-def api(cfg):
+def api(cfg, query_api):
     """Rows written through the real projection code, then read through the API."""
     from aiokafka import TopicPartition
 
@@ -47,7 +45,7 @@ def api(cfg):
         await projection.stop()
 
     run(seed())
-    with TestClient(create_app(cfg)) as client:
+    with query_api(cfg) as client:
         yield client
 
 
@@ -167,7 +165,7 @@ def test_health_metrics_and_openapi(api):
     assert "400" in paths["/devices/{device_id}/measurements"]["get"]["responses"]
 
 
-def test_a_read_model_that_does_not_answer(cfg):
+def test_a_read_model_that_does_not_answer(cfg, query_api):
     """MongoDB unreachable (a closed port): readiness says which check fails (503), and a route
     that needs MongoDB answers 503 with the Error body, not 500; PostgreSQL-only routes work."""
     from dataclasses import replace
@@ -175,7 +173,7 @@ def test_a_read_model_that_does_not_answer(cfg):
     from tests.conftest import free_port
 
     down = replace(cfg, mongo_url=f"mongodb://127.0.0.1:{free_port()}")
-    with TestClient(create_app(down)) as client:
+    with query_api(down) as client:
         ready = client.get("/health/ready")
         assert ready.status_code == 503, ready.text
         assert ready.json()["status"] == "unavailable"

@@ -1,6 +1,9 @@
-"""The query API keeps its own OpenAPI contract: schemathesis (`st run --checks all`) against the
-real API, started as `labbus api` on a session's read models with devices, readings and a
-finished colour campaign in them.
+"""The query API and the command gateway keep their OpenAPI contracts: schemathesis (`st run
+--checks all`) against the real apps, started as `labbus gateway http` (with its built-in
+issuer) and `labbus api` on a session's read models with devices, readings and a finished
+colour campaign in them. Every request carries an admin's token signed by the gateway's
+built-in issuer; the query API verifies it as in production, through the gateway's discovery
+document and JWKS (and schemathesis's `ignored_auth` check sends requests without it).
 
 schemathesis lives in its own virtualenv (`.venv-schemathesis`, made by `make setup`): it needs
 jsonschema>=4.18, which the main environment cannot have (opentrons pins jsonschema<4.18).
@@ -34,6 +37,8 @@ from labbus.events.model import (
     MeasurementValidated,
 )
 from labbus.events.runtime import Positioned
+from labbus.producers.http_gateway import keys
+from labbus.producers.http_gateway.issuer import Issuer
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import REPO, free_port, http_server, run
@@ -42,7 +47,8 @@ from tests.integration.test_experiment_read_models import campaign_events
 ST = REPO / ".venv-schemathesis" / "bin" / "st"
 PIN = REPO / "tests" / "schemathesis-requirements.txt"  # the version this suite was tested with
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-EXAMPLES = 300  # per operation and phase: ~5,000 cases, about 45 s on the dev machine
+EXAMPLES = 200  # per operation and phase: ~5,000 cases with a token (~7,700 at 300, 91 s)
+GATEWAY_EXAMPLES = 100  # each POST /commands answered 202 is a publish; /auth/token an Argon2 hash
 SEED = 20260301  # fixed, so a failure reproduces (`st run ... --seed`)
 XID = "contract-campaign"
 DEVICES = {"contract-ph-1": "ph-meter", "contract-tc-2": "thermocouple"}
@@ -123,14 +129,33 @@ def seed(cfg) -> None:
 
 
 @pytest.fixture(scope="module")
-def live_api(cfg, env, tmp_path_factory):
-    """`labbus api` on a free port, serving the seeded read models of this session."""
-    seed(cfg)
+def live_gateway(cfg, env, tmp_path_factory):
+    """`labbus gateway http` on a free port, its built-in issuer with a key of this module's;
+    with the environment that makes other entry points trust it and an admin's token it signed
+    (base URL, environment, token, log)."""
+    seed(cfg)  # migrates, too: the gateway's users and credentials tables
+    logs = tmp_path_factory.mktemp("gateway")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    genv = {**env, "LABBUS_HTTP_GATEWAY_PORT": str(port), "LABBUS_AUTH_ISSUER": "",
+            "LABBUS_AUTH_JWKS_URL": "", "LABBUS_AUTH_KEYS_DIR": str(logs / "auth")}
+    log_path = logs / "gateway-http.log"
+    with http_server(["gateway", "http"], genv, log_path, f"{base}/health/ready"):
+        key = keys.load_or_create(logs / "auth")
+        token, _ = Issuer(base, cfg.auth_audience, 3600, key).mint("contract-admin", ("admin",))
+        yield base, genv, token, log_path
+
+
+@pytest.fixture(scope="module")
+def live_api(live_gateway, tmp_path_factory):
+    """`labbus api` on a free port, serving the seeded read models of this session, trusting
+    the gateway's built-in issuer."""
+    _, genv, token, _ = live_gateway
     port = free_port()
     log_path = tmp_path_factory.mktemp("api") / "api.log"
     base = f"http://127.0.0.1:{port}"
-    with http_server(["api", "--port", str(port)], env, log_path, f"{base}/health/ready"):
-        yield base, log_path
+    with http_server(["api", "--port", str(port)], genv, log_path, f"{base}/health/ready"):
+        yield base, log_path, token
 
 
 def schemathesis(location: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -159,9 +184,10 @@ def generated(output: str) -> tuple[int, int]:
 
 
 def test_schemathesis_finds_no_server_error_and_no_conformance_failure(live_api, tmp_path):
-    base, log_path = live_api
+    base, log_path, token = live_api
     started = time.monotonic()
-    result = schemathesis(f"{base}/openapi.json", "--max-examples", str(EXAMPLES), cwd=tmp_path)
+    result = schemathesis(f"{base}/openapi.json", "--max-examples", str(EXAMPLES),
+                          "--header", f"Authorization: Bearer {token}", cwd=tmp_path)
     elapsed = time.monotonic() - started
     out = result.stdout
     print(out[-2500:], f"\nschemathesis took {elapsed:.0f} s")
@@ -187,12 +213,30 @@ def test_schemathesis_finds_no_server_error_and_no_conformance_failure(live_api,
 def test_the_contract_run_fails_when_the_api_breaks_its_schema(live_api, tmp_path):
     """The harness has teeth: the same run against a schema that leaves out GET /devices/{id}'s
     404 reports the undocumented status and exits non-zero."""
-    base, _ = live_api
+    base, _, token = live_api
     schema = httpx.get(f"{base}/openapi.json").json()
     del schema["paths"]["/devices/{device_id}"]["get"]["responses"]["404"]
     (tmp_path / "openapi.json").write_text(json.dumps(schema))
     result = schemathesis(str(tmp_path / "openapi.json"), "--url", base, "--max-examples", "5",
                           "--include-path", "/devices/{device_id}", "--phases", "coverage",
-                          cwd=tmp_path)
+                          "--header", f"Authorization: Bearer {token}", cwd=tmp_path)
     assert result.returncode != 0, result.stdout[-3000:]
     assert "Undocumented status code" in result.stdout, result.stdout[-3000:]
+
+
+def test_schemathesis_against_the_command_gateway_with_a_token(live_gateway, tmp_path):
+    """The gateway's contract: its token issuer, keys, discovery, health and POST /commands
+    (each accepted case publishes a command to the session's broker, hence fewer examples)."""
+    base, _, token, log_path = live_gateway
+    started = time.monotonic()
+    result = schemathesis(f"{base}/openapi.json", "--max-examples", str(GATEWAY_EXAMPLES),
+                          "--header", f"Authorization: Bearer {token}", cwd=tmp_path)
+    out = result.stdout
+    print(out[-2500:], f"\nschemathesis (gateway) took {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, (out[-8000:] + result.stderr[-2000:]
+                                    + "\ngateway log:\n" + log_path.read_text()[-3000:])
+    assert "No issues found" in out, out[-3000:]
+    cases, passed = generated(out)
+    assert cases == passed > 50, out[-3000:]
+    assert re.search(r"Operations:\s+(\d+) selected / \1 total", out), out[:2000]
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]

@@ -11,10 +11,8 @@ from xml.etree import ElementTree
 
 import asyncpg
 import numpy as np
-from fastapi.testclient import TestClient
 from pymongo import MongoClient
 
-from labbus.api.app import create_app
 from labbus.deploy import experiment as exp
 from labbus.events.codec import default_codec
 from labbus.events.model import (
@@ -77,7 +75,8 @@ def check_campaign(cfg, xid: str) -> tuple[ExperimentCompleted, list]:
     return done, everything
 
 
-def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, processes):
+def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, processes,
+                                                                    query_api):
     for args in (("process", "experiment"), ("agent", "ot2", "--simulate"), ("agent", "reader"),
                  ("project", "postgres"), ("project", "mongo")):
         processes.start(*args)
@@ -121,7 +120,7 @@ def test_campaign_reaches_a_reachable_target_and_rejects_bad_requests(cfg, proce
              60, "the projected experiment")
     wait_for(lambda: run(pg_status(cfg.postgres_dsn, "it-bad"))[0] == "rejected", 60,
              "the projected rejection")
-    with TestClient(create_app(cfg)) as api:
+    with query_api(cfg) as api:
         listed = api.get("/experiments", params={"limit": 1})
         assert listed.status_code == 200, listed.text
         assert listed.json()["next_cursor"]

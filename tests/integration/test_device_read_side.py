@@ -16,10 +16,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka import TopicPartition
-from fastapi.testclient import TestClient
 
 from labbus.api import cursor
-from labbus.api.app import create_app
 from labbus.deploy.local import postgres
 from labbus.events import config, kafka
 from labbus.events.codec import default_codec
@@ -208,8 +206,8 @@ def projector(env, cfg, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(projector, cfg):
-    with TestClient(create_app(cfg)) as client:
+def api(projector, cfg, query_api):
+    with query_api(cfg) as client:
         yield client
 
 

@@ -3,10 +3,8 @@
 from collections import Counter
 
 import asyncpg
-from fastapi.testclient import TestClient
 from pymongo import MongoClient
 
-from labbus.api.app import create_app
 from labbus.events.codec import default_codec
 from labbus.events.model import MeasurementRejected
 from labbus.events.topics import (
@@ -32,7 +30,7 @@ async def pg_count(dsn: str) -> int:
         await con.close()
 
 
-def test_readings_flow_end_to_end(cfg, processes):
+def test_readings_flow_end_to_end(cfg, processes, query_api):
     workers = {name: processes.start(*args) for name, args in (
         ("validator", ("process", "validate")), ("projector-postgres", ("project", "postgres")),
         ("projector-mongo", ("project", "mongo")))}
@@ -69,7 +67,7 @@ def test_readings_flow_end_to_end(cfg, processes):
             letter.original_value
     assert summary.good + len(rejections) + len(letters) == N
 
-    with TestClient(create_app(cfg)) as api:
+    with query_api(cfg) as api:
         seen = []
         devices = api.get("/devices", params={"limit": 5})
         device_ids = []

@@ -9,10 +9,8 @@ from xml.etree import ElementTree
 
 import pytest
 from aiokafka import TopicPartition
-from fastapi.testclient import TestClient
 
 from labbus.api import cursor
-from labbus.api.app import create_app
 from labbus.events.codec import default_codec
 from labbus.events.model import (
     ExperimentCompleted,
@@ -47,13 +45,13 @@ def well_name(i: int) -> str:
     return f"{'ABCDEFGH'[i % 8]}{i // 8 + 1}"
 
 
-def campaign_events(xid: str) -> dict[str, list]:
+def campaign_events(xid: str, requested_by: str = "test") -> dict[str, list]:
     """The events of a three-iteration campaign, per topic, in log order."""
     t = dict(source="t", subject=xid)
     ex: list = [ExperimentRequested.create(
         **t, sequence=0, experiment_id=xid, target_hex="#7a3cc0", target_lab=[40.0, 50.0, -50.0],
         dyes=["red", "yellow", "blue"], budget_wells=48, batch_size=BATCH,
-        tolerance_de=TOLERANCE, requested_by="test")]
+        tolerance_de=TOLERANCE, requested_by=requested_by)]
     runs: list = []
     readings: list = []
     best = None
@@ -119,7 +117,7 @@ def mongo_projection(cfg) -> MongoProjection:
 
 
 @pytest.fixture(scope="module")
-def api(cfg):
+def api(cfg, query_api):
     async def seed():
         pg, mongo = PostgresProjection(cfg), mongo_projection(cfg)
         await pg.start()
@@ -133,7 +131,7 @@ def api(cfg):
             await mongo.stop()
 
     run(seed())
-    with TestClient(create_app(cfg)) as client:
+    with query_api(cfg) as client:
         yield client
 
 

@@ -477,3 +477,46 @@ def test_a_campaign_is_cancelled_by_its_requester_not_by_another_student(gateway
               if isinstance(e, AccessDenied)]
     assert [(d.permission, d.request) for d in denied] == [
         ("experiment:cancel", f"POST /experiments/{xid}/cancel")]
+
+
+def test_a_students_campaign_shows_in_the_audit_and_not_to_another_student(gateway, users,
+                                                                          cfg):
+    """End to end with the built-in issuer's tokens: a student starts a campaign through the
+    gateway; the admin sees it in `/audit` (the student's id and IP, experiment:start); the
+    student reads their campaign, another student gets 404 for it and 403 for `/audit`."""
+    from fastapi.testclient import TestClient
+
+    from labbus.api.app import create_app
+
+    base, genv = gateway
+    tokens = {}
+    for name, role in (("kim", "student"), ("lee", "student"), ("max", "admin")):
+        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
+        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
+                   stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+        tokens[name] = {"Authorization": "Bearer "
+                        + token_once_projected(base, email, pw)["access_token"]}
+    body = {"target": "#7a3cc0", "dyes": ["red", "yellow", "blue"], "budget_wells": 8}
+    started = httpx.post(f"{base}/experiments", json=body, timeout=10,
+                         headers={**tokens["kim"], "User-Agent": "kim-browser"})
+    assert started.status_code == 202, started.text
+    xid, event_id = started.json()["experiment_id"], started.json()["event_id"]
+    kim = user_id_for(f"kim-{RUN}@lab.example")
+
+    with TestClient(create_app(replace(cfg, auth_issuer=base))) as api:
+        def audited():
+            r = api.get("/audit", params={"user": kim, "action": "experiment:start"},
+                        headers=tokens["max"])
+            assert r.status_code == 200, r.text
+            return r.json()["items"] or None
+        (entry,) = wait_for(audited, 30, "the campaign in the audit log")
+        assert (entry["event_id"], entry["user_id"], entry["client_ip"], entry["user_agent"],
+                entry["subject"], entry["roles"]) == (
+            event_id, kim, "127.0.0.1", "kim-browser", xid, ["student"])
+        assert api.get(f"/experiments/{xid}", headers=tokens["kim"]).status_code == 200
+        assert api.get(f"/experiments/{xid}", headers=tokens["lee"]).status_code == 404
+        theirs = api.get("/experiments", headers=tokens["lee"]).json()["items"]
+        assert xid not in [e["experiment_id"] for e in theirs]
+        assert api.get("/audit", headers=tokens["kim"]).status_code == 403
+        assert api.get("/audit").status_code == 401

@@ -20,10 +20,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka import TopicPartition
-from fastapi.testclient import TestClient
 
 from labbus.api import models, series
-from labbus.api.app import create_app
 from labbus.deploy.local import postgres
 from labbus.events import config
 from labbus.events.codec import default_codec
@@ -107,10 +105,10 @@ async def project(cfg, rows) -> None:
 
 
 @pytest.fixture(scope="module")
-def seeded(cfg):
+def seeded(cfg, query_api):
     rows = readings(random.Random(9))
     run(project(cfg, rows))
-    with TestClient(create_app(cfg)) as client:
+    with query_api(cfg) as client:
         yield client, rows
 
 

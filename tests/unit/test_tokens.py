@@ -11,8 +11,6 @@ import uuid
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from labbus.events import config
 from labbus.events.tokens import (
@@ -33,33 +31,9 @@ from labbus.events.tokens import (
     parse_jwks,
     www_authenticate,
 )
-from tests.support.idp import Provider
+from tests.support.idp import Keys, Provider
 
 AUD = "labbus"
-
-
-class Keys:
-    """A signing key of each kind the verifier accepts by default."""
-
-    def __init__(self, alg: str = "ES256", kid: str | None = None) -> None:
-        self.alg = alg
-        self.kid = kid or f"{alg}-{uuid.uuid4().hex[:8]}"
-        if alg == "ES256":
-            self.private = ec.generate_private_key(ec.SECP256R1())
-            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        elif alg == "EdDSA":
-            self.private = ed25519.Ed25519PrivateKey.generate()
-            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        else:
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        self.jwk = {**jwk, "kid": self.kid, "use": "sig", "alg": alg}
-
-    def sign(self, claims: dict, kid: str | None = "same", **headers) -> str:
-        header = {**headers}
-        if kid is not None:
-            header["kid"] = self.kid if kid == "same" else kid
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers=header)
 
 
 @pytest.fixture
@@ -252,6 +226,60 @@ async def test_keys_are_fetched_again_when_the_cache_expires(idp):
     clock.now += 61
     await v.verify(key.sign(claims(idp)))
     assert idp.jwks_fetches == 3 and idp.hits["/.well-known/openid-configuration"] == 1
+    await v.aclose()
+
+
+async def test_a_token_that_verified_is_remembered_until_it_expires(idp):
+    """The same token again is answered from memory (no signature check), the same caller;
+    past its exp it is refused like any expired token, memory or not."""
+    key = Keys()
+    idp.publish(key)
+    v = verifier(idp, leeway_s=0)
+    token = key.sign(claims(idp, exp=int(time.time()) + 2))
+    first = await v.verify(token)
+    for _ in range(100):
+        assert await v.verify(token) is first
+    assert v.signature_checks == 1
+    other = key.sign(claims(idp, sub="user-2"))
+    assert (await v.verify(other)).user_id == "user-2" and v.signature_checks == 2
+    time.sleep(max(0.0, first.claims["exp"] - time.time()) + 0.1)
+    with pytest.raises(TokenExpired):
+        await v.verify(token)
+    # refused tokens are not remembered: each is checked again
+    forged = Keys(kid=key.kid).sign(claims(idp))
+    for _ in range(3):
+        with pytest.raises(BadSignature):
+            await v.verify(forged)
+    assert v.signature_checks == 2 + 1 + 3
+    await v.aclose()
+
+
+async def test_a_remembered_token_is_checked_again_with_keys_fetched_again(idp):
+    """What a token was verified with does not outlive the keys: when they are fetched again
+    (cache period over, or an unknown key id), the token is checked against the new ones; a key
+    the issuer no longer publishes no longer lets its tokens in."""
+    old, new = Keys(), Keys()
+    idp.publish(old)
+    clock = Clock()
+    v = verifier(idp, clock=clock, cache_s=60, min_refresh_s=10)
+    token = old.sign(claims(idp))
+    await v.verify(token)
+    await v.verify(token)
+    assert v.signature_checks == 1
+    # an unknown key id makes the keys be fetched again: the remembered token is checked again
+    idp.publish(old, new)
+    clock.now += 11
+    await v.verify(new.sign(claims(idp)))
+    await v.verify(token)
+    assert v.signature_checks == 3 and idp.jwks_fetches == 2
+    # the issuer drops the old key; once the keys are fetched again, its token is refused
+    idp.publish(new)
+    await v.verify(token)
+    assert v.signature_checks == 3  # the cache period is not over: the keys are as they were
+    clock.now += 61
+    with pytest.raises(UnknownKey):
+        await v.verify(token)
+    assert idp.jwks_fetches == 3
     await v.aclose()
 
 
