@@ -4,8 +4,8 @@ ExperimentRequested, requested by the token's subject, with the caller as its ac
 `experiment:cancel`, anyone's with `read:all` as well (identity.may_act_on), judged against the
 experiments read model (404 for an experiment it does not hold yet).
 
-What the gateway checks is what it can judge alone: the permission, the body's shape and the
-target colour (a target that does not parse is a 422 here, not a rejection later). Everything
+What the gateway checks is what it can judge alone: the permission, the body's shape (422) and
+the target colour (a target that does not parse is a 400 here, not a rejection later). Everything
 that depends on the log (the user's quota, the dye stocks on the deck, a duplicate id) is judged
 by the processors, which answer with ExperimentRejected and a reason, visible at the Location.
 
@@ -39,11 +39,16 @@ from labbus.producers.http_gateway.commands import (
     deny,
 )
 
+_NUMBER = r"\s*[-+]?(\d+(\.\d*)?|\.\d+)\s*"
+# the forms colour_target.parse_target reads (it reads a little more: any float() in rgb()/lab())
+TARGET_PATTERN = (r"^(#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})|([lL][aA][bB]|[rR][gG][bB])\("
+                  + ",".join([_NUMBER] * 3) + r"\))$")
+
 
 class CampaignRequest(BaseModel):
-    target: str = Field(min_length=1, max_length=100,
-                        description="The colour to mix: '#rrggbb', 'rgb(r, g, b)' or "
-                                    "'lab(L, a, b)'.")
+    target: str = Field(min_length=1, max_length=100, pattern=TARGET_PATTERN,
+                        description="The colour to mix: '#rrggbb' (or '#rgb'), 'rgb(r, g, b)' "
+                                    "(0-255) or 'lab(L, a, b)' (L 0-100).")
     dyes: list[str] = Field(min_length=1, max_length=8,
                             description="Dye stocks to mix, in reservoir order.")
     budget_wells: int = Field(24, ge=1, le=96, description="Most wells the campaign may use "
@@ -89,8 +94,10 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     answered = Answered()
 
     @app.post("/experiments", status_code=202, response_model=CampaignAccepted,
-              responses=REFUSALS, summary="Start a colour campaign (publishes "
-                                          "ExperimentRequested)",
+              responses={**REFUSALS, 400: {
+                  "model": Problem, "description": "A body that cannot be parsed (not UTF-8 "
+                                                   "JSON), or a target colour out of range."}},
+              summary="Start a colour campaign (publishes ExperimentRequested)",
               operation_id="start_experiment", tags=["experiments"])
     async def start_experiment(body: CampaignRequest, request: Request, response: Response,
                                principal: Annotated[Principal, Depends(START)],
@@ -106,7 +113,7 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
                     principal.user_id, body.tolerance_de, xid,
                     actor=actor_of(principal, request), source=PROCESS)
             except TargetError as exc:
-                raise HTTPException(422, str(exc)) from None
+                raise HTTPException(400, str(exc)) from None
             event = event.with_envelope(event_id=uuid.UUID(
                 derived_id(xid, f"requested/{_digest(asked)}")))
             await request.app.state.publisher.publish(event)

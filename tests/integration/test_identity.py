@@ -333,9 +333,10 @@ def test_commands_need_a_token_and_the_permission_and_a_retried_post_publishes_o
 
 
 def test_a_campaign_started_through_the_gateway_is_requested_by_the_caller(gateway, users, cfg):
-    """POST /experiments: 403 for a role without experiment:start, 422 for a target that does
-    not parse, 202 for a student with ExperimentRequested on lab.experiments requested by the
-    student and carrying the student as its actor; a retry with the same key publishes once."""
+    """POST /experiments: 403 for a role without experiment:start, 422 for a target in none of
+    the documented forms, 400 for one out of range, 202 for a student with ExperimentRequested
+    on lab.experiments requested by the student and carrying the student as its actor; a retry
+    with the same key publishes once."""
     base, genv = gateway
     eve, eve_pw = f"eve-{RUN}@lab.example", "eve's long password"
     fay, fay_pw = f"fay-{RUN}@lab.example", "fay's long password"
@@ -353,7 +354,10 @@ def test_a_campaign_started_through_the_gateway_is_requested_by_the_caller(gatew
                "Idempotency-Key": f"campaign-{RUN}", "User-Agent": "labbus-test/1"}
     bad = httpx.post(f"{base}/experiments", json={**body, "target": "#zzz"}, headers=student,
                      timeout=10)
-    assert bad.status_code == 422 and "#zzz" in bad.json()["detail"]
+    assert bad.status_code == 422  # not one of the documented forms
+    out = httpx.post(f"{base}/experiments", json={**body, "target": "rgb(300, 0, 0)"},
+                     headers=student, timeout=10)
+    assert out.status_code == 400 and "between 0 and 255" in out.json()["detail"]
     started = httpx.post(f"{base}/experiments", json=body, headers=student, timeout=10)
     assert started.status_code == 202, started.text
     answer = started.json()
