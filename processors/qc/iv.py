@@ -16,7 +16,8 @@ Why these choices (figures from `tests/unit/test_iv_analysis.py` and the slice's
   maximum inside it) the default window is tried before giving up.
 - The points are only sorted by voltage, not passed through `rectify_iv_curve`: that helper drops
   the points below 0 V and beyond Voc (negative current), which E1036's straight-line fits at
-  Isc and Voc use to interpolate instead of extrapolating (Voc error with noise about halved).
+  Isc and Voc use to interpolate instead of extrapolating (in a trial with noise of 0.2 % of
+  Voc and 0.5 % of Isc per point, the worst Voc error fell from 0.47 % to 0.22 %).
 - The generator sign convention is expected: current positive between short and open circuit.
 """
 

@@ -34,7 +34,8 @@ median 1 drawn from its seed. The rates and spreads are chosen, not fitted:
   PVEL's 2024 scorecard reports a 0.8 % median after 600 cycles (TC600) with 84 % of bills of
   materials under 2 % and 11 % with some failure: the simulated fleet is deliberately worse
   than the market, so that a lab's fleet shows failures. Other temperature swings scale by
-  Coffin-Manson, (swing / 125 degC)^2.
+  Coffin-Manson, (swing / 125 degC)^2. The current injected above 25 degC is reported in the
+  chamber's readings; it does not change the damage here.
 - PID: median 1.0 % after 96 h at -1000 V, 85 degC / 85 % RH (all shunt), lognormal sigma 1.3,
   so that about 11 % of samples lose more than 5 % (real populations are bimodal: resistant
   cells lose little, susceptible ones a lot; the heavy tail stands in for that). The rate scales
