@@ -1,0 +1,1 @@
+"""Simulated photovoltaic test instruments: the physics in `models` (plain functions, seeded)."""
