@@ -63,6 +63,10 @@ class Spec:
     resends: str  # "none" or "identical ids"
     count: int  # inputs per stream
     startup_s: float = 60  # first start may import heavy libraries
+    # the id of the event on the source topic whose handling emits the output, when it is not
+    # the input itself (a campaign starts on its request's QuotaReserved, which the companion
+    # quota processor writes later; the request alone is kept in the Table, no output)
+    trigger_id: Callable[[Event], str] | None = None
 
 
 def reading(tag: str, i: int) -> Event:
@@ -117,7 +121,8 @@ SPECS = [
     # each request leads to a first proposal; state lives in faust Tables (a re-handled input
     # after kill -9 re-emits the same ids)
     Spec(("process", "experiment"), "experiment", EXPERIMENTS, EXPERIMENTS, experiment_request,
-         lambda e: derived_id(e.event_id, "proposed/0"), "identical ids", 40),
+         lambda e: derived_id(e.event_id, "proposed/0"), "identical ids", 40,
+         trigger_id=lambda e: derived_id(e.event_id, "quota-reserved")),
     # each command for an unknown device is rejected (state per device, a view of lab.devices)
     Spec(("process", "devices"), "devices", COMMANDS, COMMANDS, command_for_unknown_device,
          lambda e: derived_id(e.event_id, "rejected"), "identical ids", 40),
@@ -221,11 +226,14 @@ def test_outputs_are_on_the_broker_before_the_input_is_committed(cfg, processes,
     tag = f"rt-ack-{uuid.uuid4().hex[:6]}"
     events = inputs(spec, tag, spec.count)
     run(publish(cfg, spec, encoded(events)))
-    where = positions_of(cfg, spec, {str(e.event_id) for e in events})
-    expected = {str(e.event_id): spec.output_id(e) for e in events}
+    trigger = spec.trigger_id or (lambda e: str(e.event_id))
+    expected = {trigger(e): spec.output_id(e) for e in events}
+    where = positions_of(cfg, spec, set(expected))
     processes.start(*spec.args)
     deadline, samples, checked = time.monotonic() + 120, 0, 0
     while time.monotonic() < deadline:
+        if len(where) < len(expected):  # triggers written by a companion process
+            where = positions_of(cfg, spec, set(expected))
         marks = run(committed(cfg, spec))  # first the commits, then the outputs
         present = set(output_ids(cfg, spec))
         for event_id, (partition, offset) in where.items():
@@ -235,7 +243,7 @@ def test_outputs_are_on_the_broker_before_the_input_is_committed(cfg, processes,
                     f"input at {partition}/{offset} committed before its output was on the broker"
                 checked += 1
         samples += 1
-        if set(expected.values()) <= present and all(
+        if len(where) == len(expected) and set(expected.values()) <= present and all(
                 offset < marks.get(TopicPartition(topic_name(cfg, spec.source), p), 0)
                 for p, offset in where.values()):
             break
