@@ -1,12 +1,17 @@
-"""Apache Kafka: a single-node KRaft broker+controller, jars resolved from Maven Central."""
+"""Apache Kafka: a single-node KRaft broker+controller, jars resolved from Maven Central, with
+SASL_SSL (SCRAM-SHA-512) for clients, TLS from labbus's local CA, and ACLs (StandardAuthorizer)
+derived from events/access.py."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import os
 import re
+import secrets
 import shutil
 import signal
 import uuid
@@ -14,6 +19,7 @@ from pathlib import Path
 
 from labbus.deploy.local import proc
 from labbus.deploy.local.proc import Echo, ServiceError
+from labbus.events import access, kafka, pki
 from labbus.events.config import Config
 
 NAME = "kafka"
@@ -23,6 +29,7 @@ STOP_TIMEOUT = 60.0
 START_TIMEOUT = 90.0
 POM = Path(__file__).resolve().parent / "maven" / "kafka-pom.xml"
 HEAP = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC"]
+MECHANISM = "SCRAM-SHA-512"
 
 LOG4J2_YAML = """\
 Configuration:
@@ -141,18 +148,67 @@ def _install(cfg: Config, echo: Echo) -> None:
     stamp_file.write_text(stamp)
 
 
-def _write_config(cfg: Config) -> None:
+def _security(cfg: Config) -> Path:
+    return _dir(cfg) / "security"
+
+
+def _credentials(cfg: Config) -> access.LocalCredentials:
+    """The local broker's credentials: kept once made (the SCRAM users exist in the broker's
+    metadata from `format`), a password generated for any principal new to them."""
+    creds = access.read_credentials(cfg.home)
+    keystore, ca = _security(cfg) / "broker-keystore.pem", _security(cfg) / "ca.pem"
+    if not (keystore.exists() and ca.exists()):
+        host, _ = endpoint(cfg)
+        pki.init_ca(cfg.pki_dir)  # kept when it exists: the device CA signs the broker too
+        pki.issue_kafka_cert(cfg.pki_dir, _security(cfg), (host,))
+    passwords = dict(creds.passwords) if creds else {}
+    for principal in access.PRINCIPALS:
+        passwords.setdefault(principal, secrets.token_hex(24))
+    fresh = access.LocalCredentials(cfg.kafka_bootstrap, MECHANISM, ca, passwords)
+    if fresh != creds:
+        access.write_credentials(cfg.home, fresh)
+    return fresh
+
+
+def _write_config(cfg: Config, creds: access.LocalCredentials) -> None:
+    """SASL_SSL (SCRAM-SHA-512) for clients, mutual TLS for the controller, ACLs enforced.
+
+    The controller listener (port + 1, loopback) is not for clients: only this node's broker
+    connects to it, with its own certificate (mutual TLS, principal labbus-kafka, a super
+    user); SCRAM is not offered there because KRaft controllers cannot use SCRAM for their own
+    listener (the credentials live in the metadata the controller serves), and a PLAINTEXT
+    controller would make every local process that reaches it the ANONYMOUS super user the
+    StandardAuthorizer then needs."""
     host, port = endpoint(cfg)
+    sec = _security(cfg)
+    admin_password = creds.passwords[access.ADMIN]
     props = f"""\
 # Written by deploy/local/kafka.py on every start; edit that file, not this one.
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers={host}:{port + 1}
-listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{port + 1}
-advertised.listeners=PLAINTEXT://{host}:{port}
+listeners=SASL_SSL://{host}:{port},CONTROLLER://{host}:{port + 1}
+advertised.listeners=SASL_SSL://{host}:{port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:SSL,SASL_SSL:SASL_SSL
+inter.broker.listener.name=SASL_SSL
+# clients: SCRAM-SHA-512 over TLS; the broker's own connections to itself as admin
+sasl.enabled.mechanisms={MECHANISM}
+sasl.mechanism.inter.broker.protocol={MECHANISM}
+listener.name.sasl_ssl.{MECHANISM.lower()}.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required \
+username="{access.ADMIN}" password="{admin_password}";
+# TLS: the certificate from labbus's local CA (events/pki.py), PEM files
+ssl.keystore.type=PEM
+ssl.keystore.location={sec / "broker-keystore.pem"}
+ssl.truststore.type=PEM
+ssl.truststore.location={sec / "ca.pem"}
+listener.name.controller.ssl.client.auth=required
+ssl.principal.mapping.rules=RULE:^CN=([^,]+),.*$/$1/,DEFAULT
+# ACLs (events/access.py): nothing is allowed without one
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:{access.ADMIN};User:{pki.KAFKA_BROKER_CN}
 log.dirs={_data(cfg)}
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -167,8 +223,12 @@ offsets.topic.num.partitions=1
 transaction.state.log.num.partitions=1
 share.coordinator.state.topic.num.partitions=1
 """
-    _properties(cfg).parent.mkdir(parents=True, exist_ok=True)
-    _properties(cfg).write_text(props)
+    path = _properties(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a password
+    with os.fdopen(fd, "w") as f:
+        f.write(props)
+    os.chmod(path, 0o600)
     _log4j(cfg).write_text(LOG4J2_YAML)
 
 
@@ -188,11 +248,22 @@ def _java_cmd(cfg: Config, java: str, *jvm_options: str) -> list[str]:
 def prepare(cfg: Config, echo: Echo) -> None:
     java = _java()
     _install(cfg, echo)
-    _write_config(cfg)
-    if not (_data(cfg) / "meta.properties").exists():
-        echo(f"kafka: formatting storage in {_data(cfg)}")
+    formatted = (_data(cfg) / "meta.properties").exists()
+    if formatted and access.read_credentials(cfg.home) is None:
+        raise ServiceError(NAME, f"the broker's data in {_data(cfg)} predates SASL_SSL and ACLs "
+                                 "(no SCRAM users in it): move that directory away (its topics "
+                                 "are lost) and run `labbus services up` again")
+    creds = _credentials(cfg)
+    _write_config(cfg, creds)
+    if not formatted:
+        echo(f"kafka: formatting storage in {_data(cfg)} (SCRAM users: "
+             f"{', '.join(access.PRINCIPALS)})")
+        scram = [arg for principal in access.PRINCIPALS for arg in (
+            "--add-scram",
+            f'{MECHANISM}=[name={principal},password={creds.passwords[principal]}]')]
         proc.run(NAME, [*_java_cmd(cfg, java, "-Xmx256m"), "kafka.tools.StorageTool", "format",
-                        "-t", _cluster_id(), "-c", str(_properties(cfg)), "--standalone"],
+                        "-t", _cluster_id(), "-c", str(_properties(cfg)), "--standalone",
+                        *scram],
                  hint=f"fix the problem above, or remove {_data(cfg)} to start from empty storage",
                  timeout=120)
 
@@ -206,12 +277,15 @@ def start(cfg: Config, echo: Echo) -> int:
 
 # --- health ------------------------------------------------------------------
 
-async def _list_topics(bootstrap: str, timeout: float) -> None:
+def admin_cfg(cfg: Config) -> Config:
+    """cfg acting as the local admin principal (topics, ACLs, health checks)."""
+    return dataclasses.replace(cfg, kafka_principal=access.ADMIN)
+
+
+async def _list_topics(cfg: Config, timeout: float) -> None:
     import asyncio
 
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = kafka.admin(cfg, request_timeout_ms=int(timeout * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout)
         await asyncio.wait_for(admin.list_topics(), timeout)
@@ -228,7 +302,7 @@ def problem(cfg: Config, timeout: float = 5.0) -> str | None:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # a broker still starting makes aiokafka log errors
     try:
-        proc.run_async(lambda: _list_topics(cfg.kafka_bootstrap, timeout))
+        proc.run_async(lambda: _list_topics(admin_cfg(cfg), timeout))
         return None
     except Exception as e:
         return f"listing topics failed: {type(e).__name__}: {e}"
@@ -237,4 +311,7 @@ def problem(cfg: Config, timeout: float = 5.0) -> str | None:
 
 
 def provision(cfg: Config, echo: Echo) -> None:
-    """Nothing to create: topics are created by labbus itself (auto-create is off)."""
+    """The catalog's topics and the ACLs of the namespace (events/access.py), as admin."""
+    created = proc.run_async(lambda: kafka.ensure_topics(admin_cfg(cfg)))
+    if created:
+        echo(f"kafka: created topics {', '.join(created)}")

@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import Gauge
 
-from labbus.events import kafka, metrics
+from labbus.events import kafka, metrics, pki
 from labbus.events.codec import DecodeError
 from labbus.events.config import Config
 from labbus.events.devices import (  # noqa: F401 - re-exported for callers of the gateway
@@ -69,7 +69,7 @@ from labbus.events.topics import (
     MEASUREMENTS_RECORDED,
     topic_name,
 )
-from labbus.producers.gateway import gctune, pki
+from labbus.producers.gateway import gctune
 from labbus.producers.gateway import labbus_gateway_pb2 as pb
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc
 
