@@ -10,6 +10,7 @@ the credentials of the process kind's principal (`cfg.kafka_principal`, events/a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import ssl
@@ -296,7 +297,8 @@ async def publish(cfg: Config, *events) -> None:
 
 async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
     """Delete every topic of a namespace: its catalog topics and its faust apps' internal ones
-    (what a benchmark or test run leaves behind on a shared broker). Returns the deleted names."""
+    (what a benchmark or test run leaves behind on a shared broker), and, as the local admin,
+    the namespace's ACLs. Returns the deleted topic names."""
     if not namespace:
         raise ValueError("refusing to delete the topics of the empty (production) namespace")
     client = admin(cfg, request_timeout_ms=30000)
@@ -305,9 +307,11 @@ async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
         names = [t for t in await client.list_topics() if t.startswith(namespace + ".")]
         if names:
             await client.delete_topics(names)
-        return names
     finally:
         await client.close()
+    if _is_local_admin(cfg):
+        await delete_namespace_acls(dataclasses.replace(cfg, namespace=namespace))
+    return names
 
 
 async def read_to_end(cfg: Config, *topics: str):

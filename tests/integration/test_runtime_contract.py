@@ -23,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from labbus.events import kafka
 from labbus.events.codec import default_codec
@@ -163,7 +162,7 @@ def dead_letters(cfg, spec: Spec, junk: bytes) -> list[DeadLetter]:
 
 
 async def committed(cfg, spec: Spec) -> dict[TopicPartition, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap)
+    admin = kafka.admin(cfg)
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group_id(cfg, spec.process))
