@@ -270,10 +270,13 @@ async def delete_namespace_acls(cfg: Config) -> int:
         names = set(access.namespace_resources(cfg, sorted({b.name for b in found})))
         gone = [b for b in found if b.name in names]
         for b in gone:
-            await _send(client, DeleteAclsRequest(
+            response = await _send(client, DeleteAclsRequest(
                 resource_type=b.resource_type, resource_name=b.name,
                 resource_pattern_type_filter=b.pattern, principal=f"User:{b.principal}",
                 host="*", operation=b.operation, permission_type=access.ALLOW))
+            for code, message, _matches in response.filter_responses:
+                if code:
+                    raise ConnectionError(f"DeleteAcls {b.describe()} failed: {code} {message}")
         return len(gone)
     finally:
         await client.close()
@@ -302,15 +305,15 @@ async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
     if not namespace:
         raise ValueError("refusing to delete the topics of the empty (production) namespace")
     client = admin(cfg, request_timeout_ms=30000)
-    await client.start()
     try:
+        await client.start()
         names = [t for t in await client.list_topics() if t.startswith(namespace + ".")]
         if names:
             await client.delete_topics(names)
     finally:
         await client.close()
-    if _is_local_admin(cfg):
-        await delete_namespace_acls(dataclasses.replace(cfg, namespace=namespace))
+        if _is_local_admin(cfg):  # also when deleting the topics failed
+            await delete_namespace_acls(dataclasses.replace(cfg, namespace=namespace))
     return names
 
 

@@ -34,6 +34,15 @@ from tests.conftest import run
 
 
 @pytest.fixture(scope="module")
+def cfg(cfg):
+    """A namespace of this module's own: the probes below write bytes that are no events, which
+    must not reach the session's topics other tests decode."""
+    mine = dataclasses.replace(cfg, namespace=cfg.namespace + "-acl")
+    yield mine
+    run(kafka.delete_namespace_topics(mine, mine.namespace))  # and, as admin, its ACLs
+
+
+@pytest.fixture(scope="module")
 def local(cfg):
     creds = access.local_credentials(cfg)
     if creds is None:
