@@ -15,16 +15,17 @@ from labbus.events import logs, metrics
 from labbus.events.identity import ROLES
 
 
-def _cfg() -> config_mod.Config:
-    """The configuration, acting as the Kafka principal of the running command's kind
-    (events/access.py: `labbus agent ot2` is agent-ot2, `labbus command send` operator, ...);
-    a command with none (the API, certificates, `db`) gets no Kafka access at all."""
+def _cfg(environ: dict[str, str] | None = None) -> config_mod.Config:
+    """The configuration (of `environ`, default the process's), acting as the Kafka principal
+    of the running command's kind (events/access.py: `labbus agent ot2` is agent-ot2, `labbus
+    command send` operator, ...); a command with none (the API, certificates, `db`) gets no
+    Kafka access at all."""
     import dataclasses
 
     from labbus.events import access
 
     try:
-        cfg = config_mod.load()
+        cfg = config_mod.load(environ)
     except config_mod.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     ctx = click.get_current_context(silent=True)
@@ -682,10 +683,7 @@ def gateway_http(host: str | None, port: int | None) -> None:
     # --host/--port are the issuer's address too (unless LABBUS_AUTH_ISSUER names another)
     overrides = {k: str(v) for k, v in (("LABBUS_HTTP_GATEWAY_HOST", host),
                                         ("LABBUS_HTTP_GATEWAY_PORT", port)) if v is not None}
-    try:
-        cfg = config_mod.load({**os.environ, **overrides})
-    except config_mod.ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = _cfg({**os.environ, **overrides})
     logs.configure("gateway-http", cfg.log_level)
 
     async def prepare() -> None:  # the users and credentials tables

@@ -16,6 +16,8 @@ namespace (LABBUS_NAMESPACE) gets its own literal ACLs: `ns.lab.devices`, group
                                                                   policy for undecodable input)
     operator             operator    lab.commands, lab.experiments  the same (`labbus command send`,
                                                                   `labbus experiment start`)
+    gateway-http         agent       -                            lab.commands (POST /commands)
+    user-admin           operator    -                            lab.users (`labbus users add`...)
     admin                super user  everything (services up, topic creation, ACLs, the tests)
 
 The query API has no principal: it never talks to Kafka (`Config.kafka_principal` is "" there).
@@ -43,6 +45,7 @@ from labbus.events.topics import (
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
     ROBOT_RUNS,
+    USERS,
     TopicSpec,
     group_id,
     topic_name,
@@ -98,13 +101,17 @@ ACCESS: tuple[Access, ...] = (
            groups=("anomalies",), internal=("anomalies",)),
     Access("projector-postgres", "projector", ("project postgres",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                  DEVICE_STATUS, COMMANDS, ALERTS),
+                  DEVICE_STATUS, COMMANDS, ALERTS, USERS),
            writes=(DEAD_LETTER,), groups=("projector.postgres",)),
     Access("projector-mongo", "projector", ("project mongo",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS),
            writes=(DEAD_LETTER,), groups=("projector.mongo",)),
     Access("operator", "operator", ("command send", "experiment start", "experiment watch"),
            reads=(COMMANDS, EXPERIMENTS), writes=(COMMANDS, EXPERIMENTS)),
+    Access("gateway-http", "agent", ("gateway http",), writes=(COMMANDS,)),
+    Access("user-admin", "operator",
+           ("users add", "users grant", "users revoke", "users disable", "users quota"),
+           writes=(USERS,)),
 )
 
 BY_PRINCIPAL: dict[str, Access] = {a.principal: a for a in ACCESS}

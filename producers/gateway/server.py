@@ -1,7 +1,7 @@
 """The gRPC instrument gateway (`labbus gateway grpc`): an agent that publishes what devices
 send and relays commands to them.
 
-- Identity: mutual TLS against the device CA (labbus.producers.gateway.pki); the caller's
+- Identity: mutual TLS against the device CA (labbus.events.pki); the caller's
   certificate subject CN is its id, its OU its role (`device` or `operator`). A device acts only
   as itself: anything else is PERMISSION_DENIED and a DeviceRejected event with the reason.
 - StreamData: each reading, heartbeat, status report and command update becomes one event,

@@ -16,7 +16,7 @@ from labbus.events.topics import CATALOG, DEAD_LETTER, EXPERIMENTS, group_id, to
 
 # commands that never build a Kafka client
 NO_KAFKA = {"config", "topics list", "api", "db partitions", "devices init-ca",
-            "devices issue-cert", "agent sila2-sim"}
+            "devices issue-cert", "agent sila2-sim", "users list"}
 
 
 def _leaves(group: click.Group, prefix: str = ""):
