@@ -28,7 +28,9 @@ __all__ = ["up", "down", "status", "ServiceError", "ServiceStatus",
 
 # Each module provides: NAME, SETTING, START_TIMEOUT, STOP_SIGNAL, STOP_TIMEOUT, address(cfg),
 # endpoint(cfg), running_pid(cfg), pid_file(cfg), marker(cfg), log_path(cfg), prepare(cfg, echo),
-# start(cfg, echo), problem(cfg, timeout) (None when it answers), provision(cfg, echo).
+# start(cfg, echo), problem(cfg, timeout) (None when it answers), provision(cfg, echo),
+# restart_reason(cfg) (None, or why `up` must restart the running server: e.g. a Kafka broker an
+# older labbus started without SASL_SSL).
 SERVICES: tuple[ModuleType, ...] = (kafka, postgres, mongo)
 
 
@@ -68,8 +70,16 @@ def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> di
     with proc.locked(cfg.home / "services.lock"):
         started: dict[str, tuple[int | None, float]] = {}
         for svc in chosen:  # first launch everything, so the slow starts overlap
-            if _external(cfg, svc) or svc.running_pid(cfg) is not None:
+            if _external(cfg, svc):
                 continue
+            pid = svc.running_pid(cfg)
+            if pid is not None:
+                why = svc.restart_reason(cfg)
+                if why is None:
+                    continue
+                echo(f"{svc.NAME}: stopping pid {pid}: {why}")
+                proc.stop(pid, sig=svc.STOP_SIGNAL, timeout=svc.STOP_TIMEOUT,
+                          marker=svc.marker(cfg), pid_file=svc.pid_file(cfg))
             host, port = svc.endpoint(cfg)
             if proc.port_open(host, port):
                 raise ServiceError(svc.NAME,
