@@ -99,7 +99,8 @@ def base_env() -> dict[str, str]:
         return env
     from labbus.deploy.local import services
 
-    services.up(config.load(env), echo=lambda m: print(m, file=sys.stderr))
+    # restart=False: a server other sessions use is never stopped under them by a test run
+    services.up(config.load(env), echo=lambda m: print(m, file=sys.stderr), restart=False)
     return env
 
 

@@ -319,8 +319,8 @@ def restart_reason(cfg: Config) -> str | None:
     except OSError:
         return None
     if "SASL_SSL://" not in props or access.read_credentials(cfg.home) is None:
-        return ("it was started by a labbus without SASL_SSL and ACLs (PLAINTEXT, anyone may "
-                "write anything): restarting it secured")
+        return ("an older labbus started it without SASL_SSL and ACLs (PLAINTEXT: anyone who "
+                "reaches it may write anything)")
     return None
 
 
@@ -498,9 +498,10 @@ def problem(cfg: Config, timeout: float = 5.0) -> str | None:
 def provision(cfg: Config, echo: Echo) -> None:
     """The SCRAM users of principals new since the broker started (kept running), the catalog's
     topics and the ACLs of the namespace (events/access.py), as admin."""
-    _credentials(cfg)
-    if _pending(cfg):
-        _register(cfg, echo)
+    if restart_reason(cfg) is None:  # not an older labbus's broker left running (PLAINTEXT)
+        _credentials(cfg)
+        if _pending(cfg):
+            _register(cfg, echo)
     created = proc.run_async(lambda: kafka.ensure_topics(admin_cfg(cfg)))
     if created:
         echo(f"kafka: created topics {', '.join(created)}")

@@ -61,8 +61,13 @@ def masked(address: str) -> str:
     return urlunsplit(u._replace(netloc=u.netloc.replace(":" + u.password + "@", ":***@", 1)))
 
 
-def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> dict[str, str]:
+def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None,
+       restart: bool = True) -> dict[str, str]:
     """Install what's missing, start what isn't running, wait until everything answers.
+
+    A running server that must be restarted (`restart_reason`, e.g. a Kafka broker an older
+    labbus started without SASL_SSL) is restarted, or, with restart=False (the tests, which
+    must not stop a server other sessions use), left running and said so.
 
     Returns {"kafka": bootstrap, "postgres": writer DSN, "mongo": URL}. Raises ServiceError.
     """
@@ -77,7 +82,11 @@ def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> di
                 why = svc.restart_reason(cfg)
                 if why is None:
                     continue
-                echo(f"{svc.NAME}: stopping pid {pid}: {why}")
+                if not restart:
+                    echo(f"{svc.NAME}: left running (pid {pid}), though {why}; "
+                         "`labbus services up` restarts it")
+                    continue
+                echo(f"{svc.NAME}: restarting pid {pid}: {why}")
                 proc.stop(pid, sig=svc.STOP_SIGNAL, timeout=svc.STOP_TIMEOUT,
                           marker=svc.marker(cfg), pid_file=svc.pid_file(cfg))
             host, port = svc.endpoint(cfg)

@@ -178,10 +178,16 @@ def test_older_plaintext_storage_is_upgraded_in_place_while_running(own):
     old_pid = _older_broker(own)
     topic = f"old-{uuid.uuid4().hex[:6]}"
     run(_plaintext_write(own, topic, b"kept"))
+    # as the tests call it: a running server is never stopped, the broker stays as it was
+    said = []
+    services.up(own, echo=said.append, only=["kafka"], restart=False)
+    assert f"left running (pid {old_pid})" in "\n".join(said), said
+    assert proc.pid_alive(old_pid) and _plaintext_problem(own) is None
+    assert access.read_credentials(own.home) is None  # clients still speak PLAINTEXT to it
     said = []
     services.up(own, echo=said.append, only=["kafka"])
     text = "\n".join(said)
-    assert f"stopping pid {old_pid}" in text and "without SASL_SSL" in text, text
+    assert f"restarting pid {old_pid}" in text and "without SASL_SSL" in text, text
     assert "upgrading it in place" in text and "added SCRAM users" in text, text
     assert "moved it" not in text and "formatting" not in text, text
     assert not proc.pid_alive(old_pid)
@@ -191,7 +197,7 @@ def test_older_plaintext_storage_is_upgraded_in_place_while_running(own):
     # a second `up` finds it secured and running: nothing to do
     again = []
     services.up(own, echo=again.append, only=["kafka"])
-    assert not any("stopping" in line or "SCRAM" in line for line in again), again
+    assert not any("restarting" in line or "SCRAM" in line for line in again), again
 
 
 def test_a_principal_new_since_the_broker_started_gets_its_scram_user(own):
