@@ -16,7 +16,9 @@ namespace (LABBUS_NAMESPACE) gets its own literal ACLs: `ns.lab.devices`, group
                                                                   policy for undecodable input)
     operator             operator    lab.commands, lab.experiments  the same (`labbus command send`,
                                                                   `labbus experiment start`)
-    gateway-http         agent       -                            lab.commands (POST /commands)
+    gateway-http         agent       -                            lab.commands, lab.experiments
+                                                                  (its POST routes), lab.users
+                                                                  (AccessDenied)
     user-admin           operator    -                            lab.users (`labbus users add`...)
     admin                super user  everything (services up, topic creation, ACLs, the tests)
 
@@ -44,6 +46,7 @@ from labbus.events.topics import (
     MEASUREMENTS_RECORDED,
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
+    QUOTA_INBOX,
     ROBOT_RUNS,
     USERS,
     TopicSpec,
@@ -106,9 +109,14 @@ ACCESS: tuple[Access, ...] = (
     Access("projector-mongo", "projector", ("project mongo",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS),
            writes=(DEAD_LETTER,), groups=("projector.mongo",)),
-    Access("operator", "operator", ("command send", "experiment start", "experiment watch"),
+    Access("quota", "processor", ("process quota",),
+           reads=(USERS, EXPERIMENTS, QUOTA_INBOX), writes=(QUOTA_INBOX, EXPERIMENTS, DEAD_LETTER),
+           groups=("quota",), internal=("quota",)),
+    Access("operator", "operator",
+           ("command send", "experiment start", "experiment cancel", "experiment watch"),
            reads=(COMMANDS, EXPERIMENTS), writes=(COMMANDS, EXPERIMENTS)),
-    Access("gateway-http", "agent", ("gateway http",), writes=(COMMANDS,)),
+    # POST /commands, /experiments, /experiments/{id}/cancel; every 403 as AccessDenied
+    Access("gateway-http", "agent", ("gateway http",), writes=(COMMANDS, EXPERIMENTS, USERS)),
     Access("user-admin", "operator",
            ("users add", "users grant", "users revoke", "users disable", "users quota"),
            writes=(USERS,)),

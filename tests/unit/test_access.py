@@ -16,7 +16,8 @@ from labbus.events.topics import CATALOG, DEAD_LETTER, EXPERIMENTS, group_id, to
 
 # commands that never build a Kafka client
 NO_KAFKA = {"config", "topics list", "api", "db partitions", "devices init-ca",
-            "devices issue-cert", "agent sila2-sim", "users list"}
+            "devices issue-cert", "agent sila2-sim", "users list",
+            "login", "logout"}
 
 
 def _leaves(group: click.Group, prefix: str = ""):
@@ -41,9 +42,9 @@ def test_every_worker_process_runs_as_its_own_principal():
         assert name in access.BY_PRINCIPAL, name
 
 
-def test_only_the_experiment_processor_and_the_operator_write_lab_experiments():
+def test_only_the_processors_of_campaigns_and_the_entry_points_of_people_write_lab_experiments():
     writers = {a.principal for a in ACCESS if EXPERIMENTS in a.writes}
-    assert writers == {"experiment", "operator"}
+    assert writers == {"experiment", "quota", "operator", "gateway-http"}
 
 
 def test_projectors_only_read_and_dead_letter():
