@@ -15,11 +15,22 @@ from labbus.events import logs, metrics
 from labbus.events.identity import ROLES
 
 
-def _cfg() -> config_mod.Config:
+def _cfg(environ: dict[str, str] | None = None) -> config_mod.Config:
+    """The configuration (of `environ`, default the process's), acting as the Kafka principal
+    of the running command's kind (events/access.py: `labbus agent ot2` is agent-ot2, `labbus
+    command send` operator, ...); a command with none (the API, certificates, `db`) gets no
+    Kafka access at all."""
+    import dataclasses
+
+    from labbus.events import access
+
     try:
-        return config_mod.load()
+        cfg = config_mod.load(environ)
     except config_mod.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    ctx = click.get_current_context(silent=True)
+    command = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
+    return dataclasses.replace(cfg, kafka_principal=access.principal_for_command(command) or "")
 
 
 def _start_process(name: str, cfg: config_mod.Config, metrics_port: int | None = None) -> None:
@@ -113,7 +124,10 @@ def show_config(markdown: bool) -> None:
             default = s.default
             click.echo(f"| `{s.env}` | `{default}` | {s.help} |")
         else:
-            click.echo(f"{s.env:26} = {getattr(cfg, name)}")
+            value = getattr(cfg, name)
+            if name == "kafka_password" and value:
+                value = "***"
+            click.echo(f"{s.env:26} = {value}")
 
 
 @main.group()
@@ -141,6 +155,37 @@ def topics_create() -> None:
 
     created = asyncio.run(ensure_topics(_cfg()))
     click.echo("created: " + (", ".join(created) if created else "nothing, all exist"))
+
+
+@main.group("kafka")
+def kafka_group() -> None:
+    """The bus's principals and ACLs (events/access.py)."""
+
+
+@kafka_group.command("acls")
+@click.option("--namespace", default=None,
+              help="The namespace whose ACLs to show or create (default LABBUS_NAMESPACE).")
+@click.option("--apply", is_flag=True,
+              help="Create the missing ones, as the admin principal (`labbus services up` and "
+                   "`labbus topics create` do it for their namespace).")
+def kafka_acls(namespace: str | None, apply: bool) -> None:
+    """Print the ACLs every principal gets (derived from one table), and create them."""
+    import dataclasses
+
+    from labbus.events import access
+    from labbus.events.kafka import ensure_acls
+
+    cfg = _cfg()
+    if namespace is not None:
+        cfg = dataclasses.replace(cfg, namespace=namespace)
+    for binding in access.bindings(cfg):
+        click.echo(binding.describe())
+    if apply:
+        try:
+            created = asyncio.run(ensure_acls(cfg))
+        except (ConnectionError, config_mod.ConfigError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"created {created} missing ACLs", err=True)
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -205,8 +250,8 @@ def agent_sim(devices: int, rate: float, count: int, bad_fraction: float, seed: 
 
 def _grpc_sim(devices: int, rate: float, count: int, seed: int, target: str | None,
               insecure: bool, duration: float, metrics_port: int | None) -> None:
+    from labbus.events import pki
     from labbus.producers.gateway import devices as dev
-    from labbus.producers.gateway import pki
 
     cfg = _cfg()
     _start_process("agent", cfg, metrics_port)
@@ -319,7 +364,7 @@ def agent_sila2_sim(host: str, port: int, name: str, insecure: bool, cert: Path 
     import signal as signal_mod
     import threading
 
-    from labbus.producers.gateway import pki
+    from labbus.events import pki
     from labbus.producers.sila import thermostat
 
     cfg = _cfg()
@@ -604,7 +649,8 @@ def gateway() -> None:
 def gateway_grpc(host: str | None, port: int | None, insecure: bool, name: str,
                  metrics_port: int | None) -> None:
     """The gRPC gateway: devices register, stream readings and answer commands over mTLS."""
-    from labbus.producers.gateway import pki, server
+    from labbus.events import pki
+    from labbus.producers.gateway import server
 
     cfg = _cfg()
     if insecure and not server.is_loopback(host or cfg.gateway_host):
@@ -637,10 +683,7 @@ def gateway_http(host: str | None, port: int | None) -> None:
     # --host/--port are the issuer's address too (unless LABBUS_AUTH_ISSUER names another)
     overrides = {k: str(v) for k, v in (("LABBUS_HTTP_GATEWAY_HOST", host),
                                         ("LABBUS_HTTP_GATEWAY_PORT", port)) if v is not None}
-    try:
-        cfg = config_mod.load({**os.environ, **overrides})
-    except config_mod.ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = _cfg({**os.environ, **overrides})
     logs.configure("gateway-http", cfg.log_level)
 
     async def prepare() -> None:  # the users and credentials tables
@@ -776,7 +819,7 @@ def devices() -> None:
                                             "signed stops working).")
 def devices_init_ca(hosts: tuple[str, ...], force: bool) -> None:
     """Create the device CA and the gateway's server certificate (kept when they exist)."""
-    from labbus.producers.gateway import pki
+    from labbus.events import pki
 
     p = pki.init_ca(_cfg().pki_dir, hosts, force)
     click.echo(f"CA          {p.ca_cert}\ngateway     {p.server_cert}")
@@ -791,7 +834,7 @@ def devices_init_ca(hosts: tuple[str, ...], force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing certificate.")
 def devices_issue_cert(device_id: str, role: str, days: int, force: bool) -> None:
     """Sign a client certificate whose subject CN is DEVICE_ID."""
-    from labbus.producers.gateway import pki
+    from labbus.events import pki
 
     try:
         cert, key = pki.issue_cert(_cfg().pki_dir, device_id, role, days, force)

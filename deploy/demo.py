@@ -9,6 +9,7 @@ says so, and the API's answers need a token of that provider."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -156,7 +157,8 @@ def _start_campaign(cfg: Config) -> str:
 
     req = experiment.request(DEMO_TARGET, budget=96, batch=8, dyes=["red", "yellow", "blue"],
                              experiment_id=f"demo-{uuid.uuid4().hex[:8]}", requested_by="demo")
-    asyncio.run(experiment.publish(cfg, req))
+    # as `labbus experiment start` would: the operator principal, not the demo's admin
+    asyncio.run(experiment.publish(dataclasses.replace(cfg, kafka_principal="operator"), req))
     return req.experiment_id
 
 

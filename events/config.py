@@ -32,6 +32,24 @@ SETTINGS: dict[str, Setting] = {
                     "start at the working directory)."),
     "kafka_bootstrap": Setting("LABBUS_KAFKA_BOOTSTRAP", "127.0.0.1:19092",
                                "Kafka bootstrap servers (host:port[,host:port])."),
+    "kafka_security_protocol": Setting(
+        "LABBUS_KAFKA_SECURITY_PROTOCOL", "",
+        "How clients talk to Kafka: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL. Empty: SASL_SSL "
+        "with this process kind's own credentials when the broker is the local one of `labbus "
+        "services up` (LABBUS_HOME/kafka/security/credentials.json names its address), else "
+        "PLAINTEXT."),
+    "kafka_sasl_mechanism": Setting("LABBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512",
+                                    "SASL mechanism: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN."),
+    "kafka_username": Setting("LABBUS_KAFKA_USERNAME", "",
+                              "SASL user name (empty: the local principal of the process kind, "
+                              "see \"The bus: who may write where\")."),
+    "kafka_password": Setting("LABBUS_KAFKA_PASSWORD", "",
+                              "SASL password (empty: the local credentials file's, for the "
+                              "local broker)."),
+    "kafka_ca_file": Setting("LABBUS_KAFKA_CA_FILE", "",
+                             "PEM file of the CA(s) the broker's certificate chains to (empty: "
+                             "the local CA for the local broker, else the system's trust "
+                             "store)."),
     "postgres_dsn": Setting("LABBUS_POSTGRES_DSN",
                             "postgresql://labbus_writer:labbus_writer@127.0.0.1:15432/labbus",
                             "PostgreSQL DSN of the writer role used by projectors and migrations."),
@@ -174,6 +192,11 @@ SETTINGS: dict[str, Setting] = {
 class Config:
     home: Path
     kafka_bootstrap: str
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_username: str
+    kafka_password: str
+    kafka_ca_file: Path | None
     postgres_dsn: str
     postgres_api_dsn: str
     mongo_url: str
@@ -216,6 +239,10 @@ class Config:
     auth_jwks_min_refresh_s: float = 10.0
     auth_token_ttl_s: int = 900
     auth_keys_dir: Path = Path(".local/auth")
+    # Not an environment variable: the local principal whose credentials this process's Kafka
+    # clients use (labbus.events.access). The CLI sets it per command from the process kind;
+    # "" = no Kafka access at all (the query API). Library use (tests, scripts) acts as admin.
+    kafka_principal: str = "admin"
     explicit: frozenset[str] = frozenset()
 
     def explicitly_set(self, name: str) -> bool:
@@ -282,6 +309,27 @@ def _hostports(name: str, raw: str) -> str:
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"{SETTINGS[name].env}={raw!r}: expected host:port[,host:port]")
     return raw
+
+
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...], empty_ok: bool = False) -> str:
+    value = raw.strip().upper()
+    if (value or not empty_ok) and value not in choices:
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r}: use one of {', '.join(choices)}"
+                          + (" (or leave it empty)" if empty_ok else ""))
+    return value
+
+
+def _file(name: str, raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not a file")
+    return path
 
 
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
@@ -369,6 +417,14 @@ def load(environ: dict[str, str] | None = None) -> Config:
     return Config(
         home=Path(raw["home"]).expanduser().resolve(),
         kafka_bootstrap=_hostports("kafka_bootstrap", raw["kafka_bootstrap"]),
+        kafka_security_protocol=_choice("kafka_security_protocol",
+                                        raw["kafka_security_protocol"], KAFKA_PROTOCOLS,
+                                        empty_ok=True),
+        kafka_sasl_mechanism=_choice("kafka_sasl_mechanism", raw["kafka_sasl_mechanism"],
+                                     SASL_MECHANISMS),
+        kafka_username=raw["kafka_username"].strip(),
+        kafka_password=raw["kafka_password"],
+        kafka_ca_file=_file("kafka_ca_file", raw["kafka_ca_file"]),
         postgres_dsn=_url("postgres_dsn", raw["postgres_dsn"], ("postgresql", "postgres")),
         postgres_api_dsn=_url("postgres_api_dsn", raw["postgres_api_dsn"],
                               ("postgresql", "postgres")),
@@ -430,5 +486,5 @@ def load(environ: dict[str, str] | None = None) -> Config:
     )
 
 
-assert {f.name for f in fields(Config)} - {"explicit"} == set(SETTINGS), (
+assert {f.name for f in fields(Config)} - {"explicit", "kafka_principal"} == set(SETTINGS), (
     "SETTINGS and Config disagree")

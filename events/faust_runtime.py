@@ -155,10 +155,10 @@ class SharedLog:
                 for k, v in writes.items()]
 
     async def create(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.admin import NewTopic
         from aiokafka.errors import TopicAlreadyExistsError
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap)
+        admin = kafka.admin(self.cfg)
         await admin.start()
         try:
             if self.topic not in set(await admin.list_topics()):
@@ -569,6 +569,19 @@ class InFlight:
         return self.sent is not None and all(f.done() for f in self.sent.futures)
 
 
+def broker_settings(cfg: Config) -> dict[str, Any]:
+    """faust's settings for cfg's Kafka security (events/kafka.py `security`): SASL with TLS,
+    TLS alone, or nothing for PLAINTEXT. Every faust app of labbus uses these."""
+    sec = kafka.security(cfg)
+    if sec.sasl:
+        return {"broker_credentials": faust.SASLCredentials(
+            username=sec.username, password=sec.password, ssl_context=sec.ssl_context(),
+            mechanism=sec.mechanism)}
+    if sec.tls:
+        return {"broker_credentials": faust.SSLCredentials(sec.ssl_context())}
+    return {}
+
+
 def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: StatefulHandler,
               *, accepts: Collection[str] | None = None, table: str = "state",
               shared_table: str | None = None, codec: Codec | None = None,
@@ -612,6 +625,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         broker_heartbeat_interval=1.0,
         producer_acks=-1,
         processing_guarantee="at_least_once",
+        **broker_settings(cfg),
     )
     options.update(settings)
     app = faust.App(group_id(cfg, process), **options)

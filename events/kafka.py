@@ -1,17 +1,34 @@
-"""Kafka helpers: producer and consumer factories with labbus's guarantees, topic creation."""
+"""Kafka helpers: the one place Kafka clients are built (producer, consumer, admin; faust's
+settings come from `security` too), topic creation and the ACLs of a namespace.
+
+Every client authenticates as `security(cfg)` says: the SASL/TLS settings of the environment
+(LABBUS_KAFKA_SECURITY_PROTOCOL, ..._SASL_MECHANISM, ..._USERNAME, ..._PASSWORD, ..._CA_FILE)
+for a broker of your own, or, against the local broker of `labbus services up`, SASL_SSL with
+the credentials of the process kind's principal (`cfg.kafka_principal`, events/access.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
-from labbus.events.config import Config
+from labbus.events import access
+from labbus.events.config import Config, ConfigError
 from labbus.events.topics import CATALOG, TopicSpec, topic_for, topic_name
 
 if TYPE_CHECKING:
@@ -20,10 +37,89 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a client authenticates: protocol, SASL mechanism/user/password, the CA to trust."""
+    protocol: str = "PLAINTEXT"
+    mechanism: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+
+    def __repr__(self) -> str:  # never the password
+        return (f"Security({self.protocol}, {self.mechanism}, user={self.username}, "
+                f"ca={self.ca_file})")
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return _ssl_context(self.ca_file) if self.tls else None
+
+    def options(self) -> dict:
+        """aiokafka's keyword arguments for this security."""
+        opts: dict = {"security_protocol": self.protocol}
+        if self.tls:
+            opts["ssl_context"] = self.ssl_context()
+        if self.sasl:
+            opts.update(sasl_mechanism=self.mechanism, sasl_plain_username=self.username,
+                        sasl_plain_password=self.password)
+        return opts
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Server certificate and host name verified, against ca_file or the system's CAs."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+def security(cfg: Config) -> Security:
+    """The security settings of cfg's Kafka clients. Raises ConfigError naming the variable."""
+    if cfg.kafka_principal == "":
+        raise ConfigError("this process has no Kafka access (the query API never talks to Kafka)")
+    local = access.local_credentials(cfg)
+    protocol = cfg.kafka_security_protocol or ("SASL_SSL" if local else "PLAINTEXT")
+    if protocol == "PLAINTEXT":
+        return Security()
+    ca = cfg.kafka_ca_file or (local.ca_file if local else None)
+    if not protocol.startswith("SASL_"):
+        return Security(protocol, ca_file=ca)
+    user = cfg.kafka_username or (cfg.kafka_principal if local else "")
+    password = cfg.kafka_password
+    if not password and local is not None:
+        password = local.passwords.get(user, "")
+        if not password:
+            raise ConfigError(
+                f"no local Kafka credentials for principal {user!r} in "
+                f"{access.credentials_path(cfg.home)}; run `labbus services up` (or set "
+                "LABBUS_KAFKA_USERNAME and LABBUS_KAFKA_PASSWORD)")
+    if not user:
+        raise ConfigError(f"LABBUS_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                          "LABBUS_KAFKA_USERNAME (and LABBUS_KAFKA_PASSWORD)")
+    if not password:
+        raise ConfigError(f"LABBUS_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                          f"LABBUS_KAFKA_PASSWORD (for LABBUS_KAFKA_USERNAME={user})")
+    mechanism = cfg.kafka_sasl_mechanism if (cfg.explicitly_set("kafka_sasl_mechanism")
+                                             or not local) else local.mechanism
+    return Security(protocol, mechanism, user, password, ca)
+
+
+def admin(cfg: Config, **overrides) -> AIOKafkaAdminClient:
+    options = dict(bootstrap_servers=cfg.kafka_bootstrap, **security(cfg).options())
+    options.update(overrides)
+    return AIOKafkaAdminClient(**options)
+
+
 def producer(cfg: Config, **overrides) -> AIOKafkaProducer:
     """acks=all and idempotence: a send that succeeded is on the broker exactly once."""
     options = dict(
         bootstrap_servers=cfg.kafka_bootstrap,
+        **security(cfg).options(),
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
@@ -38,6 +134,7 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
     """Auto-commit off: each process commits only after its own work is durable."""
     options = dict(
         bootstrap_servers=cfg.kafka_bootstrap,
+        **security(cfg).options(),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -58,14 +155,20 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
     return AIOKafkaConsumer(*topics, **options)
 
 
-async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] = CATALOG,
+async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] | None = None,
                         timeout_s: float = 30.0) -> list[str]:
-    """Create missing topics of the catalog; existing ones are left as they are. Returns created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap, request_timeout_ms=15000)
+    """Create missing topics of the catalog (default: those cfg's principal may see); existing
+    ones are left as they are. Returns the created names. Run as the local admin, it also
+    grants the namespace's ACLs (events/access.py), so a new namespace is ready for every
+    process kind."""
+    principal = cfg.kafka_principal
+    if specs is None:
+        specs = access.visible(principal) if principal in access.PRINCIPALS else CATALOG
+    client = admin(cfg, request_timeout_ms=15000)
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
-            await admin.start()
+            await client.start()
             break
         except KafkaConnectionError:
             if asyncio.get_running_loop().time() > deadline:
@@ -74,22 +177,109 @@ async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] = CATALOG,
                     "start it with `labbus services up`") from None
             await asyncio.sleep(0.5)
     try:
-        existing = set(await admin.list_topics())
+        existing = set(await client.list_topics())
         wanted = [s for s in specs if topic_name(cfg, s) not in existing]
         created = []
         for spec in wanted:
             name = topic_name(cfg, spec)
             try:
-                await admin.create_topics([NewTopic(name, spec.partitions, 1,
-                                                    topic_configs=spec.configs())])
+                await client.create_topics([NewTopic(name, spec.partitions, 1,
+                                                     topic_configs=spec.configs())])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass  # another process created it meanwhile
+            except TopicAuthorizationFailedError:
+                raise ConnectionError(
+                    f"topic {name} does not exist and Kafka principal {security(cfg).username} "
+                    "may not create it: create the topics as admin (`labbus topics create`, "
+                    "which `labbus services up` runs)") from None
         if created:
             log.info("created topics", extra={"topics": created})
+        if _is_local_admin(cfg):
+            await ensure_acls(cfg, client)
         return created
     finally:
-        await admin.close()
+        await client.close()
+
+
+def _is_local_admin(cfg: Config) -> bool:
+    sec = security(cfg)
+    return (sec.sasl and sec.username == access.ADMIN
+            and access.local_credentials(cfg) is not None)
+
+
+# --- ACLs (aiokafka's admin client has no ACL methods; its protocol module has the requests) ---
+
+async def _send(client: AIOKafkaAdminClient, request):
+    return await client._send_request(request)  # noqa: SLF001 - the admin client's own sender
+
+
+async def describe_acls(cfg: Config, client: AIOKafkaAdminClient) -> list[access.Binding]:
+    """Every ALLOW ACL for a user on a topic or group (other ACLs are not labbus's)."""
+    from aiokafka.protocol.admin import DescribeAclsRequest
+
+    response = await _send(client, DescribeAclsRequest(
+        resource_type=1, resource_name=None, resource_pattern_type_filter=1, principal=None,
+        host=None, operation=1, permission_type=1))  # ANY of each
+    if response.error_code:
+        raise ConnectionError(f"DescribeAcls failed: {response.error_code} "
+                              f"{response.error_message}")
+    found = []
+    for rtype, name, pattern, acls in response.resources:
+        for principal, _host, operation, permission in acls:
+            if (rtype in (access.TOPIC, access.GROUP) and permission == access.ALLOW
+                    and principal.startswith("User:") and operation in access.OPERATIONS):
+                found.append(access.Binding(rtype, name, pattern, principal[5:], operation))
+    return found
+
+
+async def ensure_acls(cfg: Config, client: AIOKafkaAdminClient | None = None) -> int:
+    """Create the ACLs of cfg's namespace that are missing (as the admin). Returns how many."""
+    from aiokafka.protocol.admin import CreateAclsRequest
+
+    own = client is None
+    client = client or admin(cfg)
+    if own:
+        await client.start()
+    try:
+        missing = sorted(set(access.bindings(cfg)) - set(await describe_acls(cfg, client)))
+        for b in missing:
+            response = await _send(client, CreateAclsRequest(
+                resource_type=b.resource_type, resource_name=b.name,
+                resource_pattern_type_filter=b.pattern, principal=f"User:{b.principal}",
+                host="*", operation=b.operation, permission_type=access.ALLOW))
+            for code, message in response.creation_responses:
+                if code:
+                    raise ConnectionError(f"CreateAcls {b.describe()} failed: {code} {message}")
+        if missing:
+            log.info("created ACLs", extra={"acls": len(missing), "namespace": cfg.namespace})
+        return len(missing)
+    finally:
+        if own:
+            await client.close()
+
+
+async def delete_namespace_acls(cfg: Config) -> int:
+    """Remove the ACLs on resources of cfg's (non-empty) namespace. Returns how many."""
+    from aiokafka.protocol.admin import DeleteAclsRequest
+
+    client = admin(cfg)
+    await client.start()
+    try:
+        found = await describe_acls(cfg, client)
+        names = set(access.namespace_resources(cfg, sorted({b.name for b in found})))
+        gone = [b for b in found if b.name in names]
+        for b in gone:
+            response = await _send(client, DeleteAclsRequest(
+                resource_type=b.resource_type, resource_name=b.name,
+                resource_pattern_type_filter=b.pattern, principal=f"User:{b.principal}",
+                host="*", operation=b.operation, permission_type=access.ALLOW))
+            for code, message, _matches in response.filter_responses:
+                if code:
+                    raise ConnectionError(f"DeleteAcls {b.describe()} failed: {code} {message}")
+        return len(gone)
+    finally:
+        await client.close()
 
 
 async def publish(cfg: Config, *events) -> None:
@@ -110,18 +300,21 @@ async def publish(cfg: Config, *events) -> None:
 
 async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
     """Delete every topic of a namespace: its catalog topics and its faust apps' internal ones
-    (what a benchmark or test run leaves behind on a shared broker). Returns the deleted names."""
+    (what a benchmark or test run leaves behind on a shared broker), and, as the local admin,
+    the namespace's ACLs. Returns the deleted topic names."""
     if not namespace:
         raise ValueError("refusing to delete the topics of the empty (production) namespace")
-    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap, request_timeout_ms=30000)
-    await admin.start()
+    client = admin(cfg, request_timeout_ms=30000)
     try:
-        names = [t for t in await admin.list_topics() if t.startswith(namespace + ".")]
+        await client.start()
+        names = [t for t in await client.list_topics() if t.startswith(namespace + ".")]
         if names:
-            await admin.delete_topics(names)
-        return names
+            await client.delete_topics(names)
     finally:
-        await admin.close()
+        await client.close()
+        if _is_local_admin(cfg):  # also when deleting the topics failed
+            await delete_namespace_acls(dataclasses.replace(cfg, namespace=namespace))
+    return names
 
 
 async def read_to_end(cfg: Config, *topics: str):

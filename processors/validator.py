@@ -18,7 +18,7 @@ import faust
 import mode
 from aiokafka import TopicPartition
 
-from labbus.events import kafka, metrics
+from labbus.events import faust_runtime, kafka, metrics
 from labbus.events.codec import Codec, DecodeError, default_codec
 from labbus.events.config import Config
 from labbus.events.device_specs import DeviceSpecs
@@ -312,6 +312,7 @@ def build_app(cfg: Config) -> faust.App:
         # Static membership when LABBUS_GROUP_INSTANCE_ID names this process: a restart with
         # the same name takes its partitions back without waiting for the session timeout.
         consumer_group_instance_id=cfg.group_instance_id or None,
+        **faust_runtime.broker_settings(cfg),
     )
     raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED),
                     schema=RawSchema(key_type=bytes, value_type=bytes))

@@ -99,7 +99,8 @@ def base_env() -> dict[str, str]:
         return env
     from labbus.deploy.local import services
 
-    services.up(config.load(env), echo=lambda m: print(m, file=sys.stderr))
+    # restart=False: a server other sessions use is never stopped under them by a test run
+    services.up(config.load(env), echo=lambda m: print(m, file=sys.stderr), restart=False)
     return env
 
 
@@ -120,6 +121,9 @@ def env(base_env) -> dict[str, str]:
 
         e["LABBUS_POSTGRES_DSN"] = postgres.create_database(cfg, db)
         e["LABBUS_POSTGRES_API_DSN"] = postgres.with_database(cfg.postgres_api_dsn, db)
+    # the namespace's topics and, on the secured local broker, its ACLs (events/access.py), as
+    # admin: every process kind then runs with exactly its own rights in this namespace
+    asyncio.run(kafka.ensure_topics(config.load(e)))
     yield e
     from labbus.processors import validator
 

@@ -1,12 +1,18 @@
 """A downstream system subscribing to labbus: needs only aiokafka, fastavro and schemas/*.avsc.
 
     python deploy/examples/downstream_consumer.py lab.measurements.validated --max 10
+
+Against a secured broker set the same variables as labbus (README "The bus: who may write
+where"): LABBUS_KAFKA_SECURITY_PROTOCOL (e.g. SASL_SSL), LABBUS_KAFKA_SASL_MECHANISM
+(SCRAM-SHA-512), LABBUS_KAFKA_USERNAME, LABBUS_KAFKA_PASSWORD, LABBUS_KAFKA_CA_FILE.
 """
 
 import argparse
 import asyncio
 import io
 import json
+import os
+import ssl
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
@@ -32,10 +38,26 @@ def decode(message: bytes, schemas: dict[bytes, dict]) -> dict:
     return schemaless_reader(io.BytesIO(message[10:]), schemas[message[2:10]])
 
 
+def security() -> dict:
+    """aiokafka's security options from the environment (PLAINTEXT when none is set)."""
+    protocol = os.environ.get("LABBUS_KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT"
+    options: dict = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context(
+            cafile=os.environ.get("LABBUS_KAFKA_CA_FILE") or None)
+    if protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=os.environ.get("LABBUS_KAFKA_SASL_MECHANISM",
+                                                     "SCRAM-SHA-512"),
+                       sasl_plain_username=os.environ["LABBUS_KAFKA_USERNAME"],
+                       sasl_plain_password=os.environ["LABBUS_KAFKA_PASSWORD"])
+    return options
+
+
 async def main(topic: str, bootstrap: str, group: str, limit: int) -> None:
     schemas = load_schemas(SCHEMAS)
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                **security())
     await consumer.start()
     try:
         seen = 0

@@ -67,6 +67,11 @@ def _server_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "secantus"]
 
 
+def restart_reason(cfg: Config) -> str | None:
+    """A running server is kept as it is."""
+    return None
+
+
 def prepare(cfg: Config, echo: Echo) -> None:
     _server_command()
     _data(cfg).mkdir(parents=True, exist_ok=True)

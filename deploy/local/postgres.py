@@ -183,6 +183,11 @@ def _chown(*paths: Path) -> None:
 
 # --- lifecycle -------------------------------------------------------------------
 
+def restart_reason(cfg: Config) -> str | None:
+    """A running server is kept as it is."""
+    return None
+
+
 def prepare(cfg: Config, echo: Echo) -> None:
     if _bin_dir(cfg) is None:
         _install(echo)

@@ -28,7 +28,9 @@ __all__ = ["up", "down", "status", "ServiceError", "ServiceStatus",
 
 # Each module provides: NAME, SETTING, START_TIMEOUT, STOP_SIGNAL, STOP_TIMEOUT, address(cfg),
 # endpoint(cfg), running_pid(cfg), pid_file(cfg), marker(cfg), log_path(cfg), prepare(cfg, echo),
-# start(cfg, echo), problem(cfg, timeout) (None when it answers), provision(cfg, echo).
+# start(cfg, echo), problem(cfg, timeout) (None when it answers), provision(cfg, echo),
+# restart_reason(cfg) (None, or why `up` must restart the running server: e.g. a Kafka broker an
+# older labbus started without SASL_SSL).
 SERVICES: tuple[ModuleType, ...] = (kafka, postgres, mongo)
 
 
@@ -59,8 +61,13 @@ def masked(address: str) -> str:
     return urlunsplit(u._replace(netloc=u.netloc.replace(":" + u.password + "@", ":***@", 1)))
 
 
-def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> dict[str, str]:
+def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None,
+       restart: bool = True) -> dict[str, str]:
     """Install what's missing, start what isn't running, wait until everything answers.
+
+    A running server that must be restarted (`restart_reason`, e.g. a Kafka broker an older
+    labbus started without SASL_SSL) is restarted, or, with restart=False (the tests, which
+    must not stop a server other sessions use), left running and said so.
 
     Returns {"kafka": bootstrap, "postgres": writer DSN, "mongo": URL}. Raises ServiceError.
     """
@@ -68,8 +75,20 @@ def up(cfg: Config, echo: Echo = print, only: Iterable[str] | None = None) -> di
     with proc.locked(cfg.home / "services.lock"):
         started: dict[str, tuple[int | None, float]] = {}
         for svc in chosen:  # first launch everything, so the slow starts overlap
-            if _external(cfg, svc) or svc.running_pid(cfg) is not None:
+            if _external(cfg, svc):
                 continue
+            pid = svc.running_pid(cfg)
+            if pid is not None:
+                why = svc.restart_reason(cfg)
+                if why is None:
+                    continue
+                if not restart:
+                    echo(f"{svc.NAME}: left running (pid {pid}), though {why}; "
+                         "`labbus services up` restarts it")
+                    continue
+                echo(f"{svc.NAME}: restarting pid {pid}: {why}")
+                proc.stop(pid, sig=svc.STOP_SIGNAL, timeout=svc.STOP_TIMEOUT,
+                          marker=svc.marker(cfg), pid_file=svc.pid_file(cfg))
             host, port = svc.endpoint(cfg)
             if proc.port_open(host, port):
                 raise ServiceError(svc.NAME,

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import grpc
 
+from labbus.events import pki
 from labbus.events.config import Config
-from labbus.producers.gateway import gctune, pki
+from labbus.producers.gateway import gctune
 from labbus.producers.gateway import labbus_gateway_pb2 as pb
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc
 from labbus.producers.sim import DEVICE_TYPES

@@ -1,7 +1,7 @@
 """The gRPC instrument gateway (`labbus gateway grpc`): an agent that publishes what devices
 send and relays commands to them.
 
-- Identity: mutual TLS against the device CA (labbus.producers.gateway.pki); the caller's
+- Identity: mutual TLS against the device CA (labbus.events.pki); the caller's
   certificate subject CN is its id, its OU its role (`device` or `operator`). A device acts only
   as itself: anything else is PERMISSION_DENIED and a DeviceRejected event with the reason.
 - StreamData: each reading, heartbeat, status report and command update becomes one event,
@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import Gauge
 
-from labbus.events import kafka, metrics
+from labbus.events import kafka, metrics, pki
 from labbus.events.codec import DecodeError
 from labbus.events.config import Config
 from labbus.events.devices import (  # noqa: F401 - re-exported for callers of the gateway
@@ -69,7 +69,7 @@ from labbus.events.topics import (
     MEASUREMENTS_RECORDED,
     topic_name,
 )
-from labbus.producers.gateway import gctune, pki
+from labbus.producers.gateway import gctune
 from labbus.producers.gateway import labbus_gateway_pb2 as pb
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc
 

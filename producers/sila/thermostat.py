@@ -161,7 +161,7 @@ def start(server: SilaServer, host: str, port: int, *, insecure: bool = False,
         raise ValueError("give both --cert and --key, or neither (a certificate from the labbus "
                          "CA is then issued)")
     if cert is None:
-        from labbus.producers.gateway import pki
+        from labbus.events import pki
 
         hosts = () if host in ("0.0.0.0", "::", "") else (host,)
         cert, key = pki.issue_sila_server_cert(pki_dir, name, server_uuid(name), hosts)

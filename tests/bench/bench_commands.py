@@ -37,14 +37,14 @@ sys.path.insert(0, str(REPO))
 from aiokafka import TopicPartition  # noqa: E402
 
 from labbus.deploy import commands as cmds  # noqa: E402
-from labbus.events import faust_runtime, kafka  # noqa: E402
+from labbus.events import faust_runtime, kafka, pki  # noqa: E402
 from labbus.events.codec import DecodeError, default_codec  # noqa: E402
 from labbus.events.model import COMMAND_FINAL, command_id_for  # noqa: E402
 from labbus.events.runtime import Step  # noqa: E402
 from labbus.events.topics import COMMANDS, DEVICE_STATUS, topic_name  # noqa: E402
 from labbus.processors import lifecycle as lifecycle_processor  # noqa: E402
 from labbus.producers.gateway import devices as dev  # noqa: E402
-from labbus.producers.gateway import gctune, pki  # noqa: E402
+from labbus.producers.gateway import gctune  # noqa: E402
 from labbus.producers.gateway import labbus_gateway_pb2 as pb  # noqa: E402
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc  # noqa: E402
 from tests.bench.gwfleet import Namespace, PeakRss, Simulators, cpu_s, machine, pct  # noqa: E402

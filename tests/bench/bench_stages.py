@@ -80,9 +80,7 @@ class GroupCommits:
         self.admin = None
 
     async def __aenter__(self) -> GroupCommits:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap)
+        self.admin = kafka.admin(self.cfg)
         await self.admin.start()
         return self
 

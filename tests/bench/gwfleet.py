@@ -23,9 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from labbus.deploy.demo import LABBUS  # noqa: E402
-from labbus.events import config, kafka  # noqa: E402
+from labbus.events import config, kafka, pki  # noqa: E402
 from labbus.producers.gateway import devices as dev  # noqa: E402
-from labbus.producers.gateway import pki  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 

@@ -1,5 +1,6 @@
 """The README's downstream consumer decodes labbus events with only the .avsc files."""
 
+import os
 import subprocess
 import sys
 
@@ -25,8 +26,15 @@ def test_downstream_consumer_example_decodes_events(cfg):
         await producer.stop()
 
     run(publish())
+    sec = kafka.security(cfg)  # the admin's: the example topic is not in the ACL table
+    env = {**os.environ, "LABBUS_KAFKA_SECURITY_PROTOCOL": sec.protocol}
+    if sec.sasl:
+        env.update(LABBUS_KAFKA_SASL_MECHANISM=sec.mechanism, LABBUS_KAFKA_USERNAME=sec.username,
+                   LABBUS_KAFKA_PASSWORD=sec.password)
+    if sec.ca_file:
+        env["LABBUS_KAFKA_CA_FILE"] = str(sec.ca_file)
     out = subprocess.run(
         [sys.executable, str(REPO / "deploy/examples/downstream_consumer.py"), topic,
          "--bootstrap", cfg.kafka_bootstrap, "--group", f"{cfg.namespace}.example", "--max", "1"],
-        capture_output=True, text=True, timeout=60, check=True)
+        capture_output=True, text=True, timeout=60, check=True, env=env)
     assert "lab.device.DeviceRegistered dev-x" in out.stdout

@@ -18,7 +18,6 @@ from collections import Counter, defaultdict
 
 import numpy as np
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from labbus.deploy import experiment as exp
 from labbus.events import kafka
@@ -138,7 +137,7 @@ def answers(run: RobotRunRequested) -> list:
 
 
 async def group_members(cfg, process: str = "experiment") -> tuple[str, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap)
+    admin = kafka.admin(cfg)
     await admin.start()
     try:
         described = await admin.describe_consumer_groups([group_id(cfg, process)])

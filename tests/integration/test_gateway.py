@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from labbus.deploy.demo import LABBUS
+from labbus.events import pki
 from labbus.events.codec import DecodeError, default_codec
 from labbus.events.model import DeviceStatusChanged
 from labbus.events.topics import (
@@ -25,7 +26,6 @@ from labbus.events.topics import (
 from labbus.producers.gateway import devices as dev
 from labbus.producers.gateway import labbus_gateway_pb2 as pb
 from labbus.producers.gateway import labbus_gateway_pb2_grpc as pb_grpc
-from labbus.producers.gateway import pki
 from labbus.producers.gateway.server import reading_id
 from tests.conftest import Processes, free_port, read_topic
 from tests.support.gateway import Gateway

@@ -16,12 +16,11 @@ import uuid
 import asyncpg
 import pymongo
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from labbus.deploy.local import services
 from labbus.deploy.local.verify_mongo import verify
-from labbus.events import config
+from labbus.events import config, kafka
 
 pytestmark = pytest.mark.skipif(os.environ.get("LABBUS_TEST_SERVICES") == "docker",
                                 reason="tests labbus's own local services, not containers")
@@ -60,8 +59,8 @@ def test_status_all_running(addresses, cfg):
 
 # --- Kafka -----------------------------------------------------------------------------
 
-async def _create_topic(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _create_topic(cfg, topic: str) -> None:
+    admin = kafka.admin(cfg)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
@@ -69,8 +68,8 @@ async def _create_topic(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
-async def _delete_topic(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _delete_topic(cfg, topic: str) -> None:
+    admin = kafka.admin(cfg)
     await admin.start()
     try:
         await admin.delete_topics([topic])
@@ -78,8 +77,8 @@ async def _delete_topic(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
-async def _produce(bootstrap: str, topic: str, value: bytes) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+async def _produce(cfg, topic: str, value: bytes) -> None:
+    producer = kafka.producer(cfg)  # acks=all, idempotent
     await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=b"k")
@@ -87,9 +86,8 @@ async def _produce(bootstrap: str, topic: str, value: bytes) -> None:
         await producer.stop()
 
 
-async def _read_all(bootstrap: str, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+async def _read_all(cfg, topic: str) -> list[bytes]:
+    consumer = kafka.consumer(cfg, topic, group=None, isolation_level="read_uncommitted")
     await consumer.start()
     try:
         batches = await consumer.getmany(timeout_ms=10_000)
@@ -101,26 +99,26 @@ async def _read_all(bootstrap: str, topic: str) -> list[bytes]:
 @pytest.fixture
 def topic(addresses, cfg):
     name = f"{cfg.namespace}labbus-test-{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create_topic(cfg.kafka_bootstrap, name))
+    asyncio.run(_create_topic(cfg, name))
     yield name
-    asyncio.run(_delete_topic(cfg.kafka_bootstrap, name))
+    asyncio.run(_delete_topic(cfg, name))
 
 
 def test_kafka_idempotent_producer_and_consumer(cfg, topic):
-    asyncio.run(_produce(cfg.kafka_bootstrap, topic, b"hello"))
-    assert asyncio.run(_read_all(cfg.kafka_bootstrap, topic)) == [b"hello"]
+    asyncio.run(_produce(cfg, topic, b"hello"))
+    assert asyncio.run(_read_all(cfg, topic)) == [b"hello"]
 
 
 def test_kafka_restart_keeps_messages(cfg, topic):
     if cfg.explicitly_set("kafka_bootstrap"):
         pytest.skip("Kafka is external (LABBUS_KAFKA_BOOTSTRAP); not restarted here")
-    asyncio.run(_produce(cfg.kafka_bootstrap, topic, b"durable"))
+    asyncio.run(_produce(cfg, topic, b"durable"))
     pid = services.status(cfg)[0].pid
     services.down(cfg, only=["kafka"])
     assert not services.status(cfg)[0].running
     services.up(cfg, only=["kafka"])
     assert services.status(cfg)[0].pid != pid
-    assert asyncio.run(_read_all(cfg.kafka_bootstrap, topic)) == [b"durable"]
+    assert asyncio.run(_read_all(cfg, topic)) == [b"durable"]
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------

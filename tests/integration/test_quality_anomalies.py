@@ -13,7 +13,6 @@ import time
 import uuid
 
 import requests
-from aiokafka.admin import AIOKafkaAdminClient
 
 from labbus.events import kafka
 from labbus.events.codec import default_codec
@@ -98,7 +97,7 @@ async def committed_at_end(cfg) -> dict | None:
     """The end offsets of the validated partitions once the anomaly group's commits reached
     them all, else None."""
     topic = topic_name(cfg, MEASUREMENTS_VALIDATED)
-    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap)
+    admin = kafka.admin(cfg)
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group_id(cfg, "anomalies"))

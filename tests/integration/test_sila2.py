@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from labbus.deploy.demo import LABBUS
-from labbus.events import kafka
+from labbus.events import kafka, pki
 from labbus.events.codec import DecodeError, default_codec
 from labbus.events.devices import reading_id
 from labbus.events.model import CommandDispatched, CommandIssued, derived_id
@@ -29,7 +29,6 @@ from labbus.events.topics import (
     MEASUREMENTS_RECORDED,
     topic_name,
 )
-from labbus.producers.gateway import pki
 from tests.conftest import REPO, Processes, free_port, read_topic, wait_for
 from tests.support.process import Restartable
 

@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from labbus.deploy.demo import LABBUS
+from labbus.events import pki
 from labbus.producers.gateway import devices as dev
-from labbus.producers.gateway import pki
 from tests.conftest import REPO, free_port
 from tests.support.process import Restartable
 

@@ -6,8 +6,9 @@ import grpc
 import pytest
 from cryptography import x509
 
+from labbus.events import pki
 from labbus.producers.gateway import labbus_gateway_pb2 as pb
-from labbus.producers.gateway import pki, protos, server
+from labbus.producers.gateway import protos, server
 
 
 def test_checked_in_stubs_are_what_the_proto_generates():

@@ -10,8 +10,14 @@ Files, under LABBUS_PKI_DIR (default `LABBUS_HOME/pki/`; keys mode 0600):
     sila/NAME.pem, sila/NAME.key    a SiLA 2 server's certificate (the simulator's; SAN as the
                                     gateway's, plus the server UUID extension SiLA 2 asks for)
 
+The local Kafka broker's certificate (`labbus services up`, server and client use, SAN as the
+gateway's) is signed by the same CA and kept with a copy of ca.pem in LABBUS_HOME/kafka/security.
+
 The device id is the certificate's subject CN. Its OU is its role: `device` (may register,
 stream and answer commands, as itself only) or `operator` (may send commands and query).
+
+The CA lives in the kernel (labbus.events) because deploy (the broker's certificate, the clients'
+trust) and producers (the gateway, devices, SiLA 2 servers) both use it.
 """
 
 from __future__ import annotations
@@ -113,7 +119,8 @@ def _sign(ca_cert, ca_key, subject: x509.Name, public_key, days: int, usage,
                .not_valid_before(now - dt.timedelta(minutes=5))
                .not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+               .add_extension(x509.ExtendedKeyUsage(
+                   list(usage) if isinstance(usage, (list, tuple)) else [usage]), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                    ca_key.public_key()), critical=False))
     if sans:
@@ -171,6 +178,29 @@ def issue_server_cert(root: Path, hosts: tuple[str, ...] = ()) -> Paths:
     _write_key(p.server_key, key)
     _write_cert(p.server_cert, cert)
     return p
+
+
+KAFKA_BROKER_CN = "labbus-kafka"  # the broker's principal on its mutual-TLS controller listener
+
+
+def issue_kafka_cert(root: Path, dest: Path, hosts: tuple[str, ...] = (),
+                     days: int = 825) -> tuple[Path, Path]:
+    """The local Kafka broker's certificate from the CA in `root`, written to `dest` with a
+    copy of the CA (so the broker and its clients keep working if LABBUS_PKI_DIR later points
+    elsewhere); returns (keystore PEM: key then certificate, CA PEM). Used for TLS on the
+    broker's client listener and, as server and client certificate, on its controller
+    listener."""
+    p = paths(root)
+    ca_cert, ca_key = _load_ca(p)
+    key = _key()
+    cert = _sign(ca_cert, ca_key, _name(KAFKA_BROKER_CN, "kafka-broker"), key.public_key(), days,
+                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], _sans(hosts))
+    keystore, ca_copy = dest / "broker-keystore.pem", dest / "ca.pem"
+    _write_key(keystore, key)
+    with open(keystore, "ab") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    _write_cert(ca_copy, ca_cert)
+    return keystore, ca_copy
 
 
 SILA_SERVER_UUID_OID = x509.ObjectIdentifier("1.3.6.1.4.1.58583")  # SiLA 2 part B, 8.2.3
