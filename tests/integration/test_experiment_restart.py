@@ -226,6 +226,9 @@ def test_restart_with_10000_finished_campaigns_decides_within_5_s(env, tmp_path)
     ns = env["LABBUS_NAMESPACE"] + "-restart"
     mine = {**env, "LABBUS_NAMESPACE": ns}
     cfg = config.load(mine)
+    # this namespace's topics and, on the secured broker, its ACLs (as admin) before any process
+    # of it starts
+    asyncio.run(kafka.ensure_topics(cfg))
     # campaigns start once the quota processor reserved their budget: it runs beside, started
     # before the clock (what is measured is the experiment processor's start)
     quota = start_quota(mine, tmp_path)
