@@ -178,7 +178,7 @@ def _cover(r: ServiceRequestReport) -> list:
         out.append(_table(
             [("Id", "Execution", "Sample", "Protocol", "Raised", "Reason")]
             + [(n.id, n.execution_id, n.sample_id, n.protocol_id, _when(n.raised_at),
-                n.reason) for n in r.non_conformances], (1.1, 1.2, 0.8, 0.9, 1.3, 3.5)))
+                n.reason) for n in r.non_conformances], (1.5, 1.3, 0.8, 0.9, 1.3, 3.0)))
     else:
         out.append(_p("None raised."))
     return out

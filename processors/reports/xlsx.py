@@ -11,7 +11,9 @@ Sheets:
   readings: a header row `n | <step>.<metric> (<unit>) | ...` and one row per reading index,
   one column per series (series of different lengths leave cells empty).
 
-Numbers are written as numbers (a NaN or an infinity as its text: Excel has no such number).
+Numbers are written as numbers (a NaN or an infinity as its text: Excel has no such number);
+openpyxl writes 16 significant digits, so a value read back is within one unit in the last
+place of the float measured (Excel itself keeps 15 digits). The CSV keeps the exact floats.
 Same input, same bytes: the document's created/modified properties and the zip entries' times
 are the input's `generated_at` (openpyxl stamps the save time; the file is repacked).
 """
