@@ -62,7 +62,7 @@ def iv_curves(steps: Sequence[StepReadings], title: str = "",
     ax.legend(loc="lower left", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.89, bottom=0.14, top=0.92 if title else 0.96)
     return _png(fig)
 
 
@@ -87,7 +87,7 @@ def comparison(labels: Sequence[str], before: Sequence[float], after: Sequence[f
     ax.grid(True, axis="y", linewidth=0.4, alpha=0.6)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1, top=0.9 if title else 0.95)
     return _png(fig)
 
 
@@ -99,7 +99,8 @@ def series_chart(step: StepReadings, title: str = "") -> bytes | None:
     series = [s for s in step.series if len(s.values) > 1]
     if not series:
         return None
-    fig = Figure(figsize=(6.6, 1.2 + 1.3 * len(series)))
+    height = 0.9 + 1.3 * len(series)
+    fig = Figure(figsize=(6.6, height))
     for k, s in enumerate(series):
         ax = fig.add_subplot(len(series), 1, k + 1)
         stride = max(1, len(s.values) // MAX_POINTS)
@@ -112,5 +113,7 @@ def series_chart(step: StepReadings, title: str = "") -> bytes | None:
     fig.axes[-1].set_xlabel("reading", fontsize=8)
     if title:
         fig.axes[0].set_title(title, fontsize=10)
-    fig.tight_layout()
+    # fixed margins in inches (tight_layout costs a third of the chart's time)
+    fig.subplots_adjust(left=0.13, right=0.98, bottom=0.55 / height, top=1 - 0.25 / height,
+                        hspace=0.35)
     return _png(fig)
