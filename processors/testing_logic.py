@@ -405,9 +405,11 @@ def choose_device(registry: Any, instrument_type: str, execution_id: str, step: 
                   ) -> str | None:
     """A registered device of the type: sorted by id, the one at crc32(execution, step) modulo
     their number (spread over the devices, stable for an execution's step)."""
-    values = registry.values if hasattr(registry, "values") and isinstance(
-        registry.values, Mapping) else registry
-    devices = sorted(d for d, reg in values.items() if (reg or {}).get("type") == instrument_type)
+    table = getattr(registry, "table", registry)  # the driver hands the View in a Shared
+    values = getattr(table, "values", None)
+    registered = values if isinstance(values, Mapping) else table  # a View's, or a dict
+    devices = sorted(d for d, reg in registered.items()
+                     if (reg or {}).get("type") == instrument_type)
     if not devices:
         return None
     return devices[zlib.crc32(f"{execution_id}/{step}".encode()) % len(devices)]

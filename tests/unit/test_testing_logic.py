@@ -14,6 +14,7 @@ import pytest
 
 from labbus.events.codec import default_codec
 from labbus.events.config import load
+from labbus.events.faust_runtime import Shared
 from labbus.events.model import (
     CommandDispatched,
     CommandIssued,
@@ -108,7 +109,8 @@ class Bus:
             if event.TYPE not in tl.ACCEPTS:
                 continue
             key = out.key.decode()
-            state, outs = tl.handle(self.states.get(key), event, rec, self.registry, S)
+            # the faust driver hands the registry View wrapped in a Shared
+            state, outs = tl.handle(self.states.get(key), event, rec, Shared(self.registry), S)
             if state is None:
                 self.states.pop(key, None)
             else:
