@@ -103,6 +103,22 @@ def devices(cfg: Config, stop: Stop | None = None) -> None:
     lifecycle.run(cfg)
 
 
+def testing(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (requests and executions in a Table, a timer): runs until
+    SIGINT/SIGTERM."""
+    from labbus.processors import testing as app
+
+    app.run(cfg)
+
+
+async def pv_agent(cfg: Config, stop: Stop, **options: Any) -> None:
+    """Simulated PV instruments (labbus.producers.pv.agents): register, heartbeat, answer
+    their commands."""
+    from labbus.producers.pv import agents
+
+    await agents.run(cfg, stop, **options)
+
+
 def anomalies(cfg: Config, stop: Stop | None = None) -> None:
     """A faust worker (rolling statistics in a Table): runs until SIGINT/SIGTERM."""
     from labbus.processors import anomaly as app
@@ -128,4 +144,9 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
             "(rejections, timeouts, idempotency)", devices),
     Process("anomalies", "rolling statistics: MeasurementValidated -> AnomalyDetected",
             anomalies),
+    Process("testing", "test protocols: ServiceRequestSubmitted -> executions (instrument "
+            "commands, readings, QC verdicts, non-conformances) -> ServiceRequestCompleted",
+            testing),
+    Process("agent-pv", "simulated PV instruments: I-V tracer, climate chamber, insulation "
+            "and wet leakage testers answering their commands", pv_agent),
 )}

@@ -299,6 +299,32 @@ def agent_ot2(simulate: bool, robot_url: str | None, metrics_port: int | None) -
     _run_process("agent-ot2", metrics_port, robot_url=robot_url)
 
 
+@agent.command("pv")
+@click.option("--devices", default="iv-curve-tracer:1,climate-chamber:1,insulation-tester:1,"
+              "wet-leakage-tester:1", show_default=True,
+              help="Device types and how many of each, TYPE:N,...")
+@click.option("--prefix", default="pv", show_default=True,
+              help="Device ids are PREFIX-TYPE-N.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the samples' properties and the readings' noise.")
+@click.option("--heartbeat", default=2.0, show_default=True,
+              help="Seconds between DeviceHeartbeats.")
+@metrics_option
+def agent_pv(devices: str, prefix: str, seed: int, heartbeat: float,
+             metrics_port: int | None) -> None:
+    """Simulated PV test instruments (pvlib physics): I-V curve tracers, climate chambers,
+    insulation and wet leakage testers; each registers, heartbeats and answers its commands
+    with readings. Time runs LABBUS_TESTING_SPEED times faster."""
+    from labbus.producers.pv.agents import parse_devices
+
+    try:
+        parse_devices(devices, prefix)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--devices") from None
+    _run_process("agent-pv", metrics_port, devices=devices, prefix=prefix, seed=seed,
+                 heartbeat_s=heartbeat)
+
+
 @agent.command("reader")
 @click.option("--seed", default=0, show_default=True, help="Seed of the simulated camera noise.")
 @click.option("--delay", default=0.0, show_default=True, help="Seconds each reading takes.")
@@ -444,6 +470,20 @@ def process_devices(metrics_port: int | None) -> None:
     cfg = _cfg()
     _start_process("devices", cfg, metrics_port)
     PROCESSES["devices"].run(cfg)
+
+
+@process.command("testing")
+@metrics_option
+def process_testing(metrics_port: int | None) -> None:
+    """Test protocols: each ServiceRequestSubmitted becomes one execution per sample x protocol;
+    each execution issues its steps' instrument commands, collects their readings, judges the
+    template's criteria (ExecutionPassed / ExecutionFailed, NonConformanceRaised) and the request
+    completes when all ended. Start more: they share the executions."""
+    from labbus.deploy.bootstrap import PROCESSES
+
+    cfg = _cfg()
+    _start_process("testing", cfg, metrics_port)
+    PROCESSES["testing"].run(cfg)
 
 
 # -- commands ---------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ from labbus.events.topics import (
     MEASUREMENTS_VALIDATED,
     QUOTA_INBOX,
     ROBOT_RUNS,
+    TESTING_EXECUTIONS,
+    TESTING_INBOX,
+    TESTING_REQUESTS,
     USERS,
     TopicSpec,
     group_id,
@@ -112,11 +115,27 @@ ACCESS: tuple[Access, ...] = (
     Access("quota", "processor", ("process quota",),
            reads=(USERS, EXPERIMENTS, QUOTA_INBOX), writes=(QUOTA_INBOX, EXPERIMENTS, DEAD_LETTER),
            groups=("quota",), internal=("quota",)),
+    # test protocols (issue 11): executions keyed by execution id; the command events and
+    # readings of an execution reach it re-keyed through lab.testing.inbox (processors/testing.py)
+    Access("testing", "processor", ("process testing",),
+           reads=(TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_INBOX, COMMANDS,
+                  MEASUREMENTS_RECORDED, DEVICES),
+           writes=(TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_INBOX, COMMANDS, DEAD_LETTER),
+           groups=("testing",), internal=("testing",)),
+    # the simulated PV instruments: one consumer group per device, as the SiLA 2 bridge
+    Access("agent-pv", "agent", ("agent pv",),
+           reads=(COMMANDS,),
+           writes=(DEVICES, DEVICE_STATUS, COMMANDS, MEASUREMENTS_RECORDED, DEAD_LETTER),
+           groups=("agent-pv.",)),
     Access("operator", "operator",
-           ("command send", "experiment start", "experiment cancel", "experiment watch"),
-           reads=(COMMANDS, EXPERIMENTS), writes=(COMMANDS, EXPERIMENTS)),
-    # POST /commands, /experiments, /experiments/{id}/cancel; every 403 as AccessDenied
-    Access("gateway-http", "agent", ("gateway http",), writes=(COMMANDS, EXPERIMENTS, USERS)),
+           ("command send", "experiment start", "experiment cancel", "experiment watch",
+            "testing submit", "testing watch"),
+           reads=(COMMANDS, EXPERIMENTS, TESTING_REQUESTS),
+           writes=(COMMANDS, EXPERIMENTS, TESTING_REQUESTS)),
+    # POST /commands, /experiments, /experiments/{id}/cancel, /service-requests; every 403 as
+    # AccessDenied
+    Access("gateway-http", "agent", ("gateway http",),
+           writes=(COMMANDS, EXPERIMENTS, USERS, TESTING_REQUESTS)),
     Access("user-admin", "operator",
            ("users add", "users grant", "users revoke", "users disable", "users quota"),
            writes=(USERS,)),

@@ -127,6 +127,16 @@ SETTINGS: dict[str, Setting] = {
                              "`process anomalies`: weight of a new reading in the exponentially "
                              "weighted mean and variance (0 < alpha < 1; about 2/alpha readings "
                              "make the window)."),
+    "testing_speed": Setting("LABBUS_TESTING_SPEED", "1",
+                             "Test protocols: simulated seconds per wall second. The simulated PV "
+                             "instruments (`labbus agent pv`) run a step's duration in its "
+                             "duration / this, and `process testing` allows a step its "
+                             "timeout_s / this (at least LABBUS_TESTING_MIN_TIMEOUT_S); > 0."),
+    "testing_min_timeout_s": Setting("LABBUS_TESTING_MIN_TIMEOUT_S", "30",
+                                     "Test protocols: the least wall time `process testing` "
+                                     "allows a step (broker round trips and publishing the "
+                                     "readings are not compressed by LABBUS_TESTING_SPEED); "
+                                     "1 to 86400."),
     "deck_layout": Setting("LABBUS_DECK_LAYOUT", "",
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
@@ -222,6 +232,8 @@ class Config:
     anomaly_threshold: float = 4.0
     anomaly_warmup: int = 20
     anomaly_alpha: float = 0.05
+    testing_speed: float = 1.0
+    testing_min_timeout_s: float = 30.0
     deck_layout: DeckLayout = DEFAULT_DECK
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
@@ -456,6 +468,9 @@ def load(environ: dict[str, str] | None = None) -> Config:
         anomaly_threshold=_positive("anomaly_threshold", raw["anomaly_threshold"]),
         anomaly_warmup=_int("anomaly_warmup", raw["anomaly_warmup"], 2, 1_000_000),
         anomaly_alpha=_open_unit("anomaly_alpha", raw["anomaly_alpha"]),
+        testing_speed=_positive("testing_speed", raw["testing_speed"]),
+        testing_min_timeout_s=_bounded("testing_min_timeout_s", raw["testing_min_timeout_s"],
+                                       1, 86400),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         http_gateway_host=raw["http_gateway_host"],
         http_gateway_port=http_port,

@@ -629,6 +629,176 @@ class AccessDenied(Event):
     reason: str
 
 
+# -- test protocols (issue 11): service requests keyed by request id, executions by execution id
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequestSubmitted(Event):
+    """A customer's samples and the protocols to run on each: one execution per sample x
+    protocol. `protocols`: [{"protocol_id", "version" (None: the latest), "inputs": {name:
+    value}}]."""
+
+    TYPE: ClassVar[str] = "lab.testing.ServiceRequestSubmitted"
+    request_id: str
+    customer: str
+    module_type: str
+    module_area_m2: float
+    sample_ids: list[str]
+    protocols: list[dict]
+    submitted_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequestRejected(Event):
+    TYPE: ClassVar[str] = "lab.testing.ServiceRequestRejected"
+    request_id: str
+    reasons: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class InspectionRecorded(Event):
+    TYPE: ClassVar[str] = "lab.testing.InspectionRecorded"
+    request_id: str
+    sample_id: str
+    inspector: str
+    findings: list[str]
+    defects: list[str]
+    photo_refs: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolAssigned(Event):
+    """Sample x protocol x template version (and its content hash) -> the execution, whose id
+    derives from them (`execution_id_for`)."""
+
+    TYPE: ClassVar[str] = "lab.testing.ProtocolAssigned"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    template_sha256: str
+    inputs: dict[str, float]
+    module_type: str
+    module_area_m2: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionStarted(Event):
+    TYPE: ClassVar[str] = "lab.testing.ExecutionStarted"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    steps: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TestResultRecorded(Event):
+    """An analysis result entered by hand (the analysis that gives it is then not computed)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    TYPE: ClassVar[str] = "lab.testing.TestResultRecorded"
+    execution_id: str
+    name: str
+    value: float
+    unit: str
+    entered_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionAnalysed(Event):
+    TYPE: ClassVar[str] = "lab.testing.ExecutionAnalysed"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    results: dict[str, float]
+    units: dict[str, str]
+    problems: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class QcEvaluated(Event):
+    """`criteria`: [{"id", "description", "clause", "operator", "unit", "value" (None: not
+    computed), "limit" ([x] or [low, high]; [] when not computed), "verdict", "message"}]."""
+
+    TYPE: ClassVar[str] = "lab.testing.QcEvaluated"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    criteria: list[dict]
+    verdict: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionPassed(Event):
+    TYPE: ClassVar[str] = "lab.testing.ExecutionPassed"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionFailed(Event):
+    TYPE: ClassVar[str] = "lab.testing.ExecutionFailed"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    reason_code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NonConformanceRaised(Event):
+    TYPE: ClassVar[str] = "lab.testing.NonConformanceRaised"
+    execution_id: str
+    request_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    nc_id: str
+    criteria: list[str]
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequestCompleted(Event):
+    TYPE: ClassVar[str] = "lab.testing.ServiceRequestCompleted"
+    request_id: str
+    executions: int
+    passed: int
+    failed: int
+    verdict: str
+
+
+TESTING_EVENTS: tuple[type[Event], ...] = (
+    ServiceRequestSubmitted, ServiceRequestRejected, InspectionRecorded, ProtocolAssigned,
+    ExecutionStarted, TestResultRecorded, ExecutionAnalysed, QcEvaluated, ExecutionPassed,
+    ExecutionFailed, NonConformanceRaised, ServiceRequestCompleted)
+
+
+def execution_id_for(request_id: str, sample_id: str, protocol_id: str, version: int,
+                     sha256: str) -> str:
+    """The execution of a protocol version (by content) on a sample of a request: the same
+    request handled twice assigns the same executions."""
+    return derived_id(f"service-request/{request_id}",
+                      f"execution/{sample_id}/{protocol_id}/v{version}/{sha256}")
+
+
+def dispatched_id(issued_event_id: uuid.UUID | str) -> str:
+    """The event id of the CommandDispatched the device processor makes of a CommandIssued:
+    agents put it as the causation id of the readings a command produced."""
+    return derived_id(issued_event_id, "dispatched")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
@@ -641,7 +811,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,
                 ExperimentCompleted, ExperimentFailed, ExperimentCancelRequested,
                 ExperimentCancelled, QuotaReserved, QuotaRefunded, UserRegistered, RoleGranted,
-                RoleRevoked, UserDisabled, QuotaGranted, AccessDenied)
+                RoleRevoked, UserDisabled, QuotaGranted, AccessDenied, *TESTING_EVENTS)
 }
 
 

@@ -724,3 +724,59 @@ class Catalog:
 def shipped_catalog() -> Catalog:
     """The templates labbus ships (schemas/protocols), loaded once."""
     return Catalog.from_dir(PROTOCOLS_DIR)
+
+
+# -- service requests ---------------------------------------------------------------------------
+
+AREA_INPUT = "module_area_m2"
+
+
+class RequestError(ValueError):
+    """A service request that cannot run: unknown protocols, bad inputs, no samples; `problems`
+    lists each readable reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def resolve_request(catalog: Catalog, sample_ids: Sequence[str],
+                    protocols: Sequence[Mapping[str, Any]], module_area_m2: float
+                    ) -> list[tuple[ProtocolTemplate, dict[str, float]]]:
+    """The template and resolved inputs of each requested protocol ({"protocol_id", "version"
+    (None: the latest), "inputs"}); a protocol with a `module_area_m2` input not given gets the
+    request's module area. RequestError lists every problem (what the command gateway answers
+    400 with, and what the testing processor rejects a request with)."""
+    problems: list[str] = []
+    if not sample_ids:
+        problems.append("no sample ids")
+    if len(set(sample_ids)) != len(sample_ids):
+        problems.append("sample ids repeat")
+    if not protocols:
+        problems.append("no protocols requested")
+    if not (isinstance(module_area_m2, (int, float)) and math.isfinite(module_area_m2)
+            and module_area_m2 > 0):
+        problems.append(f"module area {module_area_m2!r} m2 is not a number > 0")
+    out = []
+    seen: set[tuple[str, int]] = set()
+    for p in protocols:
+        pid, version = p.get("protocol_id"), p.get("version")
+        try:
+            template = catalog.get(str(pid), version)
+        except UnknownProtocol as e:
+            problems.append(f"unknown protocol: {e}")
+            continue
+        if (template.id, template.version) in seen:
+            problems.append(f"{template.id} version {template.version} is requested twice")
+            continue
+        seen.add((template.id, template.version))
+        given = dict(p.get("inputs") or {})
+        if AREA_INPUT not in given and any(i.name == AREA_INPUT for i in template.inputs):
+            given[AREA_INPUT] = module_area_m2
+        try:
+            out.append((template, resolve_inputs(template, given)))
+        except InputError as e:
+            problems.extend(f"{template.id}: {problem}" for problem in e.problems)
+    if problems:
+        raise RequestError(problems)
+    return out

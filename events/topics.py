@@ -117,11 +117,45 @@ QUOTA_INBOX = TopicSpec(
                 "requests and ends re-keyed by user id (copies; the originals' topics route "
                 "these types). Kept forever: the quota decisions are a function of it.")
 
+# Test protocols (issue 11). Six partitions each, like lab.commands and lab.measurements.recorded:
+# the testing processor reads all five topics below plus those two, and a faust processor's
+# inputs must be co-partitioned.
+TESTING_REQUESTS = TopicSpec(
+    "lab.testing.requests", 6, "request_id",
+    ("lab.testing.ServiceRequestSubmitted", "lab.testing.ServiceRequestRejected",
+     "lab.testing.InspectionRecorded", "lab.testing.ServiceRequestCompleted"),
+    retention_ms=-1,
+    description="Service requests (customer, module type and area, samples, protocols), their "
+                "rejection with the reasons, inspections and completion. Kept forever.")
+TESTING_EXECUTIONS = TopicSpec(
+    "lab.testing.executions", 6, "execution_id",
+    ("lab.testing.ProtocolAssigned", "lab.testing.ExecutionStarted",
+     "lab.testing.TestResultRecorded", "lab.testing.ExecutionAnalysed",
+     "lab.testing.QcEvaluated", "lab.testing.ExecutionPassed", "lab.testing.ExecutionFailed",
+     "lab.testing.NonConformanceRaised"),
+    retention_ms=-1,
+    description="Executions (sample x protocol x template version): assignment, start, values "
+                "entered by hand, analysis, criteria, verdict, non-conformances. Kept forever.")
+# The testing processor's repartition topic: copies (the same bytes) of the command events and
+# readings of its executions (correlation id = execution id), keyed by execution id, and of the
+# executions' ends, keyed by request id (processors/testing.py). Only that processor writes it.
+TESTING_INBOX = TopicSpec(
+    "lab.testing.inbox", 6, "execution_id or request_id",
+    ("lab.command.CommandAccepted", "lab.command.CommandStarted",
+     "lab.command.CommandCompleted", "lab.command.CommandFailed",
+     "lab.command.CommandRejected", "lab.measurement.MeasurementRecorded",
+     "lab.testing.ExecutionPassed", "lab.testing.ExecutionFailed"),
+    retention_ms=7 * DAY_MS,
+    description="The testing processor's repartition topic: command events and readings of "
+                "its executions re-keyed by execution id, execution ends re-keyed by request "
+                "id (copies; the originals' topics route these types).")
+
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
     DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
-    EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS,
-    QUOTA_INBOX,  # last: topic_for routes its (copied) event types to their own topics
+    EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
+    # last: topic_for routes their (copied) event types to their own topics
+    QUOTA_INBOX, TESTING_INBOX,
 )
 
 

@@ -45,6 +45,7 @@ from labbus.events.model import (
     Event,
     command_digest,
     derived_id,
+    dispatched_id,
 )
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def _rejected(cmd: CommandIssued, code: str, reason: str, command_id: str | None
 def _dispatched(cmd: CommandIssued) -> Event:
     return CommandDispatched.create(
         source=PROCESS, subject=cmd.device_id, sequence=0,
-        event_id=uuid.UUID(derived_id(cmd.event_id, "dispatched")), causation_id=cmd.event_id,
+        event_id=uuid.UUID(dispatched_id(cmd.event_id)), causation_id=cmd.event_id,
         correlation_id=cmd.envelope.correlation_id, command_id=cmd.command_id,
         device_id=cmd.device_id, idempotency_key=cmd.idempotency_key,
         command_type=cmd.command_type, payload_json=cmd.payload_json,

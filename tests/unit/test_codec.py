@@ -11,6 +11,7 @@ import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 from fastavro import parse_schema, schemaless_writer
 
+from labbus.events import model as testing
 from labbus.events.codec import (
     MAGIC,
     SCHEMAS_DIR,
@@ -195,6 +196,50 @@ SAMPLES += [
     AccessDenied.create(permission="command:send", request="POST /commands",
                         reason="the roles ['student'] do not grant 'command:send'",
                         actor=Actor("u-1", ("student",), "10.0.0.9", "curl/8", "j"), **_USER),
+]
+
+# test protocols (issue 11)
+_EID = "6f1c2b9e-3d4a-5b6c-8d7e-9f0a1b2c3d4e"
+_EX = dict(source="testing", subject=_EID, sequence=3, correlation_id=uuid.UUID(_EID),
+           execution_id=_EID, request_id="SR-1", sample_id="PV0001", protocol_id="PVTP-015",
+           template_version=1)
+_SR = dict(source="cli", subject="SR-1", sequence=1, request_id="SR-1")
+SAMPLES += [
+    testing.ServiceRequestSubmitted.create(
+        customer="ACME", module_type="Canadian_Solar_Inc__CS6K_275M", module_area_m2=1.62,
+        sample_ids=["PV0001", "PV0002"],
+        protocols=[{"protocol_id": "PVTP-001", "version": None,
+                    "inputs": {"rated_pmax_w": 275.0}},
+                   {"protocol_id": "PVTP-015", "version": 1, "inputs": {}}],
+        submitted_by="u-1", actor=Actor("u-1", ("engineer",)), **_SR),
+    testing.ServiceRequestRejected.create(reasons=["unknown protocol: no protocol X"], **_SR),
+    testing.InspectionRecorded.create(sample_id="PV0001", inspector="u-2",
+                                      findings=["scratched frame"], defects=[],
+                                      photo_refs=["s3://photos/PV0001-front.jpg"], **_SR),
+    testing.ProtocolAssigned.create(template_sha256="ab" * 32, inputs={"cycles": 200.0},
+                                    module_type="Canadian_Solar_Inc__CS6K_275M",
+                                    module_area_m2=1.62, **_EX),
+    testing.ExecutionStarted.create(steps=["stc_initial", "thermal_cycling", "stc_final"],
+                                    **_EX),
+    testing.TestResultRecorded.create(
+        source="cli", subject=_EID, sequence=1, execution_id=_EID, name="pmax_final_w",
+        value=261.5, unit="W", entered_by="u-2"),
+    testing.ExecutionAnalysed.create(results={"pmax_initial_w": 275.1}, units={
+        "pmax_initial_w": "W"}, problems=["missing reading current of step stc_final"], **_EX),
+    testing.QcEvaluated.create(verdict="fail", criteria=[
+        {"id": "pmax_degradation", "description": "Pmax degradation", "clause": "7.2.3",
+         "operator": "<=", "unit": "%", "value": 6.2, "limit": [5.0], "verdict": "fail",
+         "message": "Pmax degradation: 6.2 %, limit <= 5 %: fail"},
+        {"id": "low_extreme", "description": "low", "clause": "4.11", "operator": "between",
+         "unit": "degC", "value": None, "limit": [], "verdict": "fail",
+         "message": "cannot be judged"}], **_EX),
+    testing.ExecutionPassed.create(**_EX),
+    testing.ExecutionFailed.create(reason_code="timeout", reason="step stc_final: no "
+                                   "completion within 30 s", **_EX),
+    testing.NonConformanceRaised.create(nc_id=str(uuid.uuid4()), criteria=["pmax_degradation"],
+                                        description="PV0001 failed PVTP-015", **_EX),
+    testing.ServiceRequestCompleted.create(executions=6, passed=5, failed=1, verdict="fail",
+                                           **_SR),
 ]
 
 
