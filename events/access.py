@@ -20,6 +20,8 @@ namespace (LABBUS_NAMESPACE) gets its own literal ACLs: `ns.lab.devices`, group
                                                                   (its POST routes), lab.users
                                                                   (AccessDenied)
     user-admin           operator    -                            lab.users (`labbus users add`...)
+    webhooks             processor   the topics of the event      lab.webhooks (+ dead letters),
+                                     types it may forward         one group per target
     admin                super user  everything (services up, topic creation, ACLs, the tests)
 
 The query API has no principal: it never talks to Kafka (`Config.kafka_principal` is "" there).
@@ -49,6 +51,7 @@ from labbus.events.topics import (
     QUOTA_INBOX,
     ROBOT_RUNS,
     USERS,
+    WEBHOOKS,
     TopicSpec,
     group_id,
     topic_name,
@@ -120,6 +123,14 @@ ACCESS: tuple[Access, ...] = (
     Access("user-admin", "operator",
            ("users add", "users grant", "users revoke", "users disable", "users quota"),
            writes=(USERS,)),
+    # outbound webhooks: one consumer group per target (`labbus.webhooks.<target>`). It may read
+    # the topics of the event types a target can subscribe to (device, command, alert, campaign
+    # and robot events); not the high-volume reading streams, not lab.users (e-mail addresses),
+    # not its own lab.webhooks (a target fed its own deliveries would never stop)
+    Access("webhooks", "processor", ("webhooks",),
+           reads=(DEVICES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
+                  MEASUREMENTS_REJECTED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS),
+           writes=(WEBHOOKS, DEAD_LETTER), groups=("webhooks.",)),
 )
 
 BY_PRINCIPAL: dict[str, Access] = {a.principal: a for a in ACCESS}

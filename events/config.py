@@ -131,6 +131,11 @@ SETTINGS: dict[str, Setting] = {
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
                            "(empty = the built-in default, see \"Labware rules\")."),
+    "webhooks_config": Setting(
+        "LABBUS_WEBHOOKS_CONFIG", "",
+        "`labbus webhooks`: the TOML or JSON file of its targets (name, URL, secret, event "
+        "types, attempts, backoff), see \"Webhooks\"; empty = no targets (the command refuses "
+        "to start)."),
     # -- identity and tokens (README "Identity and tokens") --
     "http_gateway_host": Setting("LABBUS_HTTP_GATEWAY_HOST", "127.0.0.1",
                                  "Command gateway (`labbus gateway http`) bind address."),
@@ -223,6 +228,7 @@ class Config:
     anomaly_warmup: int = 20
     anomaly_alpha: float = 0.05
     deck_layout: DeckLayout = DEFAULT_DECK
+    webhooks_config: Path | None = None
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
     query_api_url: str = "http://127.0.0.1:8000"
@@ -457,6 +463,7 @@ def load(environ: dict[str, str] | None = None) -> Config:
         anomaly_warmup=_int("anomaly_warmup", raw["anomaly_warmup"], 2, 1_000_000),
         anomaly_alpha=_open_unit("anomaly_alpha", raw["anomaly_alpha"]),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
+        webhooks_config=_file("webhooks_config", raw["webhooks_config"]),
         http_gateway_host=raw["http_gateway_host"],
         http_gateway_port=http_port,
         query_api_url=(raw["query_api_url"].strip().rstrip("/")
