@@ -397,23 +397,20 @@ def accepted(status: int | None) -> bool:
 
 # -- the handler ---------------------------------------------------------------------------------
 
-Post = Callable[[str, bytes, dict], Any]  # awaitable -> (status code, response text)
-
-
 class Forwarder:
     """The handler of one target: POST each accepted event until it is accepted or its attempts
     are spent, yielding an event for every attempt and one for the outcome."""
 
     def __init__(self, target: Target, stop: asyncio.Event | None = None,
-                 post: Post | None = None, rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random) -> None:
         self.target = target
         self.accepts = frozenset(target.event_types)
         self.stop = stop or asyncio.Event()
         self.rand = rand
         self._client = None
-        self.post = post or self._post
 
-    async def _post(self, url: str, body: bytes, hdrs: dict) -> tuple[int, str]:
+    async def post(self, url: str, body: bytes, hdrs: dict) -> tuple[int, str]:
+        """(status code, the start of the answer's text)."""
         if self._client is None:
             import httpx
 
