@@ -389,6 +389,18 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rand: float) -> 
     return ceiling / 2 + ceiling / 2 * rand
 
 
+def describe(exc: BaseException) -> str:
+    """A transport error as a reason: its type, its message and its cause's (httpx says "All
+    connection attempts failed", the cause "Connect call failed ('127.0.0.1', 9)")."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cause, depth = exc.__cause__ or exc.__context__, 0
+    while cause is not None and depth < 5:  # the first cause that says something new
+        if str(cause) and str(cause) not in text:
+            return text + f" ({type(cause).__name__}: {cause})"
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    return text
+
+
 def accepted(status: int | None) -> bool:
     """A 2xx answer. Anything else is retried (Standard Webhooks' advice; redirects are not
     followed): a 4xx can be a receiver being redeployed or misconfigured for a while."""
@@ -482,7 +494,7 @@ class Forwarder:
         try:
             status, text = await self.post(self.target.url, body, hdrs)
         except Exception as exc:  # noqa: BLE001 - any transport error is a failed attempt
-            return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return None, describe(exc)
         if accepted(status):
             return status, None
         return status, f"HTTP {status}" + (f": {text.strip()}" if text.strip() else "")

@@ -17,6 +17,7 @@ class Received:
     body: bytes
     at: float  # time.time() when it arrived
     status: int | None = None  # what the receiver answered (None while it has not)
+    path: str = ""
 
     @property
     def event_id(self) -> str:
@@ -39,7 +40,8 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                got = Received({k.lower(): v for k, v in self.headers.items()}, body, time.time())
+                got = Received({k.lower(): v for k, v in self.headers.items()}, body, time.time(),
+                               path=self.path)
                 with receiver.lock:
                     receiver.requests.append(got)
                 status = receiver.answer(got)

@@ -284,6 +284,7 @@ def test_a_receiver_that_is_down_ends_in_a_dead_letter_with_the_reason():
     assert [type(e) for e in out] == [WebhookDeliveryAttempted, WebhookDeliveryAttempted,
                                       WebhookDeadLettered]
     assert out[0].status_code is None and "ConnectError" in out[0].error
+    assert "ConnectionRefusedError" in out[0].error  # the cause, not only httpx's summary
     dead = out[-1]
     assert dead.attempts == 2 and dead.reason == out[1].error and dead.last_status_code is None
     assert (dead.source_topic, dead.source_partition, dead.source_offset) == (
