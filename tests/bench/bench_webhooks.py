@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,18 +27,9 @@ sys.path.insert(0, str(REPO))
 
 from labbus.deploy.demo import LABBUS  # noqa: E402
 from labbus.events import kafka  # noqa: E402
-from labbus.events.model import AnomalyDetected, utcnow  # noqa: E402
 from labbus.processors.webhooks import new_secret  # noqa: E402
 from tests.bench.gwfleet import Namespace, cpu_s, machine, pct  # noqa: E402
-from tests.support.webhook_receiver import Receiver  # noqa: E402
-
-
-def anomaly(device: str) -> AnomalyDetected:
-    return AnomalyDetected.create(
-        source="bench", subject=device, sequence=1, device_id=device, metric="temperature",
-        value=48.5, unit="degC", measured_at=utcnow(), measurement_id=uuid.uuid4(),
-        rule="zscore", score=9.5, threshold=4.0, window_mean=21.0, window_stddev=0.4,
-        window_count=40)
+from tests.support.webhook_receiver import Receiver, anomaly  # noqa: E402
 
 
 def wait(predicate, timeout: float, what: str) -> None:

@@ -19,18 +19,16 @@ from standardwebhooks import Webhook
 from labbus.events import kafka
 from labbus.events.codec import default_codec
 from labbus.events.model import (
-    AnomalyDetected,
     CommandRejected,
     ExperimentCompleted,
     WebhookDeadLettered,
     WebhookDelivered,
     WebhookDeliveryAttempted,
-    utcnow,
 )
 from labbus.events.topics import WEBHOOKS, topic_name
 from labbus.processors.webhooks import new_secret
 from tests.conftest import free_port, read_topic, run, wait_for
-from tests.support.webhook_receiver import Receiver, failing_first
+from tests.support.webhook_receiver import Receiver, anomaly, failing_first
 
 TAG = uuid.uuid4().hex[:6]
 SECRET = new_secret()
@@ -63,14 +61,6 @@ def alive(proc) -> None:
         with open(proc.log_path) as f:
             raise AssertionError(f"labbus webhooks exited with {proc.returncode}: "
                                  f"{f.read()[-3000:]}")
-
-
-def anomaly(device: str) -> AnomalyDetected:
-    return AnomalyDetected.create(
-        source="test", subject=device, sequence=1, device_id=device, metric="temperature",
-        value=48.5, unit="degC", measured_at=utcnow(), measurement_id=uuid.uuid4(),
-        rule="zscore", score=9.5, threshold=4.0, window_mean=21.0, window_stddev=0.4,
-        window_count=40)
 
 
 def test_refused_twice_then_accepted_once_signed_and_every_attempt_an_event(

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from labbus.events.model import AnomalyDetected, utcnow
 
 
 @dataclass
@@ -90,3 +93,12 @@ def failing_first(n: int, mine: Callable[[Received], bool], status: int = 503
             return status if seen[r.event_id] <= n else 200
 
     return answer
+
+
+def anomaly(device: str, value: float = 48.5) -> AnomalyDetected:
+    """An event to forward: an AnomalyDetected of `device`, made now."""
+    return AnomalyDetected.create(
+        source="test", subject=device, sequence=1, device_id=device, metric="temperature",
+        value=value, unit="degC", measured_at=utcnow(), measurement_id=uuid.uuid4(),
+        rule="zscore", score=9.5, threshold=4.0, window_mean=21.0, window_stddev=0.4,
+        window_count=40)
