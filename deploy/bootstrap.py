@@ -126,6 +126,30 @@ def anomalies(cfg: Config, stop: Stop | None = None) -> None:
     app.run(cfg)
 
 
+async def webhooks(cfg: Config, stop: Stop) -> None:
+    """Outbound webhooks: a consumer group per target (labbus.webhooks.<name>), so a target that
+    is down delays only its own deliveries; one event per poll, so its offset is committed as
+    soon as its outcome (delivered or dead-lettered) is acknowledged."""
+    from labbus.processors.webhooks import Forwarder, Stopped, targets_of
+
+    forwarders = [Forwarder(t, stop) for t in targets_of(cfg)]
+
+    async def deliver(f: Forwarder) -> None:
+        try:
+            await run_consumer(cfg, f.target.process, f.target.topics(), f, stop,
+                               accepts=f.accepts, max_records=1)
+        except Stopped:  # stopped during a backoff: that event is sent again at the next start
+            pass
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for f in forwarders:
+                group.create_task(deliver(f))
+    finally:
+        for f in forwarders:
+            await f.aclose()
+
+
 PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("agent-reader", "simulated plate reader: WellDispensed -> WellColourMeasured",
             plate_reader),
@@ -149,4 +173,6 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
             testing),
     Process("agent-pv", "simulated PV instruments: I-V tracer, climate chamber, insulation "
             "and wet leakage testers answering their commands", pv_agent),
+    Process("webhooks", "outbound webhooks: events -> signed HTTP POSTs to the targets of "
+            "LABBUS_WEBHOOKS_CONFIG; every attempt an event on lab.webhooks", webhooks),
 )}

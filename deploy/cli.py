@@ -671,6 +671,37 @@ def process_anomalies(metrics_port: int | None) -> None:
     PROCESSES["anomalies"].run(cfg)
 
 
+@main.command("webhooks")
+@metrics_option
+@click.option("--check", is_flag=True,
+              help="Read LABBUS_WEBHOOKS_CONFIG, print each target and exit (no Kafka).")
+@click.option("--new-secret", is_flag=True,
+              help="Print a new signing secret (whsec_...) for a target and exit.")
+def webhooks(metrics_port: int | None, check: bool, new_secret: bool) -> None:
+    """Outbound webhooks: POST the events of the configured types as signed JSON (Standard
+    Webhooks: webhook-id, webhook-timestamp, webhook-signature) to each target of
+    LABBUS_WEBHOOKS_CONFIG; retries with exponential backoff and jitter, a WebhookDeadLettered
+    after the target's max_attempts; every attempt a WebhookDeliveryAttempted on lab.webhooks.
+    At least once: receivers drop repeats by the webhook-id header."""
+    from labbus.processors import webhooks as wh
+
+    if new_secret:
+        click.echo(wh.new_secret())
+        return
+    cfg = _cfg()
+    try:
+        targets = wh.targets_of(cfg)
+    except config_mod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if check:
+        for t in targets:
+            click.echo(f"{t.name}: {t.endpoint} <- {', '.join(t.event_types)} "
+                       f"(topics {', '.join(s.name for s in t.topics())}; at most "
+                       f"{t.max_attempts} attempts, {t.worst_case_s():.0f} s)")
+        return
+    _run_process("webhooks", metrics_port)
+
+
 # -- the gRPC gateway and device certificates ------------------------------------------------
 @main.group()
 def gateway() -> None:

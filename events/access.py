@@ -20,6 +20,8 @@ namespace (LABBUS_NAMESPACE) gets its own literal ACLs: `ns.lab.devices`, group
                                                                   (its POST routes), lab.users
                                                                   (AccessDenied)
     user-admin           operator    -                            lab.users (`labbus users add`...)
+    webhooks             processor   the topics of the event      lab.webhooks (+ dead letters),
+                                     types it may forward         one group per target
     admin                super user  everything (services up, topic creation, ACLs, the tests)
 
 The query API has no principal: it never talks to Kafka (`Config.kafka_principal` is "" there).
@@ -52,6 +54,7 @@ from labbus.events.topics import (
     TESTING_INBOX,
     TESTING_REQUESTS,
     USERS,
+    WEBHOOKS,
     TopicSpec,
     group_id,
     topic_name,
@@ -139,6 +142,16 @@ ACCESS: tuple[Access, ...] = (
     Access("user-admin", "operator",
            ("users add", "users grant", "users revoke", "users disable", "users quota"),
            writes=(USERS,)),
+    # outbound webhooks: one consumer group per target (`labbus.webhooks.<target>`). It may read
+    # the topics of the event types a target can subscribe to (device, command, alert, campaign,
+    # robot and test-protocol events: non-conformances to a QMS, results to a LIMS, request
+    # status to a tracker); not the high-volume reading streams, not lab.users (e-mail addresses),
+    # not its own lab.webhooks (a target fed its own deliveries would never stop)
+    Access("webhooks", "processor", ("webhooks",),
+           reads=(DEVICES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
+                  MEASUREMENTS_REJECTED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
+                  TESTING_REQUESTS, TESTING_EXECUTIONS),
+           writes=(WEBHOOKS, DEAD_LETTER), groups=("webhooks.",)),
 )
 
 BY_PRINCIPAL: dict[str, Access] = {a.principal: a for a in ACCESS}

@@ -141,6 +141,11 @@ SETTINGS: dict[str, Setting] = {
                            "JSON file with the OT-2 deck layout: which stock (dyes, water) is in "
                            "which reservoir well and how much, the deck slots, the pipette mount "
                            "(empty = the built-in default, see \"Labware rules\")."),
+    "webhooks_config": Setting(
+        "LABBUS_WEBHOOKS_CONFIG", "",
+        "`labbus webhooks`: the TOML or JSON file of its targets (name, URL, secret, event "
+        "types, attempts, backoff), see \"Webhooks\"; empty = no targets (the command refuses "
+        "to start)."),
     # -- identity and tokens (README "Identity and tokens") --
     "http_gateway_host": Setting("LABBUS_HTTP_GATEWAY_HOST", "127.0.0.1",
                                  "Command gateway (`labbus gateway http`) bind address."),
@@ -235,6 +240,7 @@ class Config:
     testing_speed: float = 1.0
     testing_min_timeout_s: float = 30.0
     deck_layout: DeckLayout = DEFAULT_DECK
+    webhooks_config: Path | None = None
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
     query_api_url: str = "http://127.0.0.1:8000"
@@ -472,6 +478,7 @@ def load(environ: dict[str, str] | None = None) -> Config:
         testing_min_timeout_s=_bounded("testing_min_timeout_s", raw["testing_min_timeout_s"],
                                        1, 86400),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
+        webhooks_config=_file("webhooks_config", raw["webhooks_config"]),
         http_gateway_host=raw["http_gateway_host"],
         http_gateway_port=http_port,
         query_api_url=(raw["query_api_url"].strip().rstrip("/")

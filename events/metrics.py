@@ -37,7 +37,8 @@ DEFAULT_PORTS = {"agent": 9101, "validator": 9102, "projector-postgres": 9103,
                  "projector-mongo": 9104, "experiment": 9105, "agent-ot2": 9106,
                  "agent-reader": 9107, "gateway-grpc": 9108, "agent-sila2": 9109,
                  "devices": 9111, "anomalies": 9112, "quota": 9113,
-                 "testing": 9114, "agent-pv": 9115}
+                 "testing": 9114, "agent-pv": 9115,
+                 "webhooks": 9116}
 
 
 def serve(process: str, port: int) -> int:

@@ -799,6 +799,57 @@ def dispatched_id(issued_event_id: uuid.UUID | str) -> str:
     return derived_id(issued_event_id, "dispatched")
 
 
+# -- outbound webhooks (issue 11): every delivery attempt and its outcome, keyed by target ------
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeliveryAttempted(Event):
+    """One HTTP POST of an event to a webhook target (`labbus webhooks`) and how it ended."""
+
+    TYPE: ClassVar[str] = "lab.webhook.WebhookDeliveryAttempted"
+    target: str
+    endpoint: str  # the URL without user info, query or fragment
+    forwarded_event_id: uuid.UUID
+    forwarded_event_type: str
+    attempt: int
+    max_attempts: int
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+    retry_in_ms: float | None  # None: no further attempt (delivered, or attempts exhausted)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivered(Event):
+    """A webhook target accepted an event (a 2xx answer)."""
+
+    TYPE: ClassVar[str] = "lab.webhook.WebhookDelivered"
+    target: str
+    endpoint: str
+    forwarded_event_id: uuid.UUID
+    forwarded_event_type: str
+    attempts: int
+    status_code: int
+    elapsed_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeadLettered(Event):
+    """A webhook target did not accept an event within its attempts; `body` is what was sent."""
+
+    TYPE: ClassVar[str] = "lab.webhook.WebhookDeadLettered"
+    target: str
+    endpoint: str
+    forwarded_event_id: uuid.UUID
+    forwarded_event_type: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    attempts: int
+    last_status_code: int | None
+    reason: str
+    body: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (DeviceRegistered, DeviceSpecChanged, DeviceHeartbeat, DeviceStatusChanged,
@@ -811,7 +862,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 RobotRunFinished, RobotRunFailed, WellColourMeasured, WellScored,
                 ExperimentCompleted, ExperimentFailed, ExperimentCancelRequested,
                 ExperimentCancelled, QuotaReserved, QuotaRefunded, UserRegistered, RoleGranted,
-                RoleRevoked, UserDisabled, QuotaGranted, AccessDenied, *TESTING_EVENTS)
+                RoleRevoked, UserDisabled, QuotaGranted, AccessDenied, *TESTING_EVENTS,
+                WebhookDeliveryAttempted, WebhookDelivered, WebhookDeadLettered)
 }
 
 

@@ -103,6 +103,15 @@ USERS = TopicSpec(
                 "permission. Never credentials. Kept forever: the users read model is "
                 "rebuilt from it.")
 
+WEBHOOKS = TopicSpec(
+    "lab.webhooks", 3, "target",
+    ("lab.webhook.WebhookDeliveryAttempted", "lab.webhook.WebhookDelivered",
+     "lab.webhook.WebhookDeadLettered"),
+    retention_ms=30 * DAY_MS,
+    description="Outbound webhooks (`labbus webhooks`): every delivery attempt (target, event, "
+                "attempt, status or error, duration) and each delivery's outcome, delivered or "
+                "dead-lettered. Keyed by target, so one target's deliveries stay in order.")
+
 # The quota processor's repartition topic: copies (the same bytes) of the lab.users events and of
 # the experiment requests and ends, keyed by user id, so that everything about one user is one
 # partition of one topic, in one order (processors/quota.py). Only that processor writes it.
@@ -154,6 +163,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
     DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
     EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
+    WEBHOOKS,
     # last: topic_for routes their (copied) event types to their own topics
     QUOTA_INBOX, TESTING_INBOX,
 )

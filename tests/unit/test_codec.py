@@ -65,6 +65,9 @@ from labbus.events.model import (
     RoleRevoked,
     UserDisabled,
     UserRegistered,
+    WebhookDeadLettered,
+    WebhookDelivered,
+    WebhookDeliveryAttempted,
     WellColourMeasured,
     WellDispensed,
     WellScored,
@@ -240,6 +243,22 @@ SAMPLES += [
                                         description="PV0001 failed PVTP-015", **_EX),
     testing.ServiceRequestCompleted.create(executions=6, passed=5, failed=1, verdict="fail",
                                            **_SR),
+]
+
+
+_HOOK = dict(source="webhooks.qms", subject="qms", target="qms",
+             endpoint="https://qms.example/hooks", forwarded_event_id=uuid.uuid4(),
+             forwarded_event_type="lab.quality.AnomalyDetected")
+SAMPLES += [
+    WebhookDeliveryAttempted.create(sequence=1, attempt=1, max_attempts=5, status_code=None,
+                                    error="ConnectError: refused", duration_ms=1.5,
+                                    retry_in_ms=750.0, **_HOOK),
+    WebhookDeliveryAttempted.create(sequence=2, attempt=2, max_attempts=5, status_code=204,
+                                    error=None, duration_ms=3.25, retry_in_ms=None, **_HOOK),
+    WebhookDelivered.create(sequence=2, attempts=2, status_code=204, elapsed_ms=760.5, **_HOOK),
+    WebhookDeadLettered.create(sequence=5, source_topic="lab.alerts", source_partition=1,
+                               source_offset=42, attempts=5, last_status_code=503,
+                               reason="HTTP 503", body='{"format":"labbus.webhook.v1"}', **_HOOK),
 ]
 
 
