@@ -32,7 +32,7 @@ from labbus.events.config import Config
 from labbus.events.db import connect_pool
 from labbus.events.http_auth import document
 from labbus.events.tokens import TokenVerifier
-from labbus.producers.http_gateway import commands, experiments, keys
+from labbus.producers.http_gateway import commands, experiments, keys, service_requests
 from labbus.producers.http_gateway.issuer import JWKS_PATH, TOKEN_PATH, InvalidGrant, Issuer
 
 TOKEN_REQUESTS = Counter("labbus_gateway_token_requests_total",
@@ -93,6 +93,7 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
                               "provider, the built-in token issuer.")
     commands.add_routes(app, cfg)
     experiments.add_routes(app, cfg)
+    service_requests.add_routes(app, cfg)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -51,6 +51,9 @@ BODIES = {
     "start_experiment": {"json": {"target": "#7a3cc0", "dyes": ["authm-dye"],
                                   "budget_wells": 8}},
     "cancel_experiment": {"json": {"reason": "the auth matrix"}},
+    "submit_service_request": {"json": {
+        "customer": "auth matrix", "module_type": "authm-module", "module_area_m2": 1.6,
+        "sample_ids": ["authm-s1"], "protocols": [{"protocol_id": "PVTP-003"}]}},
 }
 # the routes anyone may call; every other route must declare a permission
 PUBLIC = {"/health/live", "/health/ready", "/auth/token", "/.well-known/jwks.json",

@@ -32,7 +32,13 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Positioned
 from labbus.events.tokens import TokenExpired, TokenVerifier
-from labbus.events.topics import COMMANDS, EXPERIMENTS, USERS, topic_name
+from labbus.events.topics import (
+    COMMANDS,
+    EXPERIMENTS,
+    TESTING_REQUESTS,
+    USERS,
+    topic_name,
+)
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import (
     REPO,
@@ -524,3 +530,47 @@ def test_a_students_campaign_shows_in_the_audit_and_not_to_another_student(gatew
         assert xid not in [e["experiment_id"] for e in theirs]
         assert api.get("/audit", headers=tokens["kim"]).status_code == 403
         assert api.get("/audit").status_code == 401
+
+
+def test_a_service_request_is_judged_against_the_catalog_and_submitted_by_the_caller(
+        gateway, users, cfg):
+    """POST /service-requests: 403 for a student, 400 with every reason for an unknown protocol
+    and an input out of its template's range, 202 for an engineer with ServiceRequestSubmitted
+    on lab.testing.requests carrying the engineer as actor; a retry publishes once."""
+    base, genv = gateway
+    people = {}
+    for name, role in (("nia", "engineer"), ("oto", "student")):
+        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
+        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
+                   stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+        people[name] = {"Authorization": "Bearer "
+                        + token_once_projected(base, email, pw)["access_token"]}
+    body = {"customer": "ACME Solar", "module_type": "Canadian_Solar_Inc__CS6K_275M",
+            "module_area_m2": 1.62, "sample_ids": [f"S-{RUN}-1", f"S-{RUN}-2"],
+            "protocols": [{"protocol_id": "PVTP-001", "inputs": {
+                "rated_pmax_w": 275, "measurement_uncertainty_pct": 3}},
+                {"protocol_id": "PVTP-003"}]}
+    student = httpx.post(f"{base}/service-requests", json=body, headers=people["oto"],
+                         timeout=10)
+    assert student.status_code == 403
+    bad = httpx.post(f"{base}/service-requests", headers=people["nia"], timeout=10, json={
+        **body, "protocols": [{"protocol_id": "PVTP-999"},
+                              {"protocol_id": "PVTP-015", "inputs": {"cycles": 5}}]})
+    assert bad.status_code == 400, bad.text
+    assert "PVTP-999" in bad.json()["detail"] and "cycles" in bad.json()["detail"]
+    engineer = {**people["nia"], "Idempotency-Key": f"sr-{RUN}"}
+    sent = httpx.post(f"{base}/service-requests", json=body, headers=engineer, timeout=10)
+    assert sent.status_code == 202, sent.text
+    again = httpx.post(f"{base}/service-requests", json=body, headers=engineer, timeout=10)
+    assert again.json() == sent.json()
+    rid = sent.json()["request_id"]
+    codec = default_codec()
+    submitted = [codec.decode(rec.value)
+                 for rec in run(read_topic(cfg, topic_name(cfg, TESTING_REQUESTS)))
+                 if rec.key == rid.encode()]
+    assert [str(e.event_id) for e in submitted] == [sent.json()["event_id"]]
+    (e,) = submitted
+    assert e.submitted_by == user_id_for(f"nia-{RUN}@lab.example")
+    assert e.envelope.actor.roles == ("engineer",) and e.sample_ids == body["sample_ids"]
+    assert [p["protocol_id"] for p in e.protocols] == ["PVTP-001", "PVTP-003"]
