@@ -1142,3 +1142,108 @@ def demo(devices: int, rate: float, bad_fraction: float, duration: int) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# -- test protocols ---------------------------------------------------------------------------
+@main.group()
+def testing() -> None:
+    """Test protocols: service requests (PV module qualification, issue 11)."""
+
+
+@testing.command("submit")
+@click.option("--customer", required=True)
+@click.option("--module-type", required=True,
+              help="The module model (a CEC database name for the simulated instruments).")
+@click.option("--area", "module_area_m2", type=float, required=True, help="Module area, m².")
+@click.option("--sample", "samples", multiple=True, required=True, help="A sample id "
+              "(repeatable).")
+@click.option("--protocol", "protocols", multiple=True, required=True,
+              help="A protocol id, e.g. PVTP-015, or PVTP-015@1 for a template version "
+                   "(repeatable).")
+@click.option("--input", "inputs", multiple=True,
+              help="PROTOCOL.NAME=VALUE, an input of a template (repeatable).")
+@click.option("--idempotency-key", default=None,
+              help="Through the gateway: the same key again is the same request.")
+@VIA
+def testing_submit(customer: str, module_type: str, module_area_m2: float,
+                   samples: tuple[str, ...], protocols: tuple[str, ...],
+                   inputs: tuple[str, ...], idempotency_key: str | None, via: str) -> None:
+    """Submit a service request: each sample runs each protocol. Through the command gateway
+    when logged in (engineer, operator), else straight to Kafka; prints the request id."""
+    import getpass
+    import uuid
+
+    from labbus.events.model import submit_service_request
+    from labbus.events.protocols import RequestError, resolve_request, shipped_catalog
+
+    requested = []
+    for text in protocols:
+        pid, _, version = text.partition("@")
+        requested.append({"protocol_id": pid, "version": int(version) if version else None,
+                          "inputs": {}})
+    for text in inputs:
+        target, _, value = text.partition("=")
+        pid, _, name = target.partition(".")
+        match = [p for p in requested if p["protocol_id"] == pid]
+        if not (match and name and value):
+            raise click.BadParameter(f"{text!r}: expected PROTOCOL.NAME=VALUE of a --protocol",
+                                     param_hint="--input")
+        try:
+            match[0]["inputs"][name] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: {value!r} is not a number",
+                                     param_hint="--input") from None
+    try:
+        resolve_request(shipped_catalog(), list(samples), requested, module_area_m2)
+    except RequestError as exc:
+        raise click.ClickException("; ".join(exc.problems)) from None
+    cfg = _cfg()
+    token = _route(via, cfg)
+    if token is None:
+        rid = f"sr-{uuid.uuid4().hex[:12]}"
+        event = submit_service_request(rid, customer, module_type, module_area_m2,
+                                       list(samples), requested, getpass.getuser())
+        from labbus.events import kafka
+
+        asyncio.run(kafka.publish(cfg, event))
+        click.echo(rid)
+        return
+    from labbus.deploy import login as lg
+
+    try:
+        answer = lg.post(cfg, token, "/service-requests", {
+            "customer": customer, "module_type": module_type, "module_area_m2": module_area_m2,
+            "sample_ids": list(samples), "protocols": requested}, idempotency_key)
+    except lg.LoginError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(answer["request_id"])
+
+
+@testing.command("watch")
+@click.argument("request_id")
+@click.option("--timeout", default=0.0, help="Give up after this many seconds (0 = never).")
+def testing_watch(request_id: str, timeout: float) -> None:
+    """Follow a service request on lab.testing.requests until it completes or is rejected;
+    exit 1 unless every execution passed."""
+    from labbus.events import kafka
+    from labbus.events.model import ServiceRequestCompleted, ServiceRequestRejected
+    from labbus.events.topics import TESTING_REQUESTS, topic_name
+
+    def on_event(event) -> bool:
+        if isinstance(event, ServiceRequestRejected):
+            click.echo(f"rejected: {'; '.join(event.reasons)}")
+            return True
+        if isinstance(event, ServiceRequestCompleted):
+            click.echo(f"completed: {event.verdict} ({event.passed} of {event.executions} "
+                       f"executions passed, {event.failed} failed)")
+            return True
+        click.echo(f"{event.TYPE.rsplit('.', 1)[-1]}", err=True)
+        return False
+
+    cfg = _cfg()
+    final = asyncio.run(kafka.follow_key(cfg, topic_name(cfg, TESTING_REQUESTS), request_id,
+                                         on_event, timeout or None))
+    if final is None:
+        raise click.ClickException(f"no outcome for {request_id} within {timeout:g} s")
+    if not (isinstance(final, ServiceRequestCompleted) and final.verdict == "pass"):
+        sys.exit(1)

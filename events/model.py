@@ -273,6 +273,20 @@ def command_digest(command_type: str, payload_json: str) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
+def submit_service_request(request_id: str, customer: str, module_type: str,
+                           module_area_m2: float, sample_ids: list[str], protocols: list[dict],
+                           submitted_by: str, source: str = "cli",
+                           actor: Actor | None = None) -> ServiceRequestSubmitted:
+    """The ServiceRequestSubmitted every entry point makes (the command gateway, `labbus testing
+    submit`): its event id derives from the request id, so a retry is the same event."""
+    return ServiceRequestSubmitted.create(
+        source=source, subject=request_id, sequence=1, actor=actor,
+        event_id=uuid.UUID(derived_id(request_id, "submitted")), request_id=request_id,
+        customer=customer, module_type=module_type, module_area_m2=module_area_m2,
+        sample_ids=list(sample_ids), protocols=[dict(p) for p in protocols],
+        submitted_by=submitted_by)
+
+
 def issue_command(device: str, command_type: str, payload: dict, timeout_s: float,
                   idempotency_key: str | None, issued_by: str, source: str = "cli",
                   actor: Actor | None = None) -> CommandIssued:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from labbus.events.config import Config
 from labbus.events.http_auth import Guard
 from labbus.events.identity import Principal
-from labbus.events.model import ServiceRequestSubmitted, derived_id
+from labbus.events.model import derived_id, submit_service_request
 from labbus.events.protocols import RequestError, resolve_request, shipped_catalog
 from labbus.producers.http_gateway.commands import (
     PROCESS,
@@ -89,12 +89,10 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
             except RequestError as exc:
                 raise HTTPException(400, "; ".join(exc.problems)) from None
             rid = request_id_for(principal.user_id, idempotency_key)
-            event = ServiceRequestSubmitted.create(
-                source=PROCESS, subject=rid, sequence=1, actor=actor_of(principal, request),
-                event_id=uuid.UUID(derived_id(rid, "submitted")), request_id=rid,
-                customer=body.customer, module_type=body.module_type,
-                module_area_m2=body.module_area_m2, sample_ids=list(body.sample_ids),
-                protocols=asked["protocols"], submitted_by=principal.user_id)
+            event = submit_service_request(
+                rid, body.customer, body.module_type, body.module_area_m2, body.sample_ids,
+                asked["protocols"], principal.user_id, source=PROCESS,
+                actor=actor_of(principal, request))
             await request.app.state.publisher.publish(event)
             answer = {"event_id": str(event.event_id), "request_id": rid,
                       "location": f"{cfg.query_api_url}/service-requests/{rid}"}

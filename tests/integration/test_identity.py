@@ -533,7 +533,7 @@ def test_a_students_campaign_shows_in_the_audit_and_not_to_another_student(gatew
 
 
 def test_a_service_request_is_judged_against_the_catalog_and_submitted_by_the_caller(
-        gateway, users, cfg):
+        gateway, users, cfg, tmp_path):
     """POST /service-requests: 403 for a student, 400 with every reason for an unknown protocol
     and an input out of its template's range, 202 for an engineer with ServiceRequestSubmitted
     on lab.testing.requests carrying the engineer as actor; a retry publishes once."""
@@ -574,3 +574,22 @@ def test_a_service_request_is_judged_against_the_catalog_and_submitted_by_the_ca
     assert e.submitted_by == user_id_for(f"nia-{RUN}@lab.example")
     assert e.envelope.actor.roles == ("engineer",) and e.sample_ids == body["sample_ids"]
     assert [p["protocol_id"] for p in e.protocols] == ["PVTP-001", "PVTP-003"]
+
+    # the CLI, logged in: through the gateway, judged before it is sent
+    cenv = {**genv, "LABBUS_TOKEN_FILE": str(tmp_path / "token.json"),
+            "LABBUS_GATEWAY_URL": base}
+    login = labbus(cenv, "login", f"nia-{RUN}@lab.example", "--password-stdin",
+                   stdin="nia's long password\n")
+    assert login.returncode == 0, login.stderr
+    args = ["testing", "submit", "--customer", "ACME", "--module-type", "m", "--area", "1.6",
+            "--sample", f"C-{RUN}", "--protocol", "PVTP-015"]
+    refused = labbus(cenv, *args, "--input", "PVTP-015.cycles=5")
+    assert refused.returncode != 0 and "cycles" in refused.stderr
+    ok = labbus(cenv, *args, "--input", "PVTP-015.injection_current_a=8.9")
+    assert ok.returncode == 0, ok.stderr
+    cli_rid = ok.stdout.strip()
+    (cli,) = [codec.decode(rec.value)
+              for rec in run(read_topic(cfg, topic_name(cfg, TESTING_REQUESTS)))
+              if rec.key == cli_rid.encode()]
+    assert cli.envelope.actor.user_agent == "labbus-cli"
+    assert cli.protocols[0]["inputs"] == {"injection_current_a": 8.9}
