@@ -25,7 +25,7 @@ from labbus.events.protocols import shipped_catalog
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import run, walk_pages
 from tests.support.testing_events import (
-    positioned,
+    as_positioned,
     rejected_request_events,
     report_generated,
     service_request_events,
@@ -77,9 +77,9 @@ def seeded(cfg, query_api):
                report_generated(A, "csv", csv, T0 + timedelta(hours=1)),
                # an older generation, projected after the newer one
                report_generated(A, "pdf", pdf_old, T0 + timedelta(hours=1))]
-    requests = positioned(REQUESTS, [*a["requests"], *rejected_request_events(B, T0),
+    requests = as_positioned(REQUESTS, [*a["requests"], *rejected_request_events(B, T0),
                                      *reports, *c["requests"]])
-    executions = positioned(EXECUTIONS, [*a["executions"], *c["executions"]])
+    executions = as_positioned(EXECUTIONS, [*a["executions"], *c["executions"]])
     c_executions = executions[len(a["executions"]):]
     ids = [A, B, C]
     out = {}

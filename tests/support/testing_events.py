@@ -141,7 +141,7 @@ def report_generated(request_id: str, fmt: str, artifact, at: datetime,
             "size": artifact.size, "location": artifact.location, "certificate": certificate}
 
 
-def positioned(topic: str, events: list[Event | dict], first_offset: int = 0
+def as_positioned(topic: str, events: list[Event | dict], first_offset: int = 0
                ) -> list[Positioned]:
     """The events as the projector's runner hands them over (a dict: already decoded)."""
     codec = default_codec()
