@@ -14,6 +14,9 @@ its permissions once, in its guard, and the OpenAPI document declares them
 - `READ_ALL` (`read:all`): devices, their measurements, alerts. Instrument data is the lab's,
   not one user's: readings of a device may belong to anyone's work (a testing lab's customer
   samples as well as a colour campaign), so it is for the roles that read everything.
+- `READ_ALL` too: the testing lab's service requests, executions, non-conformances, reports
+  and protocol templates (api/testing.py): a customer's order and its results are the lab's
+  records, not one user's.
 - `READ_OWN` (`read:own` or `read:all`): experiments (with their wells, plate, convergence and
   robot runs' commands) and device commands. A caller with `read:all` sees all of them; one with
   only `read:own` sees those they started: experiments whose `requested_by`, commands whose
@@ -38,7 +41,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BeforeValidator
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 
 from labbus.api import cursor, errors, models, series
 from labbus.events import labware
@@ -234,16 +237,22 @@ def create_app(cfg: Config, *, auth: bool = True) -> FastAPI:
                                                 schema="pg_catalog"))
         app.state.mongo = AsyncMongoClient(cfg.mongo_url, serverSelectionTimeoutMS=3000,
                                            tz_aware=True)
+        # the artifact store (reports) is synchronous: read in a thread (api/testing.py)
+        app.state.mongo_sync = MongoClient(cfg.mongo_url, serverSelectionTimeoutMS=3000,
+                                           tz_aware=True)
         yield
         await app.state.pg.close()
         await app.state.mongo.close()
+        app.state.mongo_sync.close()
         if app.state.verifier is not None:
             await app.state.verifier.aclose()
 
     app = FastAPI(title="labbus query API", version="0.1.0", lifespan=lifespan,
                   description="Read-only access to labbus read models: devices and their "
                               "validated measurements, colour-mixing experiments and their "
-                              "plates. Cursor-paginated; times are UTC.")
+                              "plates, test service requests with their executions, "
+                              "non-conformances and reports, protocol templates. "
+                              "Cursor-paginated; times are UTC.")
 
     app.add_middleware(Observe)
 
@@ -609,6 +618,10 @@ def create_app(cfg: Config, *, auth: bool = True) -> FastAPI:
                ORDER BY at DESC, event_id DESC LIMIT $6""",
             user, action, _utc(since) or _EARLIEST, before_t, before_id, limit + 1)
         return _page(rows, limit, AUDIT_KEY)
+
+    from labbus.api import testing  # it imports this module's guards and helpers
+
+    testing.register(app, cfg)
 
     @app.get("/health/live", summary="The process is up", operation_id="live",
              response_model=models.Live)

@@ -6,7 +6,8 @@
   issue, `from` after `to`, a bucketed series without its metric/from/to or over its bucket cap,
   `type` and `device_type` that differ.
   (An OpenAPI schema cannot say which strings are cursors.)
-- 404: no such device, command, experiment or robot run.
+- 404: no such device, command, experiment, robot run, service request or protocol; a report
+  not generated yet.
 - 503: PostgreSQL or MongoDB does not answer.
 
 All are `Error`: `{"detail": "<message>", "errors": [...]}`.

@@ -338,3 +338,167 @@ class AuditEntry(BaseModel):
 class AuditPage(BaseModel):
     items: list[AuditEntry]
     next_cursor: str | None = NEXT_CURSOR
+
+
+# -- test protocols (issue 11) ------------------------------------------------------------------
+
+ServiceRequestStatus = Literal["submitted", "running", "rejected", "completed"]
+ReportFormat = Literal["pdf", "xlsx", "csv"]
+
+
+class ExecutionCounts(BaseModel):
+    """From the request's executions as projected now (before its completion too)."""
+
+    total: int = Field(description="Executions assigned (samples x protocols).")
+    running: int = Field(description="Assigned or started, not ended.")
+    passed: int
+    failed: int
+
+
+class ServiceRequest(BaseModel):
+    request_id: str
+    status: ServiceRequestStatus = Field(
+        description="submitted; running once an execution is assigned; rejected (see "
+                    "`rejection_reasons`) or completed (see `verdict`). Never moves back.")
+    customer: str
+    module_type: str
+    module_area_m2: float
+    sample_ids: list[str]
+    protocols: list[dict[str, Any]] = Field(
+        description="As requested: [{protocol_id, version (null: the latest), inputs}].")
+    submitted_by: str
+    submitted_at: datetime
+    rejection_reasons: list[str] | None = Field(description="Why it was rejected, each reason.")
+    verdict: Literal["pass", "fail"] | None = Field(
+        description="Once completed: pass when every execution passed.")
+    counts: ExecutionCounts
+    finished_at: datetime | None = Field(description="When it was rejected or completed.")
+    updated_at: datetime = Field(description="The time of its latest event projected.")
+
+
+class ServiceRequestPage(BaseModel):
+    items: list[ServiceRequest]
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class CriterionResult(BaseModel):
+    """One criterion as the QC judged it (QcEvaluated)."""
+
+    id: str
+    description: str
+    clause: str
+    operator: str
+    unit: str
+    value: float | None = Field(description="null: not computed.")
+    limit: list[float] = Field(description="[x] or [low, high]; empty when not computed.")
+    verdict: str = Field(description="pass, fail or not_applicable.")
+    message: str
+
+
+class EnteredResult(BaseModel):
+    value: float | None
+    unit: str
+    entered_by: str
+    at: datetime
+
+
+class Execution(BaseModel):
+    execution_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    template_sha256: str | None = Field(description="The content hash of the version it ran.")
+    inputs: dict[str, float | None] | None
+    status: Literal["assigned", "running", "passed", "failed"] = Field(
+        description="assigned < running < passed | failed; the first end stands.")
+    verdict: Literal["pass", "fail"] | None
+    qc_verdict: str | None = Field(description="QcEvaluated's verdict, once evaluated.")
+    reason_code: str | None = Field(description="Why it failed: qc_failed, missing_reading, "
+                                                "timeout, command_rejected, ...")
+    reason: str | None
+    steps: list[str] | None
+    results: dict[str, float | None] | None = Field(
+        description="Analysis results, name -> value (null: not computable).")
+    units: dict[str, str] | None
+    problems: list[str] | None
+    criteria: list[CriterionResult] | None = Field(description="Per criterion, once judged.")
+    entered: dict[str, EnteredResult] = Field(description="Values entered by hand, by name.")
+    assigned_at: datetime | None
+    started_at: datetime | None
+    analysed_at: datetime | None
+    finished_at: datetime | None
+
+
+class Inspection(BaseModel):
+    sample_id: str
+    inspector: str
+    findings: list[str]
+    defects: list[str]
+    photo_refs: list[str]
+    at: datetime
+
+
+class NonConformance(BaseModel):
+    nc_id: str
+    request_id: str
+    execution_id: str
+    sample_id: str
+    protocol_id: str
+    template_version: int
+    criteria: list[str] = Field(description="The criteria that failed.")
+    description: str
+    raised_at: datetime
+
+
+class NonConformancePage(BaseModel):
+    items: list[NonConformance]
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class Report(BaseModel):
+    format: ReportFormat
+    name: str = Field(description="The file name.")
+    content_type: str
+    sha256: str = Field(description="Of the file's bytes (its address in the artifact store).")
+    size: int
+    certificate: bool = Field(description="The PDF holds a certificate page.")
+    generated_at: datetime
+    url: str = Field(description="Where to download it (this API).")
+
+
+class ServiceRequestDetail(ServiceRequest):
+    inspections: list[Inspection] = Field(description="In time order.")
+    executions: list[Execution] = Field(description="By sample, protocol, version.")
+    non_conformances: list[NonConformance]
+    reports: list[Report] = Field(description="The latest report of each format generated.")
+
+
+class ProtocolVersion(BaseModel):
+    version: int
+    title: str
+    sha256: str = Field(description="The content hash (sha256 of the canonical JSON), which "
+                                    "executions record.")
+
+
+class Protocol(BaseModel):
+    protocol_id: str
+    title: str = Field(description="The latest version's title.")
+    latest_version: int
+    standard: dict[str, Any] = Field(description="The standard the latest version follows.")
+    versions: list[ProtocolVersion]
+
+
+class ProtocolList(BaseModel):
+    items: list[Protocol]
+
+
+class ProtocolTemplateVersion(ProtocolVersion):
+    template: dict[str, Any] = Field(description="The template as written "
+                                                 "(schemas/protocols/protocol-template.schema"
+                                                 ".json).")
+
+
+class ProtocolDetail(BaseModel):
+    protocol_id: str
+    latest_version: int
+    versions: list[ProtocolTemplateVersion] = Field(description="Every version, oldest first.")

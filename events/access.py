@@ -110,7 +110,7 @@ ACCESS: tuple[Access, ...] = (
            groups=("anomalies",), internal=("anomalies",)),
     Access("projector-postgres", "projector", ("project postgres",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                  DEVICE_STATUS, COMMANDS, ALERTS, USERS),
+                  DEVICE_STATUS, COMMANDS, ALERTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS),
            writes=(DEAD_LETTER,), groups=("projector.postgres",)),
     Access("projector-mongo", "projector", ("project mongo",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS),

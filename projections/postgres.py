@@ -1,5 +1,6 @@
 """PostgreSQL read models: devices (with status and heartbeats), measurements, commands, alerts,
-colour-mixing campaigns and users (see migrations/postgres)."""
+colour-mixing campaigns, users, and test service requests with their executions (see
+migrations/postgres)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from labbus.events.topics import (
     EXPERIMENTS,
     MEASUREMENTS_VALIDATED,
     ROBOT_RUNS,
+    TESTING_EXECUTIONS,
+    TESTING_REQUESTS,
     USERS,
     topic_name,
 )
@@ -33,6 +36,7 @@ from labbus.projections import postgres_audit as audit
 from labbus.projections.migrate import migrate
 from labbus.projections.postgres_audit import AUDITED
 from labbus.projections.postgres_devices import DEVICE_SQL, HEARTBEATS, heartbeat_args
+from labbus.projections.postgres_testing import TESTING_SQL
 from labbus.projections.postgres_users import USER_SQL
 
 INSERT_MEASUREMENTS = """
@@ -104,7 +108,7 @@ class PostgresProjection:
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
                 (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                 DEVICE_STATUS, COMMANDS, ALERTS, USERS)]
+                 DEVICE_STATUS, COMMANDS, ALERTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS)]
 
     async def start(self) -> None:
         self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN",
@@ -158,6 +162,8 @@ class PostgresProjection:
                 statements.extend(DEVICE_SQL[p.event_type](p))
             elif p.event_type in USER_SQL:
                 statements.extend(USER_SQL[p.event_type](p))
+            elif p.event_type in TESTING_SQL:
+                statements.extend(TESTING_SQL[p.event_type](p))
         async with self.pool.acquire() as con, con.transaction():
             await self._check_positions(con, next_offsets)
             if m_rows:

@@ -21,6 +21,7 @@ ACTIONS = {
     m.CommandIssued.TYPE: "command:send",
     m.ExperimentRequested.TYPE: "experiment:start",
     m.ExperimentCancelRequested.TYPE: "experiment:cancel",
+    m.ServiceRequestSubmitted.TYPE: "service-request:submit",
 }
 
 _ASKED = """
@@ -77,6 +78,15 @@ def _decided(outcome: str, reason_field: str | None = None):
     return statements
 
 
+def _request_rejected(p: Positioned) -> list[tuple[str, tuple]]:
+    """A service request the testing processor refused: every reason, in one text."""
+    r = p.record
+    if r["causation_id"] is None:
+        return []
+    return [(_DECIDED, (r["causation_id"], "rejected", "; ".join(r["reasons"]),
+                        _ts(r["occurred_at"]), r["event_id"]))]
+
+
 def _campaign_started(p: Positioned) -> list[tuple[str, tuple]]:
     """A campaign's first batch is caused by its request: the request was accepted."""
     return _decided("accepted")(p) if p.record["iteration"] == 0 else []
@@ -89,6 +99,9 @@ OUTCOME_SQL = {
     m.CommandRejected.TYPE: _decided("rejected", "reason"),
     m.ExperimentRejected.TYPE: _decided("rejected", "reason"),
     m.ExperimentCancelled.TYPE: _decided("accepted"),
+    # a service request's executions are assigned (each caused by it), or it is rejected
+    m.ProtocolAssigned.TYPE: _decided("accepted"),
+    m.ServiceRequestRejected.TYPE: _request_rejected,
 }
 
 

@@ -21,8 +21,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aiokafka import TopicPartition
 from fastapi.testclient import TestClient
+from pymongo import MongoClient
 
 from labbus.api.app import create_app
+from labbus.api.testing import MEDIA_TYPES
+from labbus.events.artifacts import GridFSStore
 from labbus.events.codec import default_codec
 from labbus.events.http_auth import PERMISSIONS_KEY, admitted
 from labbus.events.identity import ROLES
@@ -33,6 +36,7 @@ from labbus.projections.postgres import PostgresProjection
 from tests.conftest import run
 from tests.integration.test_experiment_read_models import campaign_events, positioned
 from tests.support.idp import BAD_TOKENS
+from tests.support.testing_events import as_positioned, report_generated, service_request_events
 
 MATRIX_USER = "authm-user"
 STUDENT_A, STUDENT_B = "authm-student-a", "authm-student-b"
@@ -41,7 +45,8 @@ OWNERS = {"authm-x": MATRIX_USER, "authm-a": STUDENT_A, "authm-b": STUDENT_B}
 COMMANDS = {"authm-cmd-x": MATRIX_USER, "authm-cmd-a": STUDENT_A, "authm-cmd-b": STUDENT_B}
 # every path parameter of both apps, filled with a row of this module (a new parameter fails)
 PATH_VALUES = {"device_id": DEVICE, "experiment_id": "authm-x", "run_id": "authm-x-run-0",
-               "command_id": "authm-cmd-x"}
+               "command_id": "authm-cmd-x", "request_id": "authm-sr",
+               "protocol_id": "PVTP-003"}
 # a request body for each operation that takes one (a new one fails until it is added here)
 BODIES = {
     "send_command": {"json": {"device_id": DEVICE, "command_type": "measure",
@@ -66,8 +71,9 @@ CALLERS: dict[str, str | tuple | None] = {
 
 
 def seed(cfg) -> None:
-    """One device, three experiments (the matrix user's, student A's, student B's) and three
-    commands with the same owners, written through the real projection code."""
+    """One device, three experiments (the matrix user's, student A's, student B's), three
+    commands with the same owners and a service request with its reports, written through the
+    real projection code."""
     codec = default_codec()
     t = dict(source="authm-test")
     by_topic: dict[str, list] = {"experiments": [], "runs": [], "readings": []}
@@ -86,6 +92,17 @@ def seed(cfg) -> None:
         Positioned(TopicPartition("authm-test.devices", 0), offset,
                    *codec.decode_record(codec.encode(e), plain=True))
         for offset, e in enumerate(devices)]]
+    # a service request with its executions and its three reports (stored in GridFS)
+    request = service_request_events("authm-sr", datetime(2026, 3, 1, tzinfo=UTC))
+    client = MongoClient(cfg.mongo_url)
+    store = GridFSStore(client[cfg.mongo_db])
+    reports = [report_generated("authm-sr", fmt, store.put(f"authm-sr.{fmt}", media,
+                                                           f"authm {fmt}".encode()),
+                                datetime(2026, 3, 2, tzinfo=UTC))
+               for fmt, media in MEDIA_TYPES.items()]
+    client.close()
+    batches += [as_positioned("authm-test.requests", request["requests"] + reports),
+                as_positioned("authm-test.executions", request["executions"])]
 
     async def write():
         pg = PostgresProjection(cfg)

@@ -1,7 +1,7 @@
 """The query API and the command gateway keep their OpenAPI contracts: schemathesis (`st run
 --checks all`) against the real apps, started as `labbus gateway http` (with its built-in
-issuer) and `labbus api` on a session's read models with devices, readings and a finished
-colour campaign in them. Every request carries an admin's token signed by the gateway's
+issuer) and `labbus api` on a session's read models with devices, readings, a finished
+colour campaign and a finished service request (with its reports in GridFS) in them. Every request carries an admin's token signed by the gateway's
 built-in issuer; the query API verifies it as in production, through the gateway's discovery
 document and JWKS (and schemathesis's `ignored_auth` check sends requests without it).
 
@@ -22,7 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka import TopicPartition
+from pymongo import MongoClient
 
+from labbus.api.testing import MEDIA_TYPES
+from labbus.events.artifacts import GridFSStore
 from labbus.events.codec import default_codec
 from labbus.events.model import (
     AnomalyDetected,
@@ -43,6 +46,7 @@ from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
 from tests.conftest import REPO, free_port, http_server, run
 from tests.integration.test_experiment_read_models import campaign_events
+from tests.support.testing_events import as_positioned, report_generated, service_request_events
 
 ST = REPO / ".venv-schemathesis" / "bin" / "st"
 PIN = REPO / "tests" / "schemathesis-requirements.txt"  # the version this suite was tested with
@@ -51,6 +55,7 @@ EXAMPLES = 200  # per operation and phase: ~5,000 cases with a token (~7,700 at 
 GATEWAY_EXAMPLES = 100  # each POST /commands answered 202 is a publish; /auth/token an Argon2 hash
 SEED = 20260301  # fixed, so a failure reproduces (`st run ... --seed`)
 XID = "contract-campaign"
+REQUEST = "contract-request"
 DEVICES = {"contract-ph-1": "ph-meter", "contract-tc-2": "thermocouple"}
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 # fake topic names: the seeded positions must not steer the session's real projectors
@@ -110,6 +115,21 @@ def seed_batches() -> list[list[Positioned]]:
              for offset, e in enumerate(events)] for alias, events in by_topic.items()]
 
 
+def service_request_batches(cfg) -> list[list[Positioned]]:
+    """A finished service request (two executions, one failing with a non-conformance) with
+    its three reports stored in the session's GridFS."""
+    request = service_request_events(REQUEST, T0)
+    client = MongoClient(cfg.mongo_url)
+    store = GridFSStore(client[cfg.mongo_db])
+    reports = [report_generated(REQUEST, fmt, store.put(f"{REQUEST}.{fmt}", media,
+                                                        f"contract {fmt}".encode()),
+                                T0 + timedelta(hours=1))
+               for fmt, media in MEDIA_TYPES.items()]
+    client.close()
+    return [as_positioned("contract-test.requests", request["requests"] + reports),
+            as_positioned("contract-test.executions", request["executions"])]
+
+
 def seed(cfg) -> None:
     async def write():
         pg, mongo = PostgresProjection(cfg), MongoProjection(cfg)
@@ -117,7 +137,7 @@ def seed(cfg) -> None:
         await pg.start()
         await mongo.start()
         try:
-            for batch in seed_batches():
+            for batch in seed_batches() + service_request_batches(cfg):
                 await pg.apply(batch, {})  # no positions: nothing to compare with later
                 if batch[0].tp.topic in mongo.aliases:
                     await mongo.apply(batch, {batch[-1].tp: batch[-1].offset + 1})
