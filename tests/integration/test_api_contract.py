@@ -1,10 +1,10 @@
-"""The query API and the command gateway keep their OpenAPI contracts: schemathesis (`st run --checks
-all`) against the real apps, started as `labbus gateway http` (with its built-in issuer) and
-`labbus api` on a session's read models with devices, readings, a finished colour campaign and a
-finished service request (with its reports in GridFS) in them. Every request carries an admin's
-token signed by the gateway's built-in issuer; the query API verifies it as in production, through
-the gateway's discovery document and JWKS (and schemathesis's `ignored_auth` check sends requests
-without it).
+"""The query API and the command gateway keep their OpenAPI contracts: schemathesis (`st run
+--checks all`) against the real apps, started as `labbus gateway http` (with its built-in
+issuer) and `labbus api` on a session's read models with devices, readings, a finished colour
+campaign and a finished service request (with its reports in GridFS) in them. Every request
+carries an admin's token signed by the gateway's built-in issuer; the query API verifies it as
+in production, through the gateway's discovery document and JWKS (and schemathesis's
+`ignored_auth` check sends requests without it).
 
 schemathesis lives in its own virtualenv (`.venv-schemathesis`, made by `make setup`): it needs
 jsonschema>=4.18, which the main environment cannot have (opentrons pins jsonschema<4.18).
