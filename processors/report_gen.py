@@ -39,6 +39,7 @@ worker makes one report at a time; start more workers and they share the request
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import time
 import uuid
@@ -97,6 +98,7 @@ FORMATS = ("pdf", "xlsx", "csv")
 RENDER = {"pdf": render_pdf, "xlsx": render_xlsx, "csv": render_criteria_csv}
 EXECUTION_EVENTS = (ProtocolAssigned, ExecutionStarted, ExecutionAnalysed, QcEvaluated,
                     ExecutionPassed, ExecutionFailed, NonConformanceRaised)
+log = logging.getLogger(__name__)
 ACCEPTS = {cls.TYPE for cls in (*EXECUTION_EVENTS, ServiceRequestSubmitted,
                                 ServiceRequestRejected, InspectionRecorded,
                                 ServiceRequestCompleted, ReportGenerated)}
@@ -319,6 +321,7 @@ def file_name(request_id: str, fmt: str) -> str:
 
 def generate(st: dict, settings: Settings) -> tuple[list[ReportGenerated], dict[str, str]]:
     """Render the three reports, store them, and the ReportGenerated of each."""
+    log.info("generating the reports of %s", st["id"], extra={"request_id": st["id"]})
     report = report_of(st, settings.catalog)
     store = settings.store()
     done, rid = st["done"], st["id"]
