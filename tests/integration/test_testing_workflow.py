@@ -147,9 +147,10 @@ def reports_of(cfg, rid: str) -> list[ReportGenerated]:
     return [e for e in of_request(cfg, rid, TESTING_REQUESTS) if isinstance(e, ReportGenerated)]
 
 
-def check_reports(cfg, rid: str, bad: str, good: str, timeout: float = 90) -> dict:
+def check_reports(cfg, rid: str, expected: dict | None = None, timeout: float = 90) -> dict:
     """Exactly one ReportGenerated per format (by event id), each artifact stored once, the
-    PDF holding each verdict and the workbook the readings. Returns format -> event."""
+    PDF holding each verdict (those of the request's events, and `expected` when given) and
+    the workbook the readings. Returns format -> event."""
     wait_for(lambda: {e.format for e in reports_of(cfg, rid)} == {"pdf", "xlsx", "csv"},
              timeout, "a ReportGenerated per format", interval=0.1)
     got = reports_of(cfg, rid)
@@ -163,12 +164,18 @@ def check_reports(cfg, rid: str, bad: str, good: str, timeout: float = 90) -> di
     for e in by_format.values():
         assert store.files.count_documents({"_id": e.sha256}) == 1
         assert store.info(e.sha256).size == e.size and e.location.endswith(e.sha256)
-    check_pdf(store.get(by_format["pdf"].sha256), expected_verdicts(bad, good))
+    verdicts = {(e.sample_id, e.protocol_id): "pass" if isinstance(e, ExecutionPassed)
+                else "fail" for e in of_request(cfg, rid)
+                if isinstance(e, (ExecutionPassed, ExecutionFailed))}
+    if expected is not None:
+        assert verdicts == expected
+    check_pdf(store.get(by_format["pdf"].sha256), verdicts)
     analysed = {e.execution_id: e for e in of_request(cfg, rid)
                 if isinstance(e, ExecutionAnalysed)}
     assert len(analysed) == 6
     check_workbook(store.get(by_format["xlsx"].sha256), list(analysed.values()))
-    assert not by_format["pdf"].certificate  # a module failed
+    assert by_format["pdf"].certificate == all(v == "pass" for v in verdicts.values())
+    assert not by_format["xlsx"].certificate and not by_format["csv"].certificate
     return by_format
 
 
@@ -189,12 +196,12 @@ def test_a_completed_request_gets_its_three_reports_and_a_kill_9_mid_generation_
     first = f"SR-{uuid.uuid4().hex[:8]}"
     submit(cfg, first, [good, bad])
     check_verdicts(cfg, first, bad, good)
-    check_reports(cfg, first, bad, good)
+    check_reports(cfg, first, expected_verdicts(bad, good))
     latency = completion_to_report_s(cfg, first)
     # the second request: kill -9 the report processor while it generates
     reports = next(p for p in processes.running if "reports" in p.args)
     second = f"SR-{uuid.uuid4().hex[:8]}"
-    submit(cfg, second, [good, bad])
+    submit(cfg, second, [good, bad])  # modules cycled once already: verdicts as they come
     log = Path(reports.log_path)
     wait_for(lambda: f"generating the reports of {second}" in log.read_text(), 120,
              "the report processor generating", interval=0.02)
@@ -203,7 +210,7 @@ def test_a_completed_request_gets_its_three_reports_and_a_kill_9_mid_generation_
     killed_at = time.monotonic()
     before = len(reports_of(cfg, second))
     start_reports(processes)
-    by_format = check_reports(cfg, second, bad, good, timeout=120)
+    by_format = check_reports(cfg, second, timeout=120)
     print(f"\ncompletion -> ReportGenerated(pdf): {latency * 1000:.0f} ms; kill -9 mid-"
           f"generation with {before} of 3 ReportGenerated out, all 3 "
           f"{time.monotonic() - killed_at:.1f} s after the kill")
