@@ -111,6 +111,14 @@ def testing(cfg: Config, stop: Stop | None = None) -> None:
     app.run(cfg)
 
 
+def reports(cfg: Config, stop: Stop | None = None) -> None:
+    """A faust worker (what each request's report needs in a Table; the artifact store):
+    runs until SIGINT/SIGTERM."""
+    from labbus.processors import report_gen as app
+
+    app.run(cfg)
+
+
 async def pv_agent(cfg: Config, stop: Stop, **options: Any) -> None:
     """Simulated PV instruments (labbus.producers.pv.agents): register, heartbeat, answer
     their commands."""
@@ -171,6 +179,9 @@ PROCESSES: dict[str, Process] = {p.name: p for p in (
     Process("testing", "test protocols: ServiceRequestSubmitted -> executions (instrument "
             "commands, readings, QC verdicts, non-conformances) -> ServiceRequestCompleted",
             testing),
+    Process("reports", "reports of completed service requests: ServiceRequestCompleted -> "
+            "PDF, workbook and CSV in the artifact store, one ReportGenerated per format",
+            reports),
     Process("agent-pv", "simulated PV instruments: I-V tracer, climate chamber, insulation "
             "and wet leakage testers answering their commands", pv_agent),
     Process("webhooks", "outbound webhooks: events -> signed HTTP POSTs to the targets of "

@@ -486,6 +486,20 @@ def process_testing(metrics_port: int | None) -> None:
     PROCESSES["testing"].run(cfg)
 
 
+@process.command("reports")
+@metrics_option
+def process_reports(metrics_port: int | None) -> None:
+    """Reports of service requests: when one completes, its PDF (with a certificate page when
+    every protocol passed), workbook and CSV, built from its events, stored in the artifact store
+    (LABBUS_ARTIFACTS) and announced with one ReportGenerated per format. Start more: they share
+    the requests."""
+    from labbus.deploy.bootstrap import PROCESSES
+
+    cfg = _cfg()
+    _start_process("reports", cfg, metrics_port)
+    PROCESSES["reports"].run(cfg)
+
+
 # -- commands ---------------------------------------------------------------------------------
 # -- the CLI's identity at the command gateway ------------------------------------------------
 @main.command("login")

@@ -49,6 +49,7 @@ from labbus.events.topics import (
     MEASUREMENTS_REJECTED,
     MEASUREMENTS_VALIDATED,
     QUOTA_INBOX,
+    REPORTS_INBOX,
     ROBOT_RUNS,
     TESTING_EXECUTIONS,
     TESTING_INBOX,
@@ -125,6 +126,12 @@ ACCESS: tuple[Access, ...] = (
                   MEASUREMENTS_RECORDED, DEVICES),
            writes=(TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_INBOX, COMMANDS, DEAD_LETTER),
            groups=("testing",), internal=("testing",)),
+    # reports of completed service requests: the execution events re-keyed by request id
+    # through lab.reports.inbox (processors/report_gen.py); ReportGenerated on lab.testing.requests
+    Access("reports", "processor", ("process reports",),
+           reads=(TESTING_REQUESTS, TESTING_EXECUTIONS, REPORTS_INBOX),
+           writes=(TESTING_REQUESTS, REPORTS_INBOX, DEAD_LETTER),
+           groups=("reports",), internal=("reports",)),
     # the simulated PV instruments: one consumer group per device, as the SiLA 2 bridge
     Access("agent-pv", "agent", ("agent pv",),
            reads=(COMMANDS,),

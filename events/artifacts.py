@@ -248,3 +248,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def open_store(cfg: Any, *, timeout_ms: int = 5000) -> ArtifactStore:
+    """The store LABBUS_ARTIFACTS names (`Config.artifacts`): "gridfs", the bucket `artifacts`
+    of LABBUS_MONGO_DB, or a directory (a FileStore). Mongo calls give up after `timeout_ms`
+    (pymongo's default server selection waits 30 s) and raise; the caller retries."""
+    if cfg.artifacts != "gridfs":
+        return FileStore(cfg.artifacts)
+    from pymongo import MongoClient
+
+    client = MongoClient(cfg.mongo_url, serverSelectionTimeoutMS=timeout_ms,
+                         connectTimeoutMS=timeout_ms, socketTimeoutMS=max(timeout_ms, 30000))
+    return GridFSStore(client[cfg.mongo_db])

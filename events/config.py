@@ -146,6 +146,11 @@ SETTINGS: dict[str, Setting] = {
         "`labbus webhooks`: the TOML or JSON file of its targets (name, URL, secret, event "
         "types, attempts, backoff), see \"Webhooks\"; empty = no targets (the command refuses "
         "to start)."),
+    "artifacts": Setting(
+        "LABBUS_ARTIFACTS", "gridfs",
+        "Where reports and other artifacts are stored, once per sha256 (events/artifacts.py): "
+        "`gridfs` = a GridFS bucket (`artifacts`) of LABBUS_MONGO_DB, or an existing directory "
+        "(a file store)."),
     # -- identity and tokens (README "Identity and tokens") --
     "http_gateway_host": Setting("LABBUS_HTTP_GATEWAY_HOST", "127.0.0.1",
                                  "Command gateway (`labbus gateway http`) bind address."),
@@ -241,6 +246,7 @@ class Config:
     testing_min_timeout_s: float = 30.0
     deck_layout: DeckLayout = DEFAULT_DECK
     webhooks_config: Path | None = None
+    artifacts: str = "gridfs"  # or the directory of a file store (resolved)
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
     query_api_url: str = "http://127.0.0.1:8000"
@@ -303,6 +309,12 @@ def _directory(name: str, raw: str) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"{SETTINGS[name].env}={raw!r} is not a directory")
     return path
+
+
+def _artifacts(name: str, raw: str) -> str:
+    if raw.strip().lower() in ("", "gridfs"):
+        return "gridfs"
+    return str(_directory(name, raw))
 
 
 def _open_unit(name: str, raw: str) -> float:
@@ -479,6 +491,7 @@ def load(environ: dict[str, str] | None = None) -> Config:
                                        1, 86400),
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         webhooks_config=_file("webhooks_config", raw["webhooks_config"]),
+        artifacts=_artifacts("artifacts", raw["artifacts"]),
         http_gateway_host=raw["http_gateway_host"],
         http_gateway_port=http_port,
         query_api_url=(raw["query_api_url"].strip().rstrip("/")

@@ -38,7 +38,7 @@ DEFAULT_PORTS = {"agent": 9101, "validator": 9102, "projector-postgres": 9103,
                  "agent-reader": 9107, "gateway-grpc": 9108, "agent-sila2": 9109,
                  "devices": 9111, "anomalies": 9112, "quota": 9113,
                  "testing": 9114, "agent-pv": 9115,
-                 "webhooks": 9116}
+                 "webhooks": 9116, "reports": 9117}
 
 
 def serve(process: str, port: int) -> int:

@@ -731,6 +731,11 @@ class ExecutionAnalysed(Event):
     results: dict[str, float]
     units: dict[str, str]
     problems: list[str]
+    # v2: what the analysis read, for the reports (`labbus process reports`): step id -> metric
+    # -> values, and per step that ran [{"step_id", "device_id", "started_ms", "finished_ms"}]
+    # (log times, ms); v1 data decodes as empty
+    readings: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    steps: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -793,10 +798,32 @@ class ServiceRequestCompleted(Event):
     verdict: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReportGenerated(Event):
+    """One report of a completed service request stored in the artifact store (`labbus process
+    reports`): one per format, its id derived from request, format and sha256, so a report
+    generated again (same events, same bytes) is the same event."""
+
+    TYPE: ClassVar[str] = "lab.testing.ReportGenerated"
+    request_id: str
+    format: str  # pdf, xlsx or csv
+    name: str  # the file name
+    content_type: str
+    sha256: str  # hex, the artifact's address
+    size: int
+    location: str  # where the store keeps it (gridfs://<db>/<bucket>/<sha256>, file:///...)
+    certificate: bool  # the PDF holds a certificate page; false for xlsx and csv
+
+
 TESTING_EVENTS: tuple[type[Event], ...] = (
     ServiceRequestSubmitted, ServiceRequestRejected, InspectionRecorded, ProtocolAssigned,
     ExecutionStarted, TestResultRecorded, ExecutionAnalysed, QcEvaluated, ExecutionPassed,
-    ExecutionFailed, NonConformanceRaised, ServiceRequestCompleted)
+    ExecutionFailed, NonConformanceRaised, ServiceRequestCompleted, ReportGenerated)
+
+
+def report_event_id(request_id: str, fmt: str, sha256: str) -> str:
+    """The id of the ReportGenerated of a request's report in a format with these bytes."""
+    return derived_id(f"service-request/{request_id}", f"report/{fmt}/{sha256}")
 
 
 def execution_id_for(request_id: str, sample_id: str, protocol_id: str, version: int,

@@ -132,10 +132,12 @@ QUOTA_INBOX = TopicSpec(
 TESTING_REQUESTS = TopicSpec(
     "lab.testing.requests", 6, "request_id",
     ("lab.testing.ServiceRequestSubmitted", "lab.testing.ServiceRequestRejected",
-     "lab.testing.InspectionRecorded", "lab.testing.ServiceRequestCompleted"),
+     "lab.testing.InspectionRecorded", "lab.testing.ServiceRequestCompleted",
+     "lab.testing.ReportGenerated"),
     retention_ms=-1,
     description="Service requests (customer, module type and area, samples, protocols), their "
-                "rejection with the reasons, inspections and completion. Kept forever.")
+                "rejection with the reasons, inspections, completion and reports (one "
+                "ReportGenerated per format). Kept forever.")
 TESTING_EXECUTIONS = TopicSpec(
     "lab.testing.executions", 6, "execution_id",
     ("lab.testing.ProtocolAssigned", "lab.testing.ExecutionStarted",
@@ -159,13 +161,27 @@ TESTING_INBOX = TopicSpec(
                 "its executions re-keyed by execution id, execution ends re-keyed by request "
                 "id (copies; the originals' topics route these types).")
 
+# The report processor's repartition topic: copies (the same bytes) of the execution events a
+# report shows, keyed by request id, so that everything about one request is one partition of
+# its inputs (processors/report_gen.py). Only that processor writes it.
+REPORTS_INBOX = TopicSpec(
+    "lab.reports.inbox", 6, "request_id",
+    ("lab.testing.ProtocolAssigned", "lab.testing.ExecutionStarted",
+     "lab.testing.ExecutionAnalysed", "lab.testing.QcEvaluated", "lab.testing.ExecutionPassed",
+     "lab.testing.ExecutionFailed", "lab.testing.NonConformanceRaised"),
+    retention_ms=30 * DAY_MS,
+    description="The report processor's repartition topic: the execution events a report "
+                "shows (assignment, start, analysis with the readings, criteria, verdict, "
+                "non-conformances) re-keyed by request id (copies; lab.testing.executions "
+                "routes these types).")
+
 CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
     DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
     EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
     WEBHOOKS,
     # last: topic_for routes their (copied) event types to their own topics
-    QUOTA_INBOX, TESTING_INBOX,
+    QUOTA_INBOX, TESTING_INBOX, REPORTS_INBOX,
 )
 
 

@@ -296,7 +296,7 @@ class Run:
                     "disp": dispatched_id(issued.event_id), "type": step.instrument_type,
                     "deadline": self.record.timestamp + round(wall_s * 1000), "wall_s": wall_s,
                     "timeout_s": timeout_s, "speed": self.s.speed, "done": False,
-                    "counts": None}
+                    "counts": None, "at": self.record.timestamp}
 
     def command(self, event: Event) -> None:
         cmd = self.x["cmd"]
@@ -350,6 +350,11 @@ class Run:
         got = x["readings"].get(cmd["step"], {})
         if any(len(got.get(metric, [])) < n for metric, n in (cmd["counts"] or {}).items()):
             return
+        # the step as the reports show it: which device, from when to when (log times)
+        x["runs"] = [*x.get("runs", []), {
+            "step_id": cmd["step"], "device_id": cmd["device"],
+            "started_ms": cmd.get("at", self.record.timestamp),
+            "finished_ms": self.record.timestamp}]
         template = self.template()
         if x["step"] + 1 < len(template.steps):
             self.issue(template, x["step"] + 1)
@@ -364,10 +369,11 @@ class Run:
         except InputError as e:
             self.fail("bad_input", str(e))
             return
-        failed = [c for c in ev.criteria if c.verdict == FAIL and c.value is not None]
+        failed = [c for c in ev.criteria if raises_nc(c.verdict, c.value)]
         problems = [r for r in ev.reasons if r not in {c.message for c in ev.criteria}]
         self.emit(ExecutionAnalysed, "analysed", results=dict(ev.results),
-                  units={n: ev.units[n] for n in ev.results}, problems=problems)
+                  units={n: ev.units[n] for n in ev.results}, problems=problems,
+                  readings=x["readings"], steps=x.get("runs", []))
         self.emit(QcEvaluated, "qc", verdict=ev.verdict, criteria=[criterion_record(c)
                                                                    for c in ev.criteria])
         if ev.passed:
@@ -381,6 +387,12 @@ class Run:
                       criteria=[c.id for c in failed],
                       description=f"sample {x['sample']} failed {x['protocol']} v{x['version']}: "
                                   + "; ".join(c.message for c in failed))
+
+
+def raises_nc(verdict: str, value: float | None) -> bool:
+    """Whether a criterion so judged makes its execution raise a NonConformanceRaised (after
+    its ExecutionFailed): it failed on a value that could be computed."""
+    return verdict == FAIL and value is not None
 
 
 def criterion_record(c: Any) -> dict:
