@@ -115,6 +115,13 @@ class DeviceEntry:
     last_acked: int = 0
     last_seen_us: int = 0
 
+    def describe(self, device_type: str, model: str, location: str, attributes: dict[str, str],
+                 specs: list[dict], spec_version: int) -> None:
+        """A new registration of the device, in place: an open stream holds this entry and
+        keeps counting its acks on it."""
+        self.device_type, self.model, self.location = device_type, model, location
+        self.attributes, self.specs, self.spec_version = attributes, specs, spec_version
+
 
 @dataclass
 class DeviceStream:
@@ -312,12 +319,11 @@ class Gateway:
                 known_specs=known.specs if known is not None else None,
                 known_version=known.spec_version if known is not None else None)
             await self.publish([self.step.encode(e) for e in events])
-            entry = DeviceEntry(req.device_id, specs=specs, spec_version=version, **meta)
             if known is not None:
-                entry.reported_status, entry.reported_reason = (known.reported_status,
-                                                                known.reported_reason)
-                entry.last_acked, entry.last_seen_us = known.last_acked, known.last_seen_us
-            self.devices[req.device_id] = entry
+                known.describe(specs=specs, spec_version=version, **meta)
+            else:
+                self.devices[req.device_id] = DeviceEntry(req.device_id, specs=specs,
+                                                          spec_version=version, **meta)
             log.info("registered", extra={"device": req.device_id, "spec_version": version})
             return pb.RegisterDeviceResponse(device_id=req.device_id, spec_version=version,
                                              changed=True)
@@ -646,14 +652,12 @@ class Gateway:
             return  # not ours to dead-letter: the topics' consumers do
         if kind == DeviceRegistered.TYPE:
             known = self.devices.get(r["device_id"])
-            if known is None or r["spec_version"] >= known.spec_version:
-                entry = DeviceEntry(r["device_id"], r["device_type"], r["model"], r["location"],
-                                    dict(r["attributes"]), list(r["specs"]), r["spec_version"])
-                if known is not None:
-                    entry.reported_status = known.reported_status
-                    entry.reported_reason = known.reported_reason
-                    entry.last_acked, entry.last_seen_us = known.last_acked, known.last_seen_us
-                self.devices[r["device_id"]] = entry
+            described = (r["device_type"], r["model"], r["location"], dict(r["attributes"]),
+                         list(r["specs"]), r["spec_version"])
+            if known is None:
+                self.devices[r["device_id"]] = DeviceEntry(r["device_id"], *described)
+            elif r["spec_version"] >= known.spec_version:
+                known.describe(*described)
         elif kind == CommandIssued.TYPE:
             self.command_device.setdefault(r["command_id"], (r["device_id"], r["expires_at"]))
         elif kind == CommandDispatched.TYPE:
