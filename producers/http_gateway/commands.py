@@ -16,6 +16,7 @@ a `Location` on the query API.
 from __future__ import annotations
 
 import collections
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
@@ -90,19 +91,24 @@ class Answered:
         self._answers: collections.OrderedDict[tuple, tuple[dict, dict]] = \
             collections.OrderedDict()
 
-    def get(self, memo: tuple, asked: dict) -> dict | None:
-        if memo not in self._answers:
-            return None
-        first_asked, answer = self._answers[memo]
-        if first_asked != asked:
-            raise HTTPException(409, "this Idempotency-Key was used for another request; use a "
-                                     "new key for a new request")
+    async def once(self, memo: tuple, asked: dict, key: str | None,
+                   publish: Callable[[], Awaitable[dict]], response: Response) -> dict:
+        """`publish()`'s answer, or for a retry (same `key` in `memo`, same body `asked`) the
+        first answer again without publishing; 409 for the key with another body. The answer's
+        `location` is also the `Location` header."""
+        if key is not None and memo in self._answers:
+            first_asked, answer = self._answers[memo]
+            if first_asked != asked:
+                raise HTTPException(409, "this Idempotency-Key was used for another request; "
+                                         "use a new key for a new request")
+        else:
+            answer = await publish()
+            if key is not None:
+                self._answers[memo] = (asked, answer)
+                while len(self._answers) > REMEMBERED_KEYS:
+                    self._answers.popitem(last=False)
+        response.headers["Location"] = answer["location"]
         return answer
-
-    def remember(self, memo: tuple, asked: dict, answer: dict) -> None:
-        self._answers[memo] = (asked, answer)
-        while len(self._answers) > REMEMBERED_KEYS:
-            self._answers.popitem(last=False)
 
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
@@ -139,18 +145,15 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     async def send_command(body: DeviceCommand, request: Request, response: Response,
                            principal: Annotated[Principal, Depends(SEND)],
                            idempotency_key: IdempotencyKey = None) -> dict:
-        memo = ("command", principal.user_id, body.device_id, idempotency_key)
-        asked = body.model_dump()
-        answer = answered.get(memo, asked) if idempotency_key is not None else None
-        if answer is None:
+        async def publish() -> dict:
             key = f"{principal.user_id}/{idempotency_key}" if idempotency_key else None
             event = issue_command(body.device_id, body.command_type, body.payload,
                                   body.timeout_s, key, principal.user_id, source=PROCESS,
                                   actor=actor_of(principal, request))
             await request.app.state.publisher.publish(event)
-            answer = {"event_id": str(event.event_id), "command_id": event.command_id,
-                      "location": f"{cfg.query_api_url}/commands/{event.command_id}"}
-            if idempotency_key is not None:
-                answered.remember(memo, asked, answer)
-        response.headers["Location"] = answer["location"]
-        return answer
+            return {"event_id": str(event.event_id), "command_id": event.command_id,
+                    "location": f"{cfg.query_api_url}/commands/{event.command_id}"}
+
+        return await answered.once(("command", principal.user_id, body.device_id,
+                                    idempotency_key), body.model_dump(), idempotency_key,
+                                   publish, response)

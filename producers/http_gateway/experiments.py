@@ -102,10 +102,9 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     async def start_experiment(body: CampaignRequest, request: Request, response: Response,
                                principal: Annotated[Principal, Depends(START)],
                                idempotency_key: IdempotencyKey = None) -> dict:
-        memo = ("experiment", principal.user_id, idempotency_key)
         asked = body.model_dump()
-        answer = answered.get(memo, asked) if idempotency_key is not None else None
-        if answer is None:
+
+        async def publish() -> dict:
             xid = experiment_id_for(principal.user_id, idempotency_key)
             try:
                 event = request_experiment(
@@ -117,12 +116,11 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
             event = event.with_envelope(event_id=uuid.UUID(
                 derived_id(xid, f"requested/{_digest(asked)}")))
             await request.app.state.publisher.publish(event)
-            answer = {"event_id": str(event.event_id), "experiment_id": xid,
-                      "location": f"{cfg.query_api_url}/experiments/{xid}"}
-            if idempotency_key is not None:
-                answered.remember(memo, asked, answer)
-        response.headers["Location"] = answer["location"]
-        return answer
+            return {"event_id": str(event.event_id), "experiment_id": xid,
+                    "location": f"{cfg.query_api_url}/experiments/{xid}"}
+
+        return await answered.once(("experiment", principal.user_id, idempotency_key), asked,
+                                   idempotency_key, publish, response)
 
     cancel_refusals = {**REFUSALS, 404: {"model": Problem,
                                          "description": "No such experiment (yet)."}}

@@ -79,10 +79,9 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
     async def submit(body: ServiceRequest, request: Request, response: Response,
                      principal: Annotated[Principal, Depends(SUBMIT)],
                      idempotency_key: IdempotencyKey = None) -> dict:
-        memo = ("service-request", principal.user_id, idempotency_key)
         asked = body.model_dump()
-        answer = answered.get(memo, asked) if idempotency_key is not None else None
-        if answer is None:
+
+        async def publish() -> dict:
             try:
                 resolve_request(shipped_catalog(), body.sample_ids, asked["protocols"],
                                 body.module_area_m2)
@@ -94,9 +93,8 @@ def add_routes(app: FastAPI, cfg: Config) -> None:
                 asked["protocols"], principal.user_id, source=PROCESS,
                 actor=actor_of(principal, request))
             await request.app.state.publisher.publish(event)
-            answer = {"event_id": str(event.event_id), "request_id": rid,
-                      "location": f"{cfg.query_api_url}/service-requests/{rid}"}
-            if idempotency_key is not None:
-                answered.remember(memo, asked, answer)
-        response.headers["Location"] = answer["location"]
-        return answer
+            return {"event_id": str(event.event_id), "request_id": rid,
+                    "location": f"{cfg.query_api_url}/service-requests/{rid}"}
+
+        return await answered.once(("service-request", principal.user_id, idempotency_key),
+                                   asked, idempotency_key, publish, response)

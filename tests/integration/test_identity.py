@@ -94,6 +94,20 @@ def token_once_projected(base: str, username: str, password: str) -> dict:
     return wait_for(ask, 60, f"a token for {username}", interval=0.3)
 
 
+def signed_up(genv, base: str, **roles: str) -> dict[str, dict[str, str]]:
+    """Users of this module's run (name -> role), each added with `labbus users add`: name ->
+    the Authorization header of their token once the projector has them."""
+    headers = {}
+    for name, role in roles.items():
+        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
+        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
+                   stdin=pw + "\n")
+        assert r.returncode == 0, r.stderr
+        headers[name] = {"Authorization": "Bearer "
+                         + token_once_projected(base, email, pw)["access_token"]}
+    return headers
+
+
 def verify(cfg, base: str, access_token: str):
     async def go():
         verifier = TokenVerifier.from_config(replace(cfg, auth_issuer=base))
@@ -445,14 +459,7 @@ def test_a_campaign_is_cancelled_by_its_requester_not_by_another_student(gateway
     (and an AccessDenied) for another student, 202 for the requester with
     ExperimentCancelRequested carrying the requester as actor; an admin may cancel anyone's."""
     base, genv = gateway
-    people = {}
-    for name, role in (("hal", "student"), ("ivy", "student"), ("jon", "admin")):
-        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
-        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
-                   stdin=pw + "\n")
-        assert r.returncode == 0, r.stderr
-        people[name] = {"Authorization": "Bearer "
-                        + token_once_projected(base, email, pw)["access_token"]}
+    people = signed_up(genv, base, hal="student", ivy="student", jon="admin")
     body = {"target": "#336699", "dyes": ["red", "yellow", "blue"], "budget_wells": 8}
     started = httpx.post(f"{base}/experiments", json=body, headers=people["hal"], timeout=10)
     assert started.status_code == 202, started.text
@@ -499,14 +506,7 @@ def test_a_students_campaign_shows_in_the_audit_and_not_to_another_student(gatew
     from labbus.api.app import create_app
 
     base, genv = gateway
-    tokens = {}
-    for name, role in (("kim", "student"), ("lee", "student"), ("max", "admin")):
-        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
-        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
-                   stdin=pw + "\n")
-        assert r.returncode == 0, r.stderr
-        tokens[name] = {"Authorization": "Bearer "
-                        + token_once_projected(base, email, pw)["access_token"]}
+    tokens = signed_up(genv, base, kim="student", lee="student", max="admin")
     body = {"target": "#7a3cc0", "dyes": ["red", "yellow", "blue"], "budget_wells": 8}
     started = httpx.post(f"{base}/experiments", json=body, timeout=10,
                          headers={**tokens["kim"], "User-Agent": "kim-browser"})
@@ -538,14 +538,7 @@ def test_a_service_request_is_judged_against_the_catalog_and_submitted_by_the_ca
     and an input out of its template's range, 202 for an engineer with ServiceRequestSubmitted
     on lab.testing.requests carrying the engineer as actor; a retry publishes once."""
     base, genv = gateway
-    people = {}
-    for name, role in (("nia", "engineer"), ("oto", "student")):
-        email, pw = f"{name}-{RUN}@lab.example", f"{name}'s long password"
-        r = labbus(genv, "users", "add", email, "--role", role, "--password-stdin",
-                   stdin=pw + "\n")
-        assert r.returncode == 0, r.stderr
-        people[name] = {"Authorization": "Bearer "
-                        + token_once_projected(base, email, pw)["access_token"]}
+    people = signed_up(genv, base, nia="engineer", oto="student")
     body = {"customer": "ACME Solar", "module_type": "Canadian_Solar_Inc__CS6K_275M",
             "module_area_m2": 1.62, "sample_ids": [f"S-{RUN}-1", f"S-{RUN}-2"],
             "protocols": [{"protocol_id": "PVTP-001", "inputs": {
