@@ -3,8 +3,9 @@ testing`, `labbus process reports` and `labbus agent pv` started as a user start
 service request of three protocols on two modules, one of which fails thermal cycling, ends
 with its three reports in the artifact store (GridFS on the Mongo-compatible server).
 
-Each test uses its own request id and device prefix and ignores everything else in the
-session's namespace."""
+Each test runs in a namespace (and Mongo database) of its own: the testing processor picks any
+registered device of a step's type, and an earlier test's instruments, stopped with their test,
+stay registered (README "Known limits")."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import time
 import uuid
 from pathlib import Path
 
-from labbus.events import kafka
+import pytest
+from pymongo import MongoClient
+
+from labbus.events import config, kafka
 from labbus.events.artifacts import GridFSStore, open_store
 from labbus.events.codec import default_codec
 from labbus.events.model import (
@@ -35,6 +39,20 @@ from tests.unit.test_report_gen import check_pdf, check_workbook, expected_verdi
 from tests.unit.test_testing_logic import PROTOCOLS, pick_samples
 
 SPEED = {"LABBUS_TESTING_SPEED": "1000000"}  # TC200 (~570 h) in ~2 s
+
+
+@pytest.fixture
+def cfg(env, processes):
+    """The test's own namespace and Mongo database; `processes` start in it."""
+    own = {"LABBUS_NAMESPACE": f"{env['LABBUS_NAMESPACE']}-tw{uuid.uuid4().hex[:4]}",
+           "LABBUS_MONGO_DB": f"{env['LABBUS_MONGO_DB']}_tw"}
+    mine = config.load({**env, **own})
+    run(kafka.ensure_topics(mine))  # its topics and, on the secured broker, its ACLs
+    processes.env = {**processes.env, **own}
+    yield mine
+    processes.stop_all()
+    run(kafka.delete_namespace_topics(mine, own["LABBUS_NAMESPACE"]))
+    MongoClient(mine.mongo_url).drop_database(own["LABBUS_MONGO_DB"])
 DEVICES = "iv-curve-tracer:2,climate-chamber:2,insulation-tester:1"
 
 
