@@ -267,6 +267,35 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@contextlib.contextmanager
+def own_namespace(env: dict[str, str], tag: str):
+    """(cfg, env overrides) of a namespace and Mongo database of the test's own, for a test whose
+    processes would otherwise read the session's whole topics, which other tests fill (a
+    projector catching up on them, a webhook target delivering every earlier event, a processor
+    choosing an earlier test's stopped instrument). Its topics and, on the secured broker, its
+    ACLs are made first; all is removed afterwards."""
+    own = {"LABBUS_NAMESPACE": f"{env['LABBUS_NAMESPACE']}-{tag}",
+           "LABBUS_MONGO_DB": f"{env['LABBUS_MONGO_DB']}_{tag.replace('-', '_')}"}
+    cfg = config.load({**env, **own})
+    run(kafka.ensure_topics(cfg))
+    try:
+        yield cfg, own
+    finally:
+        from pymongo import MongoClient
+
+        run(kafka.delete_namespace_topics(cfg, own["LABBUS_NAMESPACE"]))
+        MongoClient(cfg.mongo_url).drop_database(own["LABBUS_MONGO_DB"])
+
+
+@pytest.fixture
+def own_cfg(env, processes):
+    """The config of a namespace of the test's own (`own_namespace`); `processes` start in it."""
+    with own_namespace(env, f"own{uuid.uuid4().hex[:4]}") as (cfg, own):
+        processes.env = {**processes.env, **own}
+        yield cfg
+        processes.stop_all()
+
+
 async def read_topic(cfg: config.Config, topic: str) -> list:
     """Every record of a topic, from the beginning to the current end, across partitions."""
     from labbus.events.kafka import read_to_end

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections import Counter
+from datetime import UTC, datetime
 from xml.etree import ElementTree
 
 import asyncpg
@@ -49,11 +49,21 @@ def verdict(cfg, experiment_id: str):
     return final[0] if final else None
 
 
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
 def check_campaign(cfg, xid: str) -> tuple[ExperimentCompleted, list]:
     everything = (events_of(cfg, EXPERIMENTS, xid) + events_of(cfg, ROBOT_RUNS, xid)
                   + events_of(cfg, COLOUR_READINGS, xid))
-    ids = Counter(e.event_id for e in everything)
-    assert [i for i, n in ids.items() if n > 1] == [], "an event was written twice"
+    # at least once (README "Known limits"): a worker killed between an input's output acks and
+    # its changelog write re-emits that input's outputs, with the same ids and content; a repeat
+    # is dropped by id downstream. A repeated id with other content would be a second decision.
+    same = {}
+    for e in everything:
+        same.setdefault(e.event_id, set()).add(repr(e.with_envelope(recorded_at=T0)))
+    assert [i for i, versions in same.items() if len(versions) > 1] == [], \
+        "an event id was written with different content"
+    everything = list({e.event_id: e for e in everything}.values())
     done = [e for e in everything if isinstance(e, ExperimentCompleted)]
     assert len(done) == 1
     done = done[0]

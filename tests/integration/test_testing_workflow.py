@@ -14,9 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pymongo import MongoClient
 
-from labbus.events import config, kafka
+from labbus.events import kafka
 from labbus.events.artifacts import GridFSStore, open_store
 from labbus.events.codec import default_codec
 from labbus.events.model import (
@@ -42,17 +41,8 @@ SPEED = {"LABBUS_TESTING_SPEED": "1000000"}  # TC200 (~570 h) in ~2 s
 
 
 @pytest.fixture
-def cfg(env, processes):
-    """The test's own namespace and Mongo database; `processes` start in it."""
-    own = {"LABBUS_NAMESPACE": f"{env['LABBUS_NAMESPACE']}-tw{uuid.uuid4().hex[:4]}",
-           "LABBUS_MONGO_DB": f"{env['LABBUS_MONGO_DB']}_tw"}
-    mine = config.load({**env, **own})
-    run(kafka.ensure_topics(mine))  # its topics and, on the secured broker, its ACLs
-    processes.env = {**processes.env, **own}
-    yield mine
-    processes.stop_all()
-    run(kafka.delete_namespace_topics(mine, own["LABBUS_NAMESPACE"]))
-    MongoClient(mine.mongo_url).drop_database(own["LABBUS_MONGO_DB"])
+def cfg(own_cfg):
+    return own_cfg
 DEVICES = "iv-curve-tracer:2,climate-chamber:2,insulation-tester:1"
 
 

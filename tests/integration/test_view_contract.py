@@ -10,7 +10,6 @@ outage of its database is ridden through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -24,14 +23,14 @@ import pytest
 from aiokafka import TopicPartition
 from pymongo import MongoClient
 
-from labbus.events import config, kafka
+from labbus.events import kafka
 from labbus.events.codec import default_codec
 from labbus.events.model import DeadLetter, MeasurementValidated, utcnow
 from labbus.events.runtime import Positioned, PositionsMoved
 from labbus.events.topics import DEAD_LETTER, MEASUREMENTS_VALIDATED, topic_name
 from labbus.projections.mongo import MongoProjection
 from labbus.projections.postgres import PostgresProjection
-from tests.conftest import read_topic, run, wait_for
+from tests.conftest import own_namespace, read_topic, run, wait_for
 from tests.support.proxy import Proxy
 
 POISON_US = -(2**62)  # a device timestamp no read model can hold
@@ -59,23 +58,6 @@ def positioned(tp: TopicPartition, offsets, prefix: str, poison_at: int | None =
     return [Positioned(tp, o, *codec.decode_record(
         validated(f"{prefix}-{o % 3}", o, POISON_US if o == poison_at else None), plain=True))
         for o in offsets]
-
-
-@contextlib.contextmanager
-def own_namespace(env: dict[str, str], tag: str):
-    """(cfg, env overrides) of a namespace and Mongo database of the test's own: its projector
-    handles the test's stream only, not the session's whole topic, which other tests fill
-    (SecantusDB once took over 300 s to catch up on it). Its topics and, on the secured
-    broker, its ACLs are made first; all is removed afterwards."""
-    own = {"LABBUS_NAMESPACE": f"{env['LABBUS_NAMESPACE']}-{tag}",
-           "LABBUS_MONGO_DB": f"{env['LABBUS_MONGO_DB']}_{tag.replace('-', '_')}"}
-    cfg = config.load({**env, **own})
-    run(kafka.ensure_topics(cfg))
-    try:
-        yield cfg, own
-    finally:
-        run(kafka.delete_namespace_topics(cfg, own["LABBUS_NAMESPACE"]))
-        MongoClient(cfg.mongo_url).drop_database(own["LABBUS_MONGO_DB"])
 
 
 async def publish(cfg, values: list[tuple[bytes, bytes]]) -> None:

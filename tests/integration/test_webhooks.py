@@ -34,6 +34,13 @@ TAG = uuid.uuid4().hex[:6]
 SECRET = new_secret()
 
 
+@pytest.fixture
+def cfg(own_cfg):
+    """A namespace of the test's own: a new target starts at the beginning of its topics, and
+    the session's would hold every other test's events of the types it forwards."""
+    return own_cfg
+
+
 def start(processes, tmp_path, targets: list[dict], **defaults):
     path = tmp_path / f"webhooks-{uuid.uuid4().hex[:6]}.json"
     path.write_text(json.dumps({**defaults, "targets": targets}))
