@@ -58,8 +58,8 @@ def test_rebalance_mid_stream_loses_and_invents_nothing(cfg, processes):
     wait_for(lambda: "dedup windows primed" in open(second.log_path).read(), 90,
              "partitions assigned to the second validator")
     done_before = len(decisions(cfg, "rbl"))
-    wait_for(lambda: len(decisions(cfg, "rbl")) > done_before + 2_000, 90,
-             "both validators at work")
+    wait_for(lambda: len(decisions(cfg, "rbl")) > done_before + 2_000, 180,
+             "both validators at work")  # over 90 s once in CI, on a loaded machine
     first.terminate()  # leaves the group: its partitions move to the second validator
     first.wait(30)
     assert_each_reading_decided_once(cfg, "rbl", publisher, 120)
