@@ -317,6 +317,42 @@ async def delete_namespace_topics(cfg: Config, namespace: str) -> list[str]:
     return names
 
 
+async def start_new_group_at(cfg: Config, group: str, topics: list[str], since_ms: int) -> int:
+    """Where `group` has never committed on a partition of `topics`, commit the offset of the
+    first record at or after `since_ms` (the log end where there is none): a consumer whose
+    inputs older than that are of no use (expired commands) then starts there on its first run,
+    instead of reading the topic's whole history. Committed offsets are kept. Returns how many
+    partitions were set. (A commit from outside the group fails while members are in it; those
+    members' offsets then decide.)"""
+    from aiokafka import TopicPartition
+    from aiokafka.errors import CommitFailedError, IllegalGenerationError, UnknownMemberIdError
+
+    client = consumer(cfg, group=group)
+    await client.start()
+    try:
+        await client._client.force_metadata_update()  # noqa: SLF001 - topics may be brand new
+        tps = [TopicPartition(t, p) for t in topics
+               for p in sorted(client.partitions_for_topic(t) or ())]
+        if not tps:
+            return 0
+        client.assign(tps)
+        fresh = [tp for tp in tps if await client.committed(tp) is None]
+        if not fresh:
+            return 0
+        ends = await client.end_offsets(fresh)
+        found = await client.offsets_for_times({tp: since_ms for tp in fresh})
+        offsets = {tp: ends[tp] if found.get(tp) is None else found[tp].offset for tp in fresh}
+        try:
+            await client.commit(offsets)
+        except (CommitFailedError, IllegalGenerationError, UnknownMemberIdError) as exc:
+            log.info("group has members; its start offsets are theirs",
+                     extra={"group": group, "error": repr(exc)})
+            return 0
+        return len(offsets)
+    finally:
+        await client.stop()
+
+
 async def read_to_end(cfg: Config, *topics: str):
     """Yield every record of `topics` from the beginning up to their end offsets at call time
     (no consumer group, nothing committed)."""

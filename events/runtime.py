@@ -241,13 +241,22 @@ async def retrying(what: Callable[[], Awaitable[Any]], backoff: Backoff,
 
 async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec], handler: Handler,
                        stop: asyncio.Event, *, accepts: Collection[str] | None = None,
-                       max_records: int = 500, codec: Codec | None = None) -> None:
+                       max_records: int = 500, codec: Codec | None = None,
+                       first_run_since_ms: int | None = None) -> None:
     """Consume `topics` in the group of `process`; hand each accepted event to
     `handler`; produce its outputs; commit the batch's offsets once all are acknowledged. A
-    failed delivery or commit (broker down) is retried from the last committed offsets."""
+    failed delivery or commit (broker down) is retried from the last committed offsets.
+    `first_run_since_ms`: a group that has never committed starts at the records of that time
+    (kafka.start_new_group_at), not at the beginning of the topics."""
     step = Step(cfg, process, accepts, codec)
     names = [topic_name(cfg, t) for t in topics]
     await retrying(lambda: kafka.ensure_topics(cfg), Backoff(process, "kafka"), stop)
+    if first_run_since_ms is not None:
+        started_at = await retrying(lambda: kafka.start_new_group_at(
+            cfg, group_id(cfg, process), names, first_run_since_ms),
+            Backoff(process, "kafka"), stop)
+        if started_at:
+            log.info("first run: starts at the given time", extra={"partitions": started_at})
     consumer = kafka.consumer(cfg, group=group_id(cfg, process))
     recall = _Recall(cfg, step, handler, consumer)
     consumer.subscribe(names, listener=recall)

@@ -240,6 +240,7 @@ class Bridge:
         self.online = asyncio.Event()
         self.status: str | None = None
         self.known: dict | None = None  # the latest DeviceRegistered of this device
+        self.first_registered_ms: int | None = None  # the broker time of its first one
         self._last_seq = 0
         self.readings: asyncio.Queue = asyncio.Queue()
         self.published_readings = 0
@@ -276,8 +277,11 @@ class Bridge:
                 kind, rec = self.step.codec.decode_record(r.value, plain=True)
             except DecodeError:
                 continue
-            if kind == DeviceRegistered.TYPE and rec["device_id"] == self.device_id and (
-                    self.known is None or rec["spec_version"] >= self.known["spec_version"]):
+            if kind != DeviceRegistered.TYPE or rec["device_id"] != self.device_id:
+                continue
+            if self.first_registered_ms is None or r.timestamp < self.first_registered_ms:
+                self.first_registered_ms = r.timestamp
+            if self.known is None or rec["spec_version"] >= self.known["spec_version"]:
                 self.known = rec
         log.info("registration loaded", extra={
             "device": self.device_id,
@@ -312,13 +316,18 @@ class Bridge:
         await retrying(self.producer.start, self.backoff, stop)
         commands = Commands(self, stop)
         try:
+            # no command is dispatched to a device before it is registered: a bridge's first run
+            # reads lab.commands from the device's first registration, or from now for a new one
+            since_ms = int((time.time() - self.cfg.gateway_command_lookback_s) * 1000)
             await self.load_registration()
-            await commands.look_back()
+            since_ms = max(since_ms, self.first_registered_ms or int(time.time() * 1000))
+            await commands.look_back(since_ms)
             readings = asyncio.create_task(self.publish_readings(stop))
             workers = [asyncio.create_task(self.supervise(stop)),
                        asyncio.create_task(run_consumer(
                            self.cfg, f"{PROCESS}.{self.device_id}", [COMMANDS], commands, stop,
-                           accepts=commands.accepts, max_records=1))]
+                           accepts=commands.accepts, max_records=1,
+                           first_run_since_ms=since_ms))]
             stopped = asyncio.create_task(stop.wait())
             try:
                 done, _ = await asyncio.wait([*workers, readings, stopped],
@@ -496,14 +505,13 @@ class Commands:
         if record.get("device_id") == self.b.device_id and "command_id" in record:
             self._note(event_type, record["command_id"])
 
-    async def look_back(self) -> None:
+    async def look_back(self, since_ms: int) -> None:
         cfg = self.b.cfg
         tp = TopicPartition(topic_name(cfg, COMMANDS),
                             _partition(self.b.device_id, COMMANDS.partitions))
         reader = kafka.consumer(cfg, group=None)
         await reader.start()
         try:
-            since_ms = int((time.time() - cfg.gateway_command_lookback_s) * 1000)
             found = (await reader.offsets_for_times({tp: since_ms})).get(tp)
         finally:
             await reader.stop()
