@@ -7,8 +7,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import time
 import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
 
+from labbus.events.config import Config
 from labbus.events.model import DeviceRegistered, DeviceSpecChanged, Event, derived_id
 
 
@@ -50,3 +54,55 @@ def registration_events(*, source: str, device_id: str, meta: dict, specs: list[
         device_id=device_id, metrics=[s["metric"] for s in specs], specs=specs,
         spec_version=version, **meta))
     return version, events
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition the kernel's producer (Kafka's default partitioner) puts `key` in."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    return DefaultPartitioner()(key.encode(), list(range(partitions)), list(range(partitions)))
+
+
+@dataclass
+class Registration:
+    first_ms: int  # the broker time of the device's first DeviceRegistered
+    latest: dict  # its DeviceRegistered of the highest spec_version, as a plain record
+
+
+async def registrations(cfg: Config, device_ids: Collection[str]) -> dict[str, Registration]:
+    """The registrations of `device_ids` so far, read from their partitions of lab.devices."""
+    from aiokafka import TopicPartition
+
+    from labbus.events import kafka
+    from labbus.events.codec import DecodeError, default_codec
+    from labbus.events.topics import DEVICES, topic_name
+
+    codec, wanted = default_codec(), set(device_ids)
+    topic = topic_name(cfg, DEVICES)
+    tps = {TopicPartition(topic, key_partition(d, DEVICES.partitions)): None for d in wanted}
+    found: dict[str, Registration] = {}
+    async for r in kafka.read_ranges(cfg, tps):
+        try:
+            kind, rec = codec.decode_record(r.value, plain=True)
+        except DecodeError:
+            continue
+        device = rec.get("device_id") if kind == DeviceRegistered.TYPE else None
+        if device not in wanted:
+            continue
+        known = found.get(device)
+        if known is None:
+            found[device] = Registration(r.timestamp, rec)
+            continue
+        known.first_ms = min(known.first_ms, r.timestamp)
+        if rec["spec_version"] >= known.latest["spec_version"]:
+            known.latest = rec
+    return found
+
+
+def commands_horizon_ms(cfg: Config, first_registered_ms: int | None) -> int:
+    """Where a device agent's first run starts reading lab.commands (run_consumer's
+    first_run_since_ms), instead of the topic's whole history: no command is dispatched to a
+    device before it is registered, nor is one older than LABBUS_GATEWAY_COMMAND_LOOKBACK_S
+    still to run. A device never registered starts now: call this before registering it."""
+    now_ms = int(time.time() * 1000)
+    return max(now_ms - cfg.gateway_command_lookback_s * 1000, first_registered_ms or now_ms)

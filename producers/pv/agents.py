@@ -58,6 +58,7 @@ import numpy as np
 
 from labbus.events import kafka
 from labbus.events.config import Config
+from labbus.events.devices import commands_horizon_ms, registrations
 from labbus.events.model import (
     CommandAccepted,
     CommandCompleted,
@@ -347,6 +348,12 @@ async def run(cfg: Config, stop: asyncio.Event, devices: str = "iv-curve-tracer:
     producer = kafka.producer(cfg)
     await retrying(producer.start, backoff, stop)
     try:
+        # before registering: a device new to the bus starts its commands at now
+        known = await retrying(lambda: registrations(cfg, [d.device_id for d in fleet]),
+                               backoff, stop)
+        horizon = {d.device_id: commands_horizon_ms(
+            cfg, known[d.device_id].first_ms if d.device_id in known else None) for d in fleet}
+
         async def register() -> None:
             sent = Deliveries(producer, PROCESS)
             for d in fleet:
@@ -360,7 +367,8 @@ async def run(cfg: Config, stop: asyncio.Event, devices: str = "iv-curve-tracer:
             handler = Commands(d, samples, cfg.testing_speed, seed)
             tasks.append(asyncio.create_task(run_consumer(
                 cfg, f"{PROCESS}.{d.device_id}", [COMMANDS], handler, stop,
-                accepts=handler.accepts, max_records=1)))
+                accepts=handler.accepts, max_records=1,
+                first_run_since_ms=horizon[d.device_id])))
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         stop.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)

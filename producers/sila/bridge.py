@@ -34,12 +34,18 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
 
 from labbus.events import kafka
 from labbus.events.codec import DecodeError
 from labbus.events.config import Config
-from labbus.events.devices import is_loopback, reading_id, registration_events
+from labbus.events.devices import (
+    commands_horizon_ms,
+    is_loopback,
+    key_partition,
+    reading_id,
+    registration_events,
+    registrations,
+)
 from labbus.events.model import (
     COMMAND_FINAL,
     CommandAccepted,
@@ -50,7 +56,6 @@ from labbus.events.model import (
     CommandRejected,
     CommandStarted,
     DeviceHeartbeat,
-    DeviceRegistered,
     DeviceStatusChanged,
     Event,
     MeasurementRecorded,
@@ -58,7 +63,7 @@ from labbus.events.model import (
     utcnow,
 )
 from labbus.events.runtime import Backoff, Deliveries, Step, retrying, run_consumer
-from labbus.events.topics import COMMANDS, DEVICES, topic_name
+from labbus.events.topics import COMMANDS, topic_name
 from labbus.producers.sila import load_sila2
 
 log = logging.getLogger(__name__)
@@ -240,7 +245,7 @@ class Bridge:
         self.online = asyncio.Event()
         self.status: str | None = None
         self.known: dict | None = None  # the latest DeviceRegistered of this device
-        self.first_registered_ms: int | None = None  # the broker time of its first one
+        self.first_registered_ms: int | None = None
         self._last_seq = 0
         self.readings: asyncio.Queue = asyncio.Queue()
         self.published_readings = 0
@@ -270,19 +275,9 @@ class Bridge:
     # -- registration ------------------------------------------------------------------------
     async def load_registration(self) -> None:
         """The device's latest DeviceRegistered, from its partition of lab.devices."""
-        topic = topic_name(self.cfg, DEVICES)
-        tp = TopicPartition(topic, _partition(self.device_id, DEVICES.partitions))
-        async for r in kafka.read_ranges(self.cfg, {tp: None}):
-            try:
-                kind, rec = self.step.codec.decode_record(r.value, plain=True)
-            except DecodeError:
-                continue
-            if kind != DeviceRegistered.TYPE or rec["device_id"] != self.device_id:
-                continue
-            if self.first_registered_ms is None or r.timestamp < self.first_registered_ms:
-                self.first_registered_ms = r.timestamp
-            if self.known is None or rec["spec_version"] >= self.known["spec_version"]:
-                self.known = rec
+        found = (await registrations(self.cfg, [self.device_id])).get(self.device_id)
+        if found is not None:
+            self.known, self.first_registered_ms = found.latest, found.first_ms
         log.info("registration loaded", extra={
             "device": self.device_id,
             "spec_version": self.known["spec_version"] if self.known else None})
@@ -316,11 +311,8 @@ class Bridge:
         await retrying(self.producer.start, self.backoff, stop)
         commands = Commands(self, stop)
         try:
-            # no command is dispatched to a device before it is registered: a bridge's first run
-            # reads lab.commands from the device's first registration, or from now for a new one
-            since_ms = int((time.time() - self.cfg.gateway_command_lookback_s) * 1000)
             await self.load_registration()
-            since_ms = max(since_ms, self.first_registered_ms or int(time.time() * 1000))
+            since_ms = commands_horizon_ms(self.cfg, self.first_registered_ms)
             await commands.look_back(since_ms)
             readings = asyncio.create_task(self.publish_readings(stop))
             workers = [asyncio.create_task(self.supervise(stop)),
@@ -508,7 +500,7 @@ class Commands:
     async def look_back(self, since_ms: int) -> None:
         cfg = self.b.cfg
         tp = TopicPartition(topic_name(cfg, COMMANDS),
-                            _partition(self.b.device_id, COMMANDS.partitions))
+                            key_partition(self.b.device_id, COMMANDS.partitions))
         reader = kafka.consumer(cfg, group=None)
         await reader.start()
         try:
@@ -684,11 +676,6 @@ class Commands:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _partition(key: str, partitions: int) -> int:
-    """The partition the kernel's producer (Kafka's default partitioner) puts `key` in."""
-    return DefaultPartitioner()(key.encode(), list(range(partitions)), list(range(partitions)))
-
 
 def _result_json(responses) -> str:
     if responses is None:
