@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from labbus.events.devices import is_loopback, reading_id, registration_events
+from labbus.events.devices import is_loopback, key_partition, reading_id, registration_events
 from labbus.producers.sila import bridge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,12 +109,12 @@ def test_bad_settings_are_refused_by_name(args, message, tmp_path):
 
 
 def test_partition_is_the_producers():
-    """The bridge reads one partition of lab.devices / lab.commands: the one the kernel's
+    """Device agents read one partition of lab.devices / lab.commands: the one the kernel's
     producer (Kafka's default partitioner) writes the device's key to."""
     for key in ("thermo-1", "d", "x" * 50):
-        assert bridge._partition(key, 6) == DefaultPartitioner()(key.encode(), list(range(6)),
+        assert key_partition(key, 6) == DefaultPartitioner()(key.encode(), list(range(6)),
                                                                  list(range(6)))
-    assert len({bridge._partition(f"d{i}", 6) for i in range(100)}) == 6
+    assert len({key_partition(f"d{i}", 6) for i in range(100)}) == 6
 
 
 def test_shared_device_helpers():
