@@ -23,11 +23,9 @@ import uuid
 import httpx
 import pytest
 
-from labbus.events.codec import default_codec
 from labbus.events.model import (
     CommandCompleted,
     CommandDispatched,
-    Event,
     ExecutionAnalysed,
     ExecutionFailed,
     ExecutionPassed,
@@ -38,7 +36,6 @@ from labbus.events.topics import (
     TESTING_EXECUTIONS,
     TESTING_INBOX,
     TESTING_SAMPLES,
-    topic_name,
 )
 from labbus.producers.pv import models
 from tests.conftest import (
@@ -46,10 +43,9 @@ from tests.conftest import (
     free_port,
     http_server,
     own_namespace,
-    read_topic,
-    run,
     wait_for,
 )
+from tests.integration.test_testing_workflow import events
 from tests.unit.test_testing_logic import PROTOCOLS, pick_samples
 
 RUN = uuid.uuid4().hex[:6]
@@ -59,19 +55,6 @@ DEVICES = "iv-curve-tracer:1,climate-chamber:1,insulation-tester:1"
 CUSTOMER = f"Inbound Solar {RUN}"
 OPERATOR, STUDENT = f"op-{RUN}", f"stu-{RUN}"
 GOOD = pick_samples(2)[1]  # two samples that pass PVTP-001, PVTP-003 and PVTP-015
-
-
-def events(cfg, spec, keep=lambda e: True) -> list[Event]:
-    codec = default_codec()
-    out = []
-    for r in run(read_topic(cfg, topic_name(cfg, spec))):
-        try:
-            e = codec.decode(r.value)
-        except ValueError:
-            continue
-        if keep(e):
-            out.append(e)
-    return out
 
 
 @pytest.fixture(scope="module")
