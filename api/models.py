@@ -427,6 +427,69 @@ class Execution(BaseModel):
     started_at: datetime | None
     analysed_at: datetime | None
     finished_at: datetime | None
+    abort_requested_by: str | None = Field(
+        description="Who asked to abort it (the first abort request); the end says whether it "
+                    "was aborted (reason_code `aborted`) or had ended already.")
+    abort_reason: str | None
+    abort_requested_at: datetime | None
+
+
+class Sample(BaseModel):
+    """A sample the lab received, as its LIMS registered it (the latest registration)."""
+
+    sample_id: str
+    lims_ref: str = Field(description="The LIMS's own reference.")
+    customer: str
+    module_type: str
+    module_area_m2: float
+    serial_number: str
+    received_at: datetime = Field(description="When the lab received it (the LIMS's time).")
+    registered_by: str
+    registered_at: datetime = Field(description="When the (latest) registration was made.")
+    registrations: int = Field(description="Registrations of this id seen (a LIMS correcting "
+                                           "its record registers it again).")
+
+
+class SamplePage(BaseModel):
+    items: list[Sample]
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class SampleServiceRequest(BaseModel):
+    """A service request that names the sample."""
+
+    request_id: str
+    status: ServiceRequestStatus
+    customer: str
+    verdict: Literal["pass", "fail"] | None
+    rejection_reasons: list[str] | None
+    submitted_at: datetime
+
+
+class SampleExecution(BaseModel):
+    """An execution on the sample."""
+
+    execution_id: str
+    request_id: str
+    protocol_id: str
+    template_version: int
+    status: Literal["assigned", "running", "passed", "failed"]
+    verdict: Literal["pass", "fail"] | None
+    reason_code: str | None
+    finished_at: datetime | None
+
+
+class SampleDetail(Sample):
+    service_requests: list[SampleServiceRequest] = Field(
+        description="The requests naming it, by submission time.")
+    executions: list[SampleExecution] = Field(description="By request, protocol, version.")
+
+
+class RequestSample(BaseModel):
+    sample_id: str
+    registration: Sample | None = Field(
+        description="Its registration as the LIMS made it; null: not registered (the testing "
+                    "processor then rejects the request, or it was submitted before the rule).")
 
 
 class Inspection(BaseModel):
@@ -467,6 +530,8 @@ class Report(BaseModel):
 
 
 class ServiceRequestDetail(ServiceRequest):
+    samples: list[RequestSample] = Field(description="Each of `sample_ids` with its "
+                                                     "registration.")
     inspections: list[Inspection] = Field(description="In time order.")
     executions: list[Execution] = Field(description="By sample, protocol, version.")
     non_conformances: list[NonConformance]

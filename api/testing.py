@@ -1,6 +1,7 @@
-"""The query API's routes of the testing lab (issue 11): service requests with their executions,
-verdicts, per-criterion results, non-conformances and reports (PostgreSQL, migration 0009), the
-reports' files (the artifact store), and the shipped protocol templates.
+"""The query API's routes of the testing lab (issue 11): samples as the LIMS registered them,
+service requests with their samples' registrations, executions, verdicts, per-criterion results,
+non-conformances and reports (PostgreSQL, migrations 0009 and 0010), the reports' files (the
+artifact store), and the shipped protocol templates.
 
 Every route needs `read:all` (`READ_ALL`: admins, viewers, engineers, operators): a service
 request is a customer's order to the lab and its results are the lab's records, not one user's,
@@ -34,9 +35,11 @@ from labbus.events.config import Config
 from labbus.events.protocols import shipped_catalog
 
 SERVICE_REQUESTS_KEY = cursor.Key.of(request_id=str)
+SAMPLES_KEY = cursor.Key.of(sample_id=str)
 NON_CONFORMANCES_KEY = cursor.Key.of(raised_at=datetime, nc_id=str)
 
 RequestId = Annotated[str, PathParam(description="A service request id.")]
+SampleId = Annotated[str, PathParam(description="A sample id.")]
 ProtocolId = Annotated[str, PathParam(description="A protocol template id, e.g. PVTP-003.")]
 
 # the media type each report format is served with
@@ -57,7 +60,10 @@ _COUNTS = """LEFT JOIN LATERAL (
     FROM executions x WHERE x.request_id = r.request_id) c ON true"""
 _EXECUTION_COLUMNS = """execution_id, sample_id, protocol_id, template_version, template_sha256,
     inputs, status, verdict, qc_verdict, reason_code, reason, steps, results, units, problems,
-    criteria, entered, assigned_at, started_at, analysed_at, finished_at"""
+    criteria, entered, assigned_at, started_at, analysed_at, finished_at, abort_requested_by,
+    abort_reason, abort_requested_at"""
+_SAMPLE_COLUMNS = """sample_id, lims_ref, customer, module_type, module_area_m2, serial_number,
+    received_at, registered_by, registered_at, registrations"""
 _NC_COLUMNS = """nc_id, request_id, execution_id, sample_id, protocol_id, template_version,
     criteria, description, raised_at"""
 
@@ -95,6 +101,57 @@ def store_for(location: str, mongo_sync, default_db: str) -> artifacts.ArtifactS
 
 def register(app: FastAPI, cfg: Config) -> None:
     """Add the testing lab's routes to the query API."""
+
+    @app.get("/samples", summary="List the samples the LIMS registered",
+             description="Ordered by sample id; cursor-paginated. Each with its latest "
+                         "registration.",
+             operation_id="list_samples", response_model=models.SamplePage,
+             responses=_links("list_samples", get_sample={"sample_id": "items/0/sample_id"})
+             | errors.responses(400, 422, 503))
+    async def list_samples(
+        request: Request,
+        _: ReadsAll,
+        customer: Annotated[str | None, Query(
+            description="Only this customer's samples (exact).")] = None,
+        lims_ref: Annotated[str | None, Query(
+            description="Only the sample of this LIMS reference (exact).")] = None,
+        limit: Limit = 100,
+        cursor_: Cursor = None,
+    ) -> dict:
+        after = SAMPLES_KEY.decode(cursor_)[0] if cursor_ else ""
+        if _unstorable(customer) or _unstorable(lims_ref):
+            return {"items": [], "next_cursor": None}
+        rows = await request.app.state.pg.fetch(
+            f"""SELECT {_SAMPLE_COLUMNS} FROM samples
+                WHERE sample_id > $1 AND ($2::text IS NULL OR customer = $2)
+                  AND ($3::text IS NULL OR lims_ref = $3)
+                ORDER BY sample_id LIMIT $4""", after, customer, lims_ref, limit + 1)
+        return _page(rows, limit, SAMPLES_KEY)
+
+    @app.get("/samples/{sample_id}",
+             summary="One sample: its registration, the service requests naming it and its "
+                     "executions",
+             operation_id="get_sample", response_model=models.SampleDetail,
+             responses=errors.responses(404, 422, 503))
+    async def get_sample(request: Request, sample_id: SampleId, _: ReadsAll) -> dict:
+        pg = request.app.state.pg
+        row = None if _unstorable(sample_id) else await pg.fetchrow(
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE sample_id = $1", sample_id)
+        if row is None:
+            raise HTTPException(404, f"no sample {sample_id!r} (a sample just registered shows "
+                                     "within a second)")
+        body = dict(row)
+        body["service_requests"] = [dict(r) for r in await pg.fetch(
+            """SELECT request_id, status, customer, verdict, rejection_reasons, submitted_at
+               FROM service_requests
+               WHERE sample_ids @> ARRAY[$1::text] AND submitted_at IS NOT NULL
+               ORDER BY submitted_at, request_id""", sample_id)]
+        body["executions"] = [dict(r) for r in await pg.fetch(
+            """SELECT execution_id, request_id, protocol_id, template_version, status, verdict,
+                      reason_code, finished_at
+               FROM executions WHERE sample_id = $1
+               ORDER BY request_id, protocol_id, template_version, execution_id""", sample_id)]
+        return body
 
     @app.get("/service-requests", summary="List test service requests",
              description="Ordered by request id; cursor-paginated. `counts` are those of its "
@@ -140,6 +197,11 @@ def register(app: FastAPI, cfg: Config) -> None:
         if row is None:
             raise HTTPException(404, f"no service request {request_id!r}")
         body = _request(row)
+        registered = {r["sample_id"]: dict(r) for r in await pg.fetch(
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE sample_id = ANY($1::text[])",
+            body["sample_ids"])}
+        body["samples"] = [{"sample_id": sid, "registration": registered.get(sid)}
+                           for sid in body["sample_ids"]]
         body["inspections"] = sorted(body.pop("inspections").values(),
                                      key=lambda i: (i["at"], i["sample_id"]))
         body["executions"] = [dict(r) for r in await pg.fetch(

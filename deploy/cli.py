@@ -1182,8 +1182,10 @@ def testing() -> None:
 def testing_submit(customer: str, module_type: str, module_area_m2: float,
                    samples: tuple[str, ...], protocols: tuple[str, ...],
                    inputs: tuple[str, ...], idempotency_key: str | None, via: str) -> None:
-    """Submit a service request: each sample runs each protocol. Through the command gateway
-    when logged in (engineer, operator), else straight to Kafka; prints the request id."""
+    """Submit a service request: each sample runs each protocol. Each sample must have been
+    registered (`labbus samples register`) for this customer, module type and area, else the
+    testing processor rejects the request with the reason. Through the command gateway when
+    logged in (engineer, operator), else straight to Kafka; prints the request id."""
     import getpass
     import uuid
 
@@ -1261,3 +1263,137 @@ def testing_watch(request_id: str, timeout: float) -> None:
         raise click.ClickException(f"no outcome for {request_id} within {timeout:g} s")
     if not (isinstance(final, ServiceRequestCompleted) and final.verdict == "pass"):
         sys.exit(1)
+
+
+def _gateway_post(cfg, token, path: str, body: dict, idempotency_key: str | None = None) -> dict:
+    """POST through the command gateway with the stored token; a refusal as a ClickException."""
+    from labbus.deploy import login as lg
+
+    try:
+        return lg.post(cfg, token, path, body, idempotency_key)
+    except lg.LoginError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@testing.command("inspect")
+@click.argument("request_id")
+@click.option("--sample", "sample_id", required=True, help="One of the request's samples.")
+@click.option("--finding", "findings", multiple=True, help="What was seen (repeatable).")
+@click.option("--defect", "defects", multiple=True, help="A defect found (repeatable; none: "
+                                                         "no defect).")
+@click.option("--photo", "photos", multiple=True, help="A photo's URI (repeatable).")
+@click.option("--idempotency-key", default=None,
+              help="Through the gateway: the same key again is the same inspection.")
+@VIA
+def testing_inspect(request_id: str, sample_id: str, findings: tuple[str, ...],
+                    defects: tuple[str, ...], photos: tuple[str, ...],
+                    idempotency_key: str | None, via: str) -> None:
+    """Record the visual inspection of one of a service request's samples (InspectionRecorded;
+    shown on GET /service-requests/{id} and in its report). Through the command gateway when
+    logged in (result:record: engineer, operator; it refuses an unknown request or a sample not
+    of it), else straight to Kafka. Prints the event id."""
+    import getpass
+
+    from labbus.events.model import InspectionRecorded
+
+    cfg = _cfg()
+    token = _route(via, cfg)
+    if token is None:
+        from labbus.events import kafka
+
+        event = InspectionRecorded.create(
+            source="cli", subject=request_id, sequence=0, request_id=request_id,
+            sample_id=sample_id, inspector=getpass.getuser(), findings=list(findings),
+            defects=list(defects), photo_refs=list(photos))
+        asyncio.run(kafka.publish(cfg, event))
+        click.echo(str(event.event_id))
+        return
+    answer = _gateway_post(cfg, token, f"/service-requests/{request_id}/inspections", {
+        "sample_id": sample_id, "findings": list(findings), "defects": list(defects),
+        "photo_refs": list(photos)}, idempotency_key)
+    click.echo(answer["event_id"])
+
+
+@testing.command("abort")
+@click.argument("execution_id")
+@click.option("--reason", required=True, help="Why (the execution's failure reason says it).")
+@VIA
+def testing_abort(execution_id: str, reason: str, via: str) -> None:
+    """Abort a running execution: the testing processor ends it as ExecutionFailed `aborted`
+    with the reason (the instrument's command in flight is not cancelled; its answer is
+    ignored); the request completes with its other executions' verdicts. An execution that
+    already ended is left as it is (the gateway answers 409 saying how it ended). Through the
+    command gateway when logged in (execution:abort: engineer, operator), else straight to
+    Kafka. Prints the abort request's event id."""
+    import getpass
+
+    from labbus.events.model import request_abort
+
+    cfg = _cfg()
+    token = _route(via, cfg)
+    if token is None:
+        from labbus.events import kafka
+
+        event = request_abort(execution_id, reason, getpass.getuser())
+        asyncio.run(kafka.publish(cfg, event))
+        click.echo(str(event.event_id))
+        return
+    answer = _gateway_post(cfg, token, f"/executions/{execution_id}/abort", {"reason": reason})
+    click.echo(answer["event_id"])
+
+
+@main.group()
+def samples() -> None:
+    """Samples the lab received, as its LIMS registers them (issue 11)."""
+
+
+@samples.command("register")
+@click.argument("sample_id")
+@click.option("--lims-ref", required=True, help="The LIMS's own reference of the sample.")
+@click.option("--customer", required=True)
+@click.option("--module-type", required=True,
+              help="The module model (a CEC database name for the simulated instruments).")
+@click.option("--area", "module_area_m2", type=float, required=True, help="Module area, m².")
+@click.option("--serial", "serial_number", required=True, help="The module's serial number.")
+@click.option("--received-at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z",
+                                                    "%Y-%m-%d"]),
+              default=None, help="When the lab received it, e.g. 2026-03-01T09:30:00+01:00 "
+                                 "(default: now).")
+@click.option("--idempotency-key", default=None,
+              help="Through the gateway: the same key again is the same registration.")
+@VIA
+def samples_register(sample_id: str, lims_ref: str, customer: str, module_type: str,
+                     module_area_m2: float, serial_number: str, received_at,
+                     idempotency_key: str | None, via: str) -> None:
+    """Register a received sample (SampleRegistered): a service request may then name it, for
+    the same customer, module type and area. Registering it again replaces the registration for
+    requests submitted after. Through the command gateway when logged in
+    (service-request:submit: engineer, operator), else straight to Kafka. Prints the event id."""
+    import getpass
+    from datetime import UTC, datetime
+
+    from labbus.events.model import register_sample
+
+    if received_at is None:
+        received_at = datetime.now(UTC)
+    elif received_at.tzinfo is None:  # a date alone: midnight UTC
+        received_at = received_at.replace(tzinfo=UTC)
+    if not 0 < module_area_m2 <= 10:
+        raise click.BadParameter("the area is in m², above 0 and at most 10",
+                                 param_hint="--area")
+    cfg = _cfg()
+    token = _route(via, cfg)
+    if token is None:
+        from labbus.events import kafka
+
+        event = register_sample(sample_id, lims_ref, customer, module_type, module_area_m2,
+                                serial_number, received_at, getpass.getuser())
+        asyncio.run(kafka.publish(cfg, event))
+        click.echo(str(event.event_id))
+        return
+    answer = _gateway_post(cfg, token, "/samples", {
+        "sample_id": sample_id, "lims_ref": lims_ref, "customer": customer,
+        "module_type": module_type, "module_area_m2": module_area_m2,
+        "serial_number": serial_number, "received_at": received_at.isoformat()},
+        idempotency_key)
+    click.echo(answer["event_id"])

@@ -54,6 +54,7 @@ from labbus.events.topics import (
     TESTING_EXECUTIONS,
     TESTING_INBOX,
     TESTING_REQUESTS,
+    TESTING_SAMPLES,
     USERS,
     WEBHOOKS,
     TopicSpec,
@@ -111,7 +112,8 @@ ACCESS: tuple[Access, ...] = (
            groups=("anomalies",), internal=("anomalies",)),
     Access("projector-postgres", "projector", ("project postgres",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                  DEVICE_STATUS, COMMANDS, ALERTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS),
+                  DEVICE_STATUS, COMMANDS, ALERTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
+                  TESTING_SAMPLES),
            writes=(DEAD_LETTER,), groups=("projector.postgres",)),
     Access("projector-mongo", "projector", ("project mongo",),
            reads=(DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS),
@@ -120,10 +122,11 @@ ACCESS: tuple[Access, ...] = (
            reads=(USERS, EXPERIMENTS, QUOTA_INBOX), writes=(QUOTA_INBOX, EXPERIMENTS, DEAD_LETTER),
            groups=("quota",), internal=("quota",)),
     # test protocols (issue 11): executions keyed by execution id; the command events and
-    # readings of an execution reach it re-keyed through lab.testing.inbox (processors/testing.py)
+    # readings of an execution reach it re-keyed through lab.testing.inbox (processors/testing.py);
+    # it reads the registrations of devices and samples in full (a View)
     Access("testing", "processor", ("process testing",),
            reads=(TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_INBOX, COMMANDS,
-                  MEASUREMENTS_RECORDED, DEVICES),
+                  MEASUREMENTS_RECORDED, DEVICES, TESTING_SAMPLES),
            writes=(TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_INBOX, COMMANDS, DEAD_LETTER),
            groups=("testing",), internal=("testing",)),
     # reports of completed service requests: the execution events re-keyed by request id
@@ -139,13 +142,16 @@ ACCESS: tuple[Access, ...] = (
            groups=("agent-pv.",)),
     Access("operator", "operator",
            ("command send", "experiment start", "experiment cancel", "experiment watch",
-            "testing submit", "testing watch"),
+            "testing submit", "testing watch", "testing inspect", "testing abort",
+            "samples register"),
            reads=(COMMANDS, EXPERIMENTS, TESTING_REQUESTS),
-           writes=(COMMANDS, EXPERIMENTS, TESTING_REQUESTS)),
-    # POST /commands, /experiments, /experiments/{id}/cancel, /service-requests; every 403 as
-    # AccessDenied
+           writes=(COMMANDS, EXPERIMENTS, TESTING_REQUESTS, TESTING_EXECUTIONS,
+                   TESTING_SAMPLES)),
+    # POST /commands, /experiments, /experiments/{id}/cancel, /service-requests (and their
+    # inspections), /executions/{id}/abort, /samples; every 403 as AccessDenied
     Access("gateway-http", "agent", ("gateway http",),
-           writes=(COMMANDS, EXPERIMENTS, USERS, TESTING_REQUESTS)),
+           writes=(COMMANDS, EXPERIMENTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
+                   TESTING_SAMPLES)),
     Access("user-admin", "operator",
            ("users add", "users grant", "users revoke", "users disable", "users quota"),
            writes=(USERS,)),
@@ -157,7 +163,7 @@ ACCESS: tuple[Access, ...] = (
     Access("webhooks", "processor", ("webhooks",),
            reads=(DEVICES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
                   MEASUREMENTS_REJECTED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                  TESTING_REQUESTS, TESTING_EXECUTIONS),
+                  TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_SAMPLES),
            writes=(WEBHOOKS, DEAD_LETTER), groups=("webhooks.",)),
 )
 

@@ -210,22 +210,25 @@ class SharedLog:
             self.values[key] = value
 
 class View:
-    """A read-only table every worker holds in full, decoded from a catalog topic read from the
+    """A read-only table every worker holds in full, decoded from catalog topics read from the
     beginning and followed (e.g. the compacted registrations on lab.devices, whose partitioning
-    differs from the processor's inputs). `reader(event_type, record dict)` returns
-    (key, value) to store, (key, None) to delete, or None to skip.
+    differs from the processor's inputs; `spec` may be several topics, read as one table).
+    `reader(event_type, record dict)` returns (key, value) to store, (key, None) to delete, or
+    None to skip.
 
     `caught_up_ms` is the wall-clock time (ms) up to which everything on the topic has been read:
     the driver waits for it to pass an input's log time before deciding an input whose key the
     view does not hold, so a registration published just before a command is seen."""
 
-    def __init__(self, cfg: Config, spec: TopicSpec,
+    def __init__(self, cfg: Config, spec: TopicSpec | Sequence[TopicSpec],
                  reader: Callable[[str, dict], tuple[str, Any] | None],
                  codec: Codec | None = None) -> None:
         from labbus.events.codec import default_codec
 
         self.cfg = cfg
-        self.topic = topic_name(cfg, spec)
+        specs = (spec,) if isinstance(spec, TopicSpec) else tuple(spec)
+        self.topics = tuple(topic_name(cfg, s) for s in specs)
+        self.topic = ", ".join(self.topics)
         self.reader = reader
         self.codec = codec or default_codec()
         self.values: dict[str, Any] = {}
@@ -276,8 +279,8 @@ class View:
         await retrying(consumer.start, Backoff("view", "kafka"))
         try:
             await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh topics
-            tps = [TopicPartition(self.topic, p)
-                   for p in sorted(consumer.partitions_for_topic(self.topic) or ())]
+            tps = [TopicPartition(topic, p) for topic in self.topics
+                   for p in sorted(consumer.partitions_for_topic(topic) or ())]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             while not stopping():

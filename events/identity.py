@@ -26,7 +26,8 @@ PERMISSIONS: dict[str, str] = {
     "experiment:cancel": "cancel a campaign one started (any campaign, with read:all too)",
     "command:send": "send a command to a device (CommandIssued)",
     "service-request:submit": "submit test service requests and sample registrations",
-    "result:record": "enter test results by hand",
+    "result:record": "enter test results by hand, record a sample's inspection",
+    "execution:abort": "abort a running test execution",
     "protocol:manage": "add and version test protocol templates",
     "audit:read": "read the activity log (who did what, when, from where)",
     "users:manage": "add and disable users, grant and revoke roles, grant quotas",
@@ -55,10 +56,11 @@ ROLES: dict[str, Role] = {r.name: r for r in (
           "experiment:start", "experiment:cancel", "read:own"),
     _role("viewer", "colour", "reads everything, changes nothing", "read:all"),
     _role("engineer", "testing", "defines test protocols, runs tests, sends device commands",
-          "protocol:manage", "service-request:submit", "result:record", "command:send",
-          "read:all"),
+          "protocol:manage", "service-request:submit", "result:record", "execution:abort",
+          "command:send", "read:all"),
     _role("operator", "testing", "runs tests and sends device commands",
-          "service-request:submit", "result:record", "command:send", "read:all"),
+          "service-request:submit", "result:record", "execution:abort", "command:send",
+          "read:all"),
 )}
 
 

@@ -287,6 +287,33 @@ def submit_service_request(request_id: str, customer: str, module_type: str,
         submitted_by=submitted_by)
 
 
+def register_sample(sample_id: str, lims_ref: str, customer: str, module_type: str,
+                    module_area_m2: float, serial_number: str, received_at: datetime,
+                    registered_by: str, source: str = "cli",
+                    actor: Actor | None = None) -> SampleRegistered:
+    """The SampleRegistered every entry point makes (the command gateway, `labbus samples
+    register`): its event id derives from the sample and what is registered, so a retry is the
+    same event and a corrected registration another."""
+    asked = json.dumps([lims_ref, customer, module_type, module_area_m2, serial_number,
+                        received_at.isoformat()], separators=(",", ":"))
+    digest = hashlib.sha256(asked.encode()).hexdigest()[:32]
+    return SampleRegistered.create(
+        source=source, subject=sample_id, sequence=1, actor=actor,
+        event_id=uuid.UUID(derived_id(f"sample/{sample_id}", f"registered/{digest}")),
+        sample_id=sample_id, lims_ref=lims_ref, customer=customer, module_type=module_type,
+        module_area_m2=float(module_area_m2), serial_number=serial_number,
+        received_at=received_at, registered_by=registered_by)
+
+
+def request_abort(execution_id: str, reason: str, requested_by: str, source: str = "cli",
+                  actor: Actor | None = None) -> ExecutionAbortRequested:
+    """The ExecutionAbortRequested every entry point makes (the command gateway, `labbus
+    testing abort`). Only the first abort of a running execution counts."""
+    return ExecutionAbortRequested.create(
+        source=source, subject=execution_id, sequence=0, actor=actor,
+        execution_id=execution_id, reason=reason, requested_by=requested_by)
+
+
 def issue_command(device: str, command_type: str, payload: dict, timeout_s: float,
                   idempotency_key: str | None, issued_by: str, source: str = "cli",
                   actor: Actor | None = None) -> CommandIssued:
@@ -680,6 +707,35 @@ class InspectionRecorded(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SampleRegistered(Event):
+    """A sample the lab received, as its LIMS registered it (on lab.testing.samples, keyed by
+    sample id). A service request may name only registered samples of its own customer, module
+    type and area (processors/testing_logic.py `sample_problems`); a sample registered again
+    (a LIMS correcting its record) replaces the registration for requests submitted after."""
+
+    TYPE: ClassVar[str] = "lab.testing.SampleRegistered"
+    sample_id: str
+    lims_ref: str
+    customer: str
+    module_type: str
+    module_area_m2: float
+    serial_number: str
+    received_at: datetime
+    registered_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionAbortRequested(Event):
+    """Abort a running execution: the testing processor ends it as ExecutionFailed (`aborted`,
+    with this reason); an execution already ended is left as it ended (a no-op)."""
+
+    TYPE: ClassVar[str] = "lab.testing.ExecutionAbortRequested"
+    execution_id: str
+    reason: str
+    requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolAssigned(Event):
     """Sample x protocol x template version (and its content hash) -> the execution, whose id
     derives from them (`execution_id_for`)."""
@@ -816,9 +872,10 @@ class ReportGenerated(Event):
 
 
 TESTING_EVENTS: tuple[type[Event], ...] = (
-    ServiceRequestSubmitted, ServiceRequestRejected, InspectionRecorded, ProtocolAssigned,
-    ExecutionStarted, TestResultRecorded, ExecutionAnalysed, QcEvaluated, ExecutionPassed,
-    ExecutionFailed, NonConformanceRaised, ServiceRequestCompleted, ReportGenerated)
+    SampleRegistered, ServiceRequestSubmitted, ServiceRequestRejected, InspectionRecorded,
+    ProtocolAssigned, ExecutionStarted, TestResultRecorded, ExecutionAbortRequested,
+    ExecutionAnalysed, QcEvaluated, ExecutionPassed, ExecutionFailed, NonConformanceRaised,
+    ServiceRequestCompleted, ReportGenerated)
 
 
 def report_event_id(request_id: str, fmt: str, sha256: str) -> str:

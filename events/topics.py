@@ -141,12 +141,23 @@ TESTING_REQUESTS = TopicSpec(
 TESTING_EXECUTIONS = TopicSpec(
     "lab.testing.executions", 6, "execution_id",
     ("lab.testing.ProtocolAssigned", "lab.testing.ExecutionStarted",
-     "lab.testing.TestResultRecorded", "lab.testing.ExecutionAnalysed",
+     "lab.testing.TestResultRecorded", "lab.testing.ExecutionAbortRequested",
+     "lab.testing.ExecutionAnalysed",
      "lab.testing.QcEvaluated", "lab.testing.ExecutionPassed", "lab.testing.ExecutionFailed",
      "lab.testing.NonConformanceRaised"),
     retention_ms=-1,
     description="Executions (sample x protocol x template version): assignment, start, values "
-                "entered by hand, analysis, criteria, verdict, non-conformances. Kept forever.")
+                "entered by hand, abort requests, analysis, criteria, verdict, "
+                "non-conformances. Kept forever.")
+# Samples as the lab's LIMS registers them (inbound, POST /samples). Not an input of a faust
+# processor (the testing processor reads it in full as a View, as lab.devices), so not
+# co-partitioned with the testing topics.
+TESTING_SAMPLES = TopicSpec(
+    "lab.testing.samples", 3, "sample_id", ("lab.testing.SampleRegistered",),
+    retention_ms=-1,
+    description="Samples received, as the LIMS registered them (LIMS reference, customer, "
+                "module type and area, serial number, time received). Kept forever: a service "
+                "request is judged against them.")
 # The testing processor's repartition topic: copies (the same bytes) of the command events and
 # readings of its executions (correlation id = execution id), keyed by execution id, and of the
 # executions' ends, keyed by request id (processors/testing.py). Only that processor writes it.
@@ -179,7 +190,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     DEVICES, MEASUREMENTS_RECORDED, MEASUREMENTS_VALIDATED, MEASUREMENTS_REJECTED, DEAD_LETTER,
     DEVICE_CHANGES, DEVICE_STATUS, DEVICE_REJECTED, COMMANDS, ALERTS,
     EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
-    WEBHOOKS,
+    TESTING_SAMPLES, WEBHOOKS,
     # last: topic_for routes their (copied) event types to their own topics
     QUOTA_INBOX, TESTING_INBOX, REPORTS_INBOX,
 )

@@ -4,7 +4,8 @@ executions on the one faust driver, state per request and per execution in one T
 Inputs (co-partitioned, 6 partitions each): lab.testing.requests (request id),
 lab.testing.executions (execution id), lab.testing.inbox (the repartition topic: execution or
 request id), lab.commands and lab.measurements.recorded (device id; only forwarded to the inbox).
-Registrations (lab.devices) are a `View` every worker reads in full: the devices a step may use.
+Registrations (lab.devices and lab.testing.samples) are a `View` every worker reads in full: the
+devices a step may use, the samples a request may name.
 The logic is plain code in `processors/testing_logic.py`; see its docstring for the workflow,
 the correlation of commands and readings, the choice of devices and the timeouts.
 """
@@ -24,10 +25,10 @@ from labbus.events.topics import (
     TESTING_EXECUTIONS,
     TESTING_INBOX,
     TESTING_REQUESTS,
+    TESTING_SAMPLES,
     topic_name,
 )
-from labbus.processors.lifecycle import registration
-from labbus.processors.testing_logic import ACCEPTS, Settings, Ticker, handle
+from labbus.processors.testing_logic import ACCEPTS, Settings, Ticker, handle, registry_reader
 
 PROCESS = "testing"
 INPUTS = (TESTING_REQUESTS, TESTING_EXECUTIONS, TESTING_INBOX, COMMANDS, MEASUREMENTS_RECORDED)
@@ -47,7 +48,7 @@ def _handle(state: Any, event: Any, record: Any, registry: Any, *, s: Settings):
 
 
 def build_app(cfg: Config, *, tick_s: float = 1.0, **overrides: Any):
-    registry = faust_runtime.View(cfg, DEVICES, registration)
+    registry = faust_runtime.View(cfg, (DEVICES, TESTING_SAMPLES), registry_reader)
     handler = functools.partial(_handle, s=settings(cfg))
     return faust_runtime.build_app(cfg, PROCESS, INPUTS, handler, accepts=ACCEPTS,
                                    table="testing", view=registry,

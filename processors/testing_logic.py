@@ -6,8 +6,10 @@ so ids of either kind may coincide: `"r"`, a service request (key = request id),
 execution (key = execution id); `"p"` is the input partition (the timer's ownership).
 
 **Requests.** ServiceRequestSubmitted → every requested protocol resolved against the catalog
-(`events.protocols.resolve_request`: unknown protocol, inputs out of range → one
-ServiceRequestRejected with every reason) → one ProtocolAssigned per sample × protocol, the
+(`events.protocols.resolve_request`: unknown protocol, inputs out of range) and every sample
+against its registration (`sample_problems`: a sample the LIMS has not registered, or registered
+for another customer, module type or area) → one ServiceRequestRejected with every reason, or
+one ProtocolAssigned per sample × protocol, the
 execution id derived from (request, sample, protocol, version, content hash). The request
 remembers its executions; each execution's end reaches it (see the inbox) and when all ended
 ServiceRequestCompleted (counts and the overall verdict). Executions run in parallel.
@@ -21,6 +23,17 @@ data did not allow judging) and, when criteria failed, NonConformanceRaised. A c
 or rejected, a reading of the wrong unit or from a device of another type, no registered
 device of the step's type, or the step's timeout: ExecutionFailed with the reason, never a
 crash.
+
+**Samples.** The samples' registrations (SampleRegistered on lab.testing.samples, keyed by
+sample id) are in the same View as the devices', under `sample/<id>` (`registry_reader`); the
+driver waits for that View to have read up to an input's log time before handling it, so a
+sample registered just before the request naming it is seen.
+
+**Abort.** ExecutionAbortRequested (keyed by execution id, so ordered with the execution's own
+events) ends a running execution as ExecutionFailed `aborted` with the operator's reason; its
+outstanding step's command is not cancelled on the instrument, but what it answers is ignored
+(the execution is no longer running) and the timer no longer watches it. An execution that
+already ended (or that this processor does not hold) is left as it is: a no-op.
 
 **Devices.** A step's device is a *registered* device (lab.devices) of the step's
 `instrument_type`: of those, sorted by id, the one at (hash of the execution id + step index)
@@ -51,6 +64,7 @@ dropped there.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 import zlib
 from collections.abc import Mapping
@@ -63,7 +77,9 @@ from labbus.events.model import (
     CommandFailed,
     CommandRejected,
     CommandStarted,
+    DeviceRegistered,
     Event,
+    ExecutionAbortRequested,
     ExecutionAnalysed,
     ExecutionFailed,
     ExecutionPassed,
@@ -72,6 +88,7 @@ from labbus.events.model import (
     NonConformanceRaised,
     ProtocolAssigned,
     QcEvaluated,
+    SampleRegistered,
     ServiceRequestCompleted,
     ServiceRequestRejected,
     ServiceRequestSubmitted,
@@ -100,7 +117,8 @@ COMMAND_EVENTS = (CommandAccepted, CommandStarted, CommandCompleted, CommandFail
                   CommandRejected)
 ENDS = (ExecutionPassed, ExecutionFailed)
 ACCEPTS = {cls.TYPE for cls in (ServiceRequestSubmitted, ProtocolAssigned, TestResultRecorded,
-                                *ENDS, *COMMAND_EVENTS, MeasurementRecorded)}
+                                ExecutionAbortRequested, *ENDS, *COMMAND_EVENTS,
+                                MeasurementRecorded)}
 SEEN_ID_CHARS = 12  # reading ids remembered per execution (duplicates), as a prefix
 
 
@@ -139,14 +157,16 @@ def handle(state: dict | None, event: Event, record: Record, registry: Any,
     if isinstance(event, ENDS):  # inbox: an execution's end, keyed by its request
         return _request_end(state, event, record)
     if isinstance(event, ServiceRequestSubmitted):
-        return _request(state, event, record, settings.catalog)
+        return _request(state, event, record, settings.catalog, registry)
     if isinstance(event, ProtocolAssigned):
         return _assigned(state, event, record, registry, settings)
     x = (state or {}).get("x")
     if x is None or x["status"] != "running":
-        return state, []
+        return state, []  # an abort of an ended execution included: a no-op
     run = Run(dict(x), settings, registry, record, event)
-    if isinstance(event, TestResultRecorded):
+    if isinstance(event, ExecutionAbortRequested):
+        run.abort(event)
+    elif isinstance(event, TestResultRecorded):
         run.x["entered"] = {**x.get("entered", {}), event.name: event.value}
     elif isinstance(event, MeasurementRecorded):
         run.reading(event)
@@ -160,18 +180,21 @@ def handle(state: dict | None, event: Event, record: Record, registry: Any,
 # -- requests -----------------------------------------------------------------------------------
 
 def _request(state: dict | None, req: ServiceRequestSubmitted, record: Record,
-             catalog: Catalog) -> tuple[dict | None, list]:
+             catalog: Catalog, registry: Any) -> tuple[dict | None, list]:
     if (state or {}).get("r") is not None:
         return state, []  # the first submission of a request id counts
     rid = req.request_id
     common = dict(source=SOURCE, subject=rid, correlation_id=req.event_id,
                   causation_id=req.event_id)
+    problems = sample_problems(registry, req)
     try:
         plan = resolve_request(catalog, req.sample_ids, req.protocols, req.module_area_m2)
     except RequestError as e:
+        problems = [*e.problems, *problems]
+    if problems:
         rejected = ServiceRequestRejected.create(
             sequence=1, event_id=uuid.UUID(derived_id(req.event_id, "rejected")), **common,
-            request_id=rid, reasons=e.problems)
+            request_id=rid, reasons=problems)
         r = {"id": rid, "ex": {}, "rejected": True, "seq": 1}
         return {**(state or {}), "p": record.partition, "r": r}, [rejected]
     out: list = []
@@ -190,6 +213,52 @@ def _request(state: dict | None, req: ServiceRequestSubmitted, record: Record,
                 module_area_m2=float(req.module_area_m2)))
     r = {"id": rid, "ex": executions, "corr": str(req.event_id), "seq": len(out)}
     return {**(state or {}), "p": record.partition, "r": r}, out
+
+
+SAMPLE_KEY = "sample/"  # a sample's registration in the View, beside the devices'
+AREA_REL_TOL = 1e-3  # a request's module area agrees with the registration's within 0.1 %
+
+
+def registry_reader(kind: str, record: dict) -> tuple[str, Any] | None:
+    """The testing processor's View reader: a device's registration (lifecycle.registration)
+    under its device id, a sample's (SampleRegistered) under `sample/<id>` (the latest
+    registration of a sample stands)."""
+    if kind == DeviceRegistered.TYPE:
+        from labbus.processors.lifecycle import registration
+
+        return registration(kind, record)
+    if kind != SampleRegistered.TYPE:
+        return None
+    return SAMPLE_KEY + record["sample_id"], {
+        "sample": record["sample_id"], "customer": record["customer"],
+        "module_type": record["module_type"], "area": record["module_area_m2"],
+        "lims_ref": record["lims_ref"]}
+
+
+def sample_problems(registry: Any, req: ServiceRequestSubmitted) -> list[str]:
+    """Why the request's samples cannot be tested under it: each sample must have been
+    registered (received by the lab, SampleRegistered) for the request's customer, with its
+    module type and area (within 0.1 %). Empty when all agree."""
+    problems = []
+    for sid in dict.fromkeys(req.sample_ids):
+        reg = registry.get(SAMPLE_KEY + sid)
+        if reg is None:
+            problems.append(f"sample {sid} is not registered: the lab's LIMS registers a "
+                            "sample when it is received (POST /samples) before a request may "
+                            "name it")
+            continue
+        if reg["customer"] != req.customer:
+            problems.append(f"sample {sid} ({reg['lims_ref']}) was registered for customer "
+                            f"{reg['customer']!r}, not {req.customer!r}")
+        if reg["module_type"] != req.module_type:
+            problems.append(f"sample {sid} ({reg['lims_ref']}) was registered as a "
+                            f"{reg['module_type']!r} module, the request says "
+                            f"{req.module_type!r}")
+        if not math.isclose(reg["area"], req.module_area_m2, rel_tol=AREA_REL_TOL):
+            problems.append(f"sample {sid} ({reg['lims_ref']}) was registered with an area "
+                            f"of {reg['area']:g} m², the request says "
+                            f"{req.module_area_m2:g} m²")
+    return problems
 
 
 def _request_end(state: dict | None, end: Event, record: Record) -> tuple[dict | None, list]:
@@ -268,6 +337,15 @@ class Run:
     def fail(self, code: str, reason: str, purpose: str = "failed") -> None:
         self.emit(ExecutionFailed, purpose, reason_code=code, reason=reason)
         self.x["status"] = "failed"
+
+    def abort(self, asked: ExecutionAbortRequested) -> None:
+        """End the running execution as asked; its step's command (if one is out) may still
+        finish on the instrument, and what it answers is then ignored."""
+        cmd = self.x.get("cmd")
+        during = (f" during step {cmd['step']} on {cmd['device']} (its command is not "
+                  "cancelled on the instrument; what it answers is ignored)" if cmd else "")
+        self.fail("aborted", f"aborted by {asked.requested_by}: {asked.reason}{during}",
+                  purpose="aborted")
 
     # -- steps --
     def issue(self, template: ProtocolTemplate, index: int) -> None:
@@ -421,7 +499,8 @@ def choose_device(registry: Any, instrument_type: str, execution_id: str, step: 
     values = getattr(table, "values", None)
     registered = values if isinstance(values, Mapping) else table  # a View's, or a dict
     devices = sorted(d for d, reg in registered.items()
-                     if (reg or {}).get("type") == instrument_type)
+                     if not d.startswith(SAMPLE_KEY) and (reg or {}).get("type") ==
+                     instrument_type)
     if not devices:
         return None
     return devices[zlib.crc32(f"{execution_id}/{step}".encode()) % len(devices)]

@@ -28,6 +28,7 @@ from labbus.events.topics import (
     ROBOT_RUNS,
     TESTING_EXECUTIONS,
     TESTING_REQUESTS,
+    TESTING_SAMPLES,
     USERS,
     topic_name,
 )
@@ -108,7 +109,8 @@ class PostgresProjection:
     def topics(self) -> list[str]:
         return [topic_name(self.cfg, spec) for spec in
                 (DEVICES, MEASUREMENTS_VALIDATED, EXPERIMENTS, ROBOT_RUNS, COLOUR_READINGS,
-                 DEVICE_STATUS, COMMANDS, ALERTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS)]
+                 DEVICE_STATUS, COMMANDS, ALERTS, USERS, TESTING_REQUESTS, TESTING_EXECUTIONS,
+                 TESTING_SAMPLES)]
 
     async def start(self) -> None:
         self.pool = await connect_pool(self.dsn, "LABBUS_POSTGRES_DSN",

@@ -22,6 +22,9 @@ ACTIONS = {
     m.ExperimentRequested.TYPE: "experiment:start",
     m.ExperimentCancelRequested.TYPE: "experiment:cancel",
     m.ServiceRequestSubmitted.TYPE: "service-request:submit",
+    m.SampleRegistered.TYPE: "service-request:submit",
+    m.InspectionRecorded.TYPE: "result:record",
+    m.ExecutionAbortRequested.TYPE: "execution:abort",
 }
 
 _ASKED = """
@@ -92,6 +95,12 @@ def _campaign_started(p: Positioned) -> list[tuple[str, tuple]]:
     return _decided("accepted")(p) if p.record["iteration"] == 0 else []
 
 
+def _aborted(p: Positioned) -> list[tuple[str, tuple]]:
+    """An execution the testing processor ended on an abort request (caused by it): the
+    request was carried out. (Other ends are caused by instrument events, not by requests.)"""
+    return _decided("accepted")(p) if p.record["reason_code"] == "aborted" else []
+
+
 # decision event type -> the outcome it sets on the row of its cause
 OUTCOME_SQL = {
     m.RecipesProposed.TYPE: _campaign_started,
@@ -102,6 +111,7 @@ OUTCOME_SQL = {
     # a service request's executions are assigned (each caused by it), or it is rejected
     m.ProtocolAssigned.TYPE: _decided("accepted"),
     m.ServiceRequestRejected.TYPE: _request_rejected,
+    m.ExecutionFailed.TYPE: _aborted,
 }
 
 

@@ -1,6 +1,10 @@
-"""The test-protocol read models (migration 0009) from lab.testing.requests and
-lab.testing.executions: the SQL each event becomes, written by the PostgreSQL view
-(projections/postgres.py) in its transaction, positions included.
+"""The test-protocol read models (migrations 0009, 0010) from lab.testing.requests,
+lab.testing.executions and lab.testing.samples: the SQL each event becomes, written by the
+PostgreSQL view (projections/postgres.py) in its transaction, positions included.
+
+- `samples`: one row per sample id, its latest registration (SampleRegistered; later by the
+  time it was registered, then by event id, replaces it: a LIMS correcting its record), with
+  the number of registrations seen.
 
 - `service_requests`: one row per request. ServiceRequestSubmitted fills it (the first
   submission of an id counts, as in the testing processor); its status only moves up a rank:
@@ -17,6 +21,8 @@ lab.testing.executions: the SQL each event becomes, written by the PostgreSQL vi
   results, QcEvaluated the criteria, TestResultRecorded adds its value to `entered` (it names
   only the execution: a value for an execution not projected yet is not kept — the processor
   drops those too).
+  ExecutionAbortRequested sets who asked to abort, why and when (the first request stands); the
+  execution's end says whether it was aborted (reason code `aborted`) or had ended already.
 - `non_conformances`: one row per nc id, once.
 - `reports`: `lab.testing.ReportGenerated` (the report processor's, by type name: the class
   lives with it), one row per (request, format); a regenerated report replaces it when it is
@@ -85,6 +91,27 @@ VALUES ($1, 'submitted', 0, jsonb_build_object($2::text, $3::jsonb), $4)
 ON CONFLICT (request_id) DO UPDATE SET
     inspections = service_requests.inspections || EXCLUDED.inspections,
     updated_at = GREATEST(service_requests.updated_at, EXCLUDED.updated_at)
+"""
+
+_SAMPLE = """
+INSERT INTO samples (sample_id, lims_ref, customer, module_type, module_area_m2, serial_number,
+                     received_at, registered_by, registered_at, event_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (sample_id) DO UPDATE SET
+    lims_ref = EXCLUDED.lims_ref, customer = EXCLUDED.customer,
+    module_type = EXCLUDED.module_type, module_area_m2 = EXCLUDED.module_area_m2,
+    serial_number = EXCLUDED.serial_number, received_at = EXCLUDED.received_at,
+    registered_by = EXCLUDED.registered_by, registered_at = EXCLUDED.registered_at,
+    event_id = EXCLUDED.event_id, registrations = samples.registrations + 1
+WHERE (samples.registered_at, samples.event_id) < (EXCLUDED.registered_at, EXCLUDED.event_id)
+"""
+
+# only the execution's row as it is (an abort of an execution the read model does not hold is
+# not kept: the processor drops it too)
+_ABORT = """
+UPDATE executions SET abort_requested_by = $2, abort_reason = $3, abort_requested_at = $4,
+                      updated_at = GREATEST(updated_at, $4)
+WHERE execution_id = $1 AND abort_requested_at IS NULL
 """
 
 _IDENTITY = ("execution_id", "request_id", "sample_id", "protocol_id", "template_version")
@@ -217,6 +244,19 @@ def _nc(p: Positioned) -> Statements:
                    _ts(r["occurred_at"]), r["event_id"]))]
 
 
+def _sample(p: Positioned) -> Statements:
+    r = p.record
+    return [(_SAMPLE, (r["sample_id"], r["lims_ref"], r["customer"], r["module_type"],
+                       r["module_area_m2"], r["serial_number"], _ts(r["received_at"]),
+                       r["registered_by"], _ts(r["occurred_at"]), r["event_id"]))]
+
+
+def _abort(p: Positioned) -> Statements:
+    r = p.record
+    return [(_ABORT, (r["execution_id"], r["requested_by"], r["reason"],
+                      _ts(r["occurred_at"])))]
+
+
 def _report(p: Positioned) -> Statements:
     r = p.record
     return [(_REPORT, (r["request_id"], r["format"], r["name"], r["content_type"], r["sha256"],
@@ -226,6 +266,7 @@ def _report(p: Positioned) -> Statements:
 
 # event type -> its statements, in log order
 TESTING_SQL: dict[str, Callable[[Positioned], Statements]] = {
+    m.SampleRegistered.TYPE: _sample,
     m.ServiceRequestSubmitted.TYPE: _submitted,
     m.ServiceRequestRejected.TYPE: _rejected,
     m.ServiceRequestCompleted.TYPE: _completed,
@@ -246,6 +287,7 @@ TESTING_SQL: dict[str, Callable[[Positioned], Statements]] = {
         "verdict": lambda r: "fail", "reason_code": lambda r: r["reason_code"],
         "reason": lambda r: r["reason"], "finished_at": _at}, final=True),
     m.TestResultRecorded.TYPE: _entered,
+    m.ExecutionAbortRequested.TYPE: _abort,
     m.NonConformanceRaised.TYPE: _nc,
     REPORT_GENERATED: _report,
 }

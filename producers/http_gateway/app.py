@@ -3,8 +3,9 @@
 It serves the built-in token issuer (`POST /auth/token`, the OAuth2 password flow in FastAPI's
 `OAuth2PasswordRequestForm` convention; `/.well-known/jwks.json`;
 `/.well-known/openid-configuration`), the command routes (`POST /commands`: see
-producers/http_gateway/commands.py; campaigns come next), `/health/live`, `/health/ready` and
-`/metrics`.
+producers/http_gateway/commands.py; campaigns: experiments.py; service requests, inspections
+and aborts: service_requests.py; LIMS sample registrations: samples.py), `/health/live`,
+`/health/ready` and `/metrics`.
 
 Errors of `/auth/token` are RFC 6749 section 5.2 bodies (`{"error": ..., "error_description":
 ...}`), status 400: `invalid_grant` for a wrong email or password, a disabled user or one with no
@@ -32,7 +33,13 @@ from labbus.events.config import Config
 from labbus.events.db import connect_pool
 from labbus.events.http_auth import document
 from labbus.events.tokens import TokenVerifier
-from labbus.producers.http_gateway import commands, experiments, keys, service_requests
+from labbus.producers.http_gateway import (
+    commands,
+    experiments,
+    keys,
+    samples,
+    service_requests,
+)
 from labbus.producers.http_gateway.issuer import JWKS_PATH, TOKEN_PATH, InvalidGrant, Issuer
 
 TOKEN_REQUESTS = Counter("labbus_gateway_token_requests_total",
@@ -94,6 +101,7 @@ def create_app(cfg: Config, dsn: str | None = None) -> FastAPI:
     commands.add_routes(app, cfg)
     experiments.add_routes(app, cfg)
     service_requests.add_routes(app, cfg)
+    samples.add_routes(app, cfg)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

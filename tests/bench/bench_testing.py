@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ from labbus.events.model import (  # noqa: E402
     ReportGenerated,
     ServiceRequestCompleted,
     ServiceRequestSubmitted,
+    register_sample,
 )
 from labbus.events.topics import (  # noqa: E402
     DEVICE_STATUS,
@@ -103,7 +105,10 @@ def main() -> None:
         async def submit():
             for i, rid in enumerate(rids):
                 samples = [f"B{i:03d}S{j}" for j in range(args.samples)]
-                await kafka.publish(ns.cfg, ServiceRequestSubmitted.create(
+                registered = [register_sample(
+                    s, f"LIMS-{s}", "ACME Solar", models.DEFAULT_MODULE, 1.62, f"SN-{s}",
+                    datetime.now(UTC), "bench") for s in samples]
+                await kafka.publish(ns.cfg, *registered, ServiceRequestSubmitted.create(
                     source="bench", subject=rid, sequence=1, request_id=rid,
                     customer="ACME Solar", module_type=models.DEFAULT_MODULE,
                     module_area_m2=1.62, sample_ids=samples, protocols=PROTOCOLS,

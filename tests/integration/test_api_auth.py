@@ -29,7 +29,13 @@ from labbus.events.artifacts import GridFSStore
 from labbus.events.codec import default_codec
 from labbus.events.http_auth import PERMISSIONS_KEY, admitted
 from labbus.events.identity import ROLES
-from labbus.events.model import CommandIssued, DeviceRegistered
+from labbus.events.model import (
+    CommandIssued,
+    DeviceRegistered,
+    ExecutionStarted,
+    ProtocolAssigned,
+    register_sample,
+)
 from labbus.events.runtime import Positioned
 from labbus.producers.http_gateway.app import create_app as create_gateway
 from labbus.projections.postgres import PostgresProjection
@@ -46,7 +52,8 @@ COMMANDS = {"authm-cmd-x": MATRIX_USER, "authm-cmd-a": STUDENT_A, "authm-cmd-b":
 # every path parameter of both apps, filled with a row of this module (a new parameter fails)
 PATH_VALUES = {"device_id": DEVICE, "experiment_id": "authm-x", "run_id": "authm-x-run-0",
                "command_id": "authm-cmd-x", "request_id": "authm-sr",
-               "protocol_id": "PVTP-003"}
+               "protocol_id": "PVTP-003", "sample_id": "authm-s1",
+               "execution_id": "authm-running"}
 # a request body for each operation that takes one (a new one fails until it is added here)
 BODIES = {
     "send_command": {"json": {"device_id": DEVICE, "command_type": "measure",
@@ -59,6 +66,13 @@ BODIES = {
     "submit_service_request": {"json": {
         "customer": "auth matrix", "module_type": "authm-module", "module_area_m2": 1.6,
         "sample_ids": ["authm-s1"], "protocols": [{"protocol_id": "PVTP-003"}]}},
+    "register_sample": {"json": {
+        "sample_id": "authm-s1", "lims_ref": "AUTHM-1", "customer": "auth matrix",
+        "module_type": "authm-module", "module_area_m2": 1.6, "serial_number": "SN-authm-1",
+        "received_at": "2026-03-01T09:00:00+00:00"}},
+    "record_inspection": {"json": {"sample_id": "authm-sr-S1", "findings": ["frame intact"]}},
+    # the seeded execution stays running (no testing processor runs on the seed): 202 each time
+    "abort_execution": {"json": {"reason": "the auth matrix"}},
 }
 # the routes anyone may call; every other route must declare a permission
 PUBLIC = {"/health/live", "/health/ready", "/auth/token", "/.well-known/jwks.json",
@@ -101,8 +115,18 @@ def seed(cfg) -> None:
                                 datetime(2026, 3, 2, tzinfo=UTC))
                for fmt, media in MEDIA_TYPES.items()]
     client.close()
+    # a registered sample, and an execution of the request that is running
+    sample = register_sample("authm-s1", "AUTHM-1", "auth matrix", "authm-module", 1.6,
+                             "SN-authm-1", datetime(2026, 3, 1, tzinfo=UTC), MATRIX_USER)
+    ident = dict(source="testing", subject="authm-running", execution_id="authm-running",
+                 request_id="authm-sr", sample_id="authm-sr-S1", protocol_id="PVTP-003",
+                 template_version=1)
+    running = [ProtocolAssigned.create(**ident, sequence=1, template_sha256="ab" * 32,
+                                       inputs={}, module_type="m", module_area_m2=1.6),
+               ExecutionStarted.create(**ident, sequence=2, steps=["insulation_resistance"])]
     batches += [as_positioned("authm-test.requests", request["requests"] + reports),
-                as_positioned("authm-test.executions", request["executions"])]
+                as_positioned("authm-test.executions", request["executions"] + running),
+                as_positioned("authm-test.samples", [sample])]
 
     async def write():
         pg = PostgresProjection(cfg)

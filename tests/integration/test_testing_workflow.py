@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from labbus.events.model import (
     ReportGenerated,
     ServiceRequestCompleted,
     ServiceRequestSubmitted,
+    register_sample,
 )
 from labbus.events.topics import DEVICE_STATUS, TESTING_EXECUTIONS, TESTING_REQUESTS, topic_name
 from labbus.producers.pv import models
@@ -79,7 +81,11 @@ def online(cfg, prefix: str) -> set[str]:
 
 
 def submit(cfg, rid: str, samples: list[str], protocols=PROTOCOLS) -> None:
-    run(kafka.publish(cfg, ServiceRequestSubmitted.create(
+    """The samples' registrations (a request may name only registered samples), then the
+    request."""
+    registered = [register_sample(s, f"LIMS-{s}", "ACME Solar", models.DEFAULT_MODULE, 1.62,
+                                  f"SN-{s}", datetime.now(UTC), "test") for s in samples]
+    run(kafka.publish(cfg, *registered, ServiceRequestSubmitted.create(
         source="test", subject=rid, sequence=1, request_id=rid, customer="ACME Solar",
         module_type=models.DEFAULT_MODULE, module_area_m2=1.62, sample_ids=samples,
         protocols=protocols, submitted_by="test")))

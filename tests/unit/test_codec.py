@@ -216,6 +216,14 @@ SAMPLES += [
                    {"protocol_id": "PVTP-015", "version": 1, "inputs": {}}],
         submitted_by="u-1", actor=Actor("u-1", ("engineer",)), **_SR),
     testing.ServiceRequestRejected.create(reasons=["unknown protocol: no protocol X"], **_SR),
+    testing.SampleRegistered.create(
+        source="gateway-http", subject="PV0001", sequence=1, sample_id="PV0001",
+        lims_ref="LIMS-2026-00042", customer="ACME", module_type="Canadian_Solar_Inc__CS6K_275M",
+        module_area_m2=1.62, serial_number="CS6K-1234567", registered_by="u-1",
+        received_at=datetime(2026, 3, 1, 9, 30, tzinfo=UTC), actor=Actor("u-1", ("operator",))),
+    testing.ExecutionAbortRequested.create(
+        source="gateway-http", subject=_EID, sequence=0, execution_id=_EID,
+        reason="chamber door open", requested_by="u-2", actor=Actor("u-2", ("engineer",))),
     testing.InspectionRecorded.create(sample_id="PV0001", inspector="u-2",
                                       findings=["scratched frame"], defects=[],
                                       photo_refs=["s3://photos/PV0001-front.jpg"], **_SR),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,8 +17,10 @@ from labbus.events.codec import default_codec
 from labbus.events.config import load
 from labbus.events.faust_runtime import Shared
 from labbus.events.model import (
+    CommandCompleted,
     CommandDispatched,
     CommandIssued,
+    ExecutionAbortRequested,
     ExecutionFailed,
     ExecutionPassed,
     MeasurementRecorded,
@@ -29,6 +32,8 @@ from labbus.events.model import (
     ServiceRequestSubmitted,
     dispatched_id,
     execution_id_for,
+    register_sample,
+    request_abort,
 )
 from labbus.events.protocols import shipped_catalog
 from labbus.events.runtime import Outgoing, Record
@@ -130,10 +135,26 @@ DEVICES = {"pv-iv-1": "iv-curve-tracer", "pv-iv-2": "iv-curve-tracer",
            "pv-cc-1": "climate-chamber", "pv-it-1": "insulation-tester"}
 
 
-def submit(bus: Bus, samples: list[str], protocols: list[dict], rid: str = "SR-1") -> None:
+CUSTOMER, AREA = "ACME Solar", 1.62
+
+
+def register(bus: Bus, sample: str, customer: str = CUSTOMER,
+             module_type: str = models.DEFAULT_MODULE, area: float = AREA) -> None:
+    """The sample's registration as the processor's View holds it (read from the bytes)."""
+    event = register_sample(sample, f"LIMS-{sample}", customer, module_type, area,
+                            f"SN-{sample}", datetime(2026, 3, 1, tzinfo=UTC), "lims")
+    found = tl.registry_reader(*CODEC.decode_record(CODEC.encode(event), plain=True))
+    assert found is not None
+    bus.registry[found[0]] = found[1]
+
+
+def submit(bus: Bus, samples: list[str], protocols: list[dict], rid: str = "SR-1",
+           registered: bool = True) -> None:
+    for sample in samples if registered else ():
+        register(bus, sample)
     bus.publish(ServiceRequestSubmitted.create(
-        source="t", subject=rid, sequence=1, request_id=rid, customer="ACME Solar",
-        module_type=models.DEFAULT_MODULE, module_area_m2=1.62, sample_ids=samples,
+        source="t", subject=rid, sequence=1, request_id=rid, customer=CUSTOMER,
+        module_type=models.DEFAULT_MODULE, module_area_m2=AREA, sample_ids=samples,
         protocols=protocols, submitted_by="t"))
 
 
@@ -249,3 +270,91 @@ def test_a_step_past_its_deadline_times_out_once():
 def test_step_timeouts_are_compressed_but_never_below_the_minimum(wall, speed, minimum,
                                                                   expected):
     assert tl.step_timeout_s(wall, speed, minimum) == pytest.approx(expected)
+
+
+def test_a_request_naming_a_sample_not_registered_or_registered_otherwise_is_rejected():
+    """The rule: a sample must have been registered (received, SampleRegistered) for the
+    request's customer, module type and area; every reason is listed with the catalog's."""
+    bus = Bus(DEVICES)
+    register(bus, "S-OTHER", customer="Other Co")
+    register(bus, "S-TYPE", module_type="another module", area=1.0)
+    register(bus, "S-OK")
+    submit(bus, ["S-NEW", "S-OTHER", "S-TYPE", "S-OK"],
+           [{"protocol_id": "PVTP-999", "version": None, "inputs": {}}], registered=False)
+    bus.run()
+    (rej,) = bus.events(ServiceRequestRejected)
+    assert rej.reasons[0].startswith("unknown protocol: no protocol PVTP-999")
+    assert rej.reasons[1:] == [
+        "sample S-NEW is not registered: the lab's LIMS registers a sample when it is received "
+        "(POST /samples) before a request may name it",
+        "sample S-OTHER (LIMS-S-OTHER) was registered for customer 'Other Co', not 'ACME Solar'",
+        f"sample S-TYPE (LIMS-S-TYPE) was registered as a 'another module' module, the request "
+        f"says {models.DEFAULT_MODULE!r}",
+        "sample S-TYPE (LIMS-S-TYPE) was registered with an area of 1 m², the request says "
+        "1.62 m²"]
+    assert not bus.events(ProtocolAssigned)
+    # registered again, corrected (the latest registration stands): a new request runs
+    register(bus, "S-TYPE")
+    register(bus, "S-OTHER")
+    submit(bus, ["S-OTHER", "S-TYPE"], PROTOCOLS[2:], rid="SR-2", registered=False)
+    bus.run()
+    assert len(bus.events(ProtocolAssigned)) == 2
+    (done,) = bus.events(ServiceRequestCompleted)
+    assert done.request_id == "SR-2" and done.executions == 2
+
+
+def test_the_devices_choice_ignores_the_samples_in_the_view():
+    bus = Bus({"pv-it-1": "insulation-tester"})
+    register(bus, "insulation-tester")  # a sample id that names a device type
+    assert tl.choose_device(bus.registry, "insulation-tester", "x", 0) == "pv-it-1"
+
+
+def _until(bus: Bus, predicate) -> None:
+    while not predicate():
+        assert bus.queue, "the log ran dry first"
+        bus.run(limit=1)
+
+
+def test_an_abort_ends_the_running_execution_and_the_request_completes_with_the_others():
+    _, good = pick_samples(1)
+    bus = Bus(DEVICES)
+    submit(bus, [good[0]], PROTOCOLS[:2])
+    t = shipped_catalog().get("PVTP-015")
+    eid = execution_id_for("SR-1", good[0], "PVTP-015", t.version, t.sha256)
+    # up to the dispatch of its thermal cycling: the chamber has the command, not answered yet
+    _until(bus, lambda: any(isinstance(e, CommandDispatched) and e.command_type ==
+                            "thermal_cycle" for e in bus.events()))
+    assert bus.states[eid]["x"]["cmd"]["step"] == "thermal_cycling"
+    bus.publish(request_abort(eid, "chamber door found open", "op-1"))
+    bus.run()
+    ends = {e.protocol_id: e for e in bus.events() if isinstance(e, (ExecutionPassed,
+                                                                       ExecutionFailed))}
+    aborted = ends["PVTP-015"]
+    assert isinstance(aborted, ExecutionFailed) and aborted.reason_code == "aborted"
+    assert aborted.reason.startswith("aborted by op-1: chamber door found open during step "
+                                     "thermal_cycling on pv-cc-1")
+    assert isinstance(ends["PVTP-001"], ExecutionPassed)
+    # the chamber finished its command; its answer changed nothing
+    assert any(isinstance(e, CommandCompleted) and e.device_id == "pv-cc-1"
+               for e in bus.events())
+    assert not [e for e in bus.events() if getattr(e, "execution_id", None) == eid
+                and isinstance(e, (QcEvaluated, ExecutionPassed, NonConformanceRaised))]
+    assert len([e for e in bus.events(ExecutionFailed) if e.execution_id == eid]) == 1
+    (done,) = bus.events(ServiceRequestCompleted)
+    assert (done.executions, done.passed, done.failed, done.verdict) == (2, 1, 1, "fail")
+    assert tl.tick(bus.states, bus.now + 10**12) == []
+
+
+def test_an_abort_of_an_ended_or_unknown_execution_is_a_no_op():
+    _, good = pick_samples(1)
+    bus = Bus(DEVICES)
+    submit(bus, good, PROTOCOLS[:1])
+    bus.run()
+    (passed,) = bus.events(ExecutionPassed)
+    before = dict(bus.states)
+    for eid in (passed.execution_id, "00000000-0000-5000-8000-000000000000"):
+        bus.publish(request_abort(eid, "too late", "op-1"))
+    bus.run()
+    assert bus.states == before
+    assert not bus.events(ExecutionFailed)
+    assert len(bus.events(ExecutionAbortRequested)) == 2
