@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field, field_validator
 
 from labbus.events.config import Config
 from labbus.events.identity import Principal
@@ -48,6 +48,15 @@ class SampleRegistration(BaseModel):
                                description="The module's serial number as labelled.")
     received_at: AwareDatetime = Field(description="When the lab received it (RFC 3339 with "
                                                    "its offset).")
+
+    @field_validator("received_at", mode="before")
+    @classmethod
+    def _rfc3339_text(cls, value: Any) -> Any:
+        # pydantic would take a number as Unix time, which the schema (a date-time string) does
+        # not say
+        if isinstance(value, int | float):
+            raise ValueError("must be an RFC 3339 date-time string, not a number")
+        return value
 
 
 class SampleAccepted(BaseModel):

@@ -39,6 +39,7 @@ from labbus.events.model import (
     DeviceRegistered,
     DeviceStatusChanged,
     MeasurementValidated,
+    SampleRegistered,
 )
 from labbus.events.runtime import Positioned
 from labbus.producers.http_gateway import keys
@@ -117,8 +118,8 @@ def seed_batches() -> list[list[Positioned]]:
 
 
 def service_request_batches(cfg) -> list[list[Positioned]]:
-    """A finished service request (two executions, one failing with a non-conformance) with
-    its three reports stored in the session's GridFS."""
+    """A finished service request (two executions, one failing with a non-conformance) of two
+    registered samples, with its three reports stored in the session's GridFS."""
     request = service_request_events(REQUEST, T0)
     client = MongoClient(cfg.mongo_url)
     store = GridFSStore(client[cfg.mongo_db])
@@ -127,7 +128,14 @@ def service_request_batches(cfg) -> list[list[Positioned]]:
                                 T0 + timedelta(hours=1))
                for fmt, media in MEDIA_TYPES.items()]
     client.close()
-    return [as_positioned("contract-test.requests", request["requests"] + reports),
+    submitted = request["requests"][0]
+    samples = [SampleRegistered.create(
+        source="gateway-http", subject=sample, sequence=0, occurred_at=T0, sample_id=sample,
+        lims_ref=f"LIMS-{n}", customer=submitted.customer, module_type=submitted.module_type,
+        module_area_m2=submitted.module_area_m2, serial_number=f"SN-{n}", received_at=T0,
+        registered_by="lims@lab.example") for n, sample in enumerate(submitted.sample_ids)]
+    return [as_positioned("contract-test.samples", samples),
+            as_positioned("contract-test.requests", request["requests"] + reports),
             as_positioned("contract-test.executions", request["executions"])]
 
 
