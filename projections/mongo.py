@@ -30,6 +30,7 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 
+import pymongo
 from aiokafka import TopicPartition
 from pymongo import MongoClient, UpdateOne
 from pymongo.errors import OperationFailure
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 SEEN_TTL_S = 7 * 24 * 3600  # re-emissions follow their original within minutes
 # a session is replaced after this long (servers expire sessions idle for 30 min by default)
 SESSION_RENEW_S = 600
+STOP_TIMEOUT_S = 2.0  # what stopping may spend on the server
 
 
 def _datetime(micros: int) -> datetime:
@@ -99,10 +101,16 @@ class MongoProjection:
 
     async def stop(self) -> None:
         if self.client is not None:
+            await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        """Within STOP_TIMEOUT_S: with the server unreachable, ending the session and closing
+        the client (endSessions) would each wait the server selection timeout (10 s)."""
+        with pymongo.timeout(STOP_TIMEOUT_S):
             try:
-                await asyncio.to_thread(self._end_session)
-            except Exception:  # noqa: BLE001 - the server may be down; its sessions expire
-                pass
+                self._end_session()
+            except Exception:  # noqa: BLE001 - the server may be down; recorded ids are killed
+                pass  # by the next start
             self.client.close()
 
     # -- sessions (module docstring) -----------------------------------------------------------
