@@ -11,16 +11,29 @@ replay is a no-op even where transactions are not available.
 A validator that crashes or loses partitions re-emits some decisions: the same event again, at a
 new offset. So measurement ids are remembered (collection `measurements_seen`, written after the
 device documents, kept SEEN_TTL_S) and a repeat is absorbed without being counted again.
+
+A transaction whose client died (kill -9, a connection cut mid-batch) is not aborted by the
+server when the connection closes: it keeps its documents' write locks until the server reaps it
+(transactionLifetimeLimitSeconds, 60 s by default on MongoDB and SecantusDB), and every write of
+a restarted projector meets a WriteConflict until then. So the projector writes its transactions
+in one logical session at a time, whose id it records (collection `projector_sessions`, one
+document per projection), and kills (`killSessions`) the recorded sessions of its earlier runs
+when it starts, and its own session after a failed transaction: what such a transaction holds is
+released at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import defaultdict
 from datetime import UTC, datetime
 
+import pymongo
 from aiokafka import TopicPartition
 from pymongo import MongoClient, UpdateOne
+from pymongo.errors import OperationFailure
 
 from labbus.events import model as m
 from labbus.events.config import Config
@@ -35,7 +48,12 @@ from labbus.events.topics import (
     topic_name,
 )
 
+log = logging.getLogger(__name__)
+
 SEEN_TTL_S = 7 * 24 * 3600  # re-emissions follow their original within minutes
+# a session is replaced after this long (servers expire sessions idle for 30 min by default)
+SESSION_RENEW_S = 600
+STOP_TIMEOUT_S = 2.0  # what stopping may spend on the server
 
 
 def _datetime(micros: int) -> datetime:
@@ -48,6 +66,9 @@ class MongoProjection:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.client: MongoClient | None = None
+        self.session = None  # the ClientSession transactions are written in (module docstring)
+        self._session_at = 0.0
+        self._failed: list = []  # sessions of failed transactions, killed before the next
         self._repeats: set = set()  # of the batch being applied
         self.fence = Fence()
         self.aliases = {topic_name(cfg, DEVICES): "devices",
@@ -76,10 +97,73 @@ class MongoProjection:
         await asyncio.to_thread(self.db.measurements_seen.create_index, "at",
                                 expireAfterSeconds=SEEN_TTL_S)
         await asyncio.to_thread(self.db.experiments.create_index, "status")
+        await asyncio.to_thread(self._take_over)
 
     async def stop(self) -> None:
         if self.client is not None:
+            await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        """Within STOP_TIMEOUT_S: with the server unreachable, ending the session and closing
+        the client (endSessions) would each wait the server selection timeout (10 s)."""
+        with pymongo.timeout(STOP_TIMEOUT_S):
+            try:
+                self._end_session()
+            except Exception:  # noqa: BLE001 - the server may be down; recorded ids are killed
+                pass  # by the next start
             self.client.close()
+
+    # -- sessions (module docstring) -----------------------------------------------------------
+
+    def _take_over(self) -> None:
+        """Kill the sessions earlier runs of this projection recorded: a transaction one of them
+        left open (a process killed mid-batch) would hold its documents' locks for a minute. A
+        second projector of the same view running now (the positions fence refuses its batches
+        anyway) has its current transaction aborted once, retries and records its session
+        again."""
+        doc = self.db.projector_sessions.find_one({"_id": self.name}) or {}
+        self._kill([], list(doc.get("lsids", [])))
+
+    def _kill(self, sessions: list, lsids: list) -> None:
+        """killSessions on `sessions` (ClientSessions of this process, ended afterwards: their
+        ids go back to the driver's pool only once nothing is left open in them) and `lsids`
+        (recorded ids), then no longer recorded."""
+        lsids = lsids + [s.session_id["id"] for s in sessions]
+        if lsids:
+            try:
+                self.client.admin.command("killSessions", [{"id": lsid} for lsid in lsids])
+            except OperationFailure as exc:  # not allowed (some hosted tiers): wait it out
+                log.warning("killSessions refused; a transaction a crashed run left open "
+                            "blocks writes until the server reaps it",
+                            extra={"error": repr(exc)})
+            self.db.projector_sessions.update_one({"_id": self.name},
+                                                  {"$pullAll": {"lsids": lsids}})
+        for session in sessions:
+            session.end_session()
+
+    def _session(self):
+        """The session of the next transaction: the current one, or a new one, recorded."""
+        if self.session is not None and time.monotonic() - self._session_at > SESSION_RENEW_S:
+            self._end_session()
+        if self._failed:
+            self._kill(self._failed, [])
+            self._failed = []
+        if self.session is None:
+            session = self.client.start_session()
+            self.db.projector_sessions.update_one(
+                {"_id": self.name}, {"$addToSet": {"lsids": session.session_id["id"]}},
+                upsert=True)
+            self.session, self._session_at = session, time.monotonic()
+        return self.session
+
+    def _end_session(self) -> None:
+        """After a committed transaction nothing is left open in it: ended, no longer recorded."""
+        if self.session is None:
+            return
+        session, self.session = self.session, None
+        lsid = session.session_id["id"]
+        session.end_session()
+        self.db.projector_sessions.update_one({"_id": self.name}, {"$pull": {"lsids": lsid}})
 
     async def positions(self) -> dict[TopicPartition, int]:
         docs = await asyncio.to_thread(
@@ -94,8 +178,16 @@ class MongoProjection:
 
     def _apply(self, events: list[Positioned], next_offsets: dict[TopicPartition, int]) -> None:
         """Documents and positions in one multi-document transaction."""
-        with self.client.start_session() as session, session.start_transaction():
-            self._write(session, events, next_offsets)  # the runtime retries what is transient
+        session = self._session()
+        try:
+            with session.start_transaction():
+                self._write(session, events, next_offsets)  # the runtime retries what is transient
+        except BaseException:
+            # the transaction may be open on the server still (the connection was cut before
+            # the abort reached it): its session is killed before the next transaction
+            self._failed.append(session)
+            self.session = None
+            raise
         self.fence.believed.update(next_offsets)
 
     def _check_positions(self, session, next_offsets: dict[TopicPartition, int]) -> None:

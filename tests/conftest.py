@@ -285,6 +285,8 @@ def own_namespace(env: dict[str, str], tag: str):
 
         run(kafka.delete_namespace_topics(cfg, own["LABBUS_NAMESPACE"]))
         MongoClient(cfg.mongo_url).drop_database(own["LABBUS_MONGO_DB"])
+        for state in (cfg.home / "faust").glob(f"{own['LABBUS_NAMESPACE']}.labbus.*"):
+            shutil.rmtree(state, ignore_errors=True)  # faust processors' local tables
 
 
 @pytest.fixture

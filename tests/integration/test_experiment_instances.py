@@ -147,15 +147,16 @@ async def group_members(cfg, process: str = "experiment") -> tuple[str, int]:
         await admin.close()
 
 
-async def wait_stable(cfg, members: int, timeout: float = 60.0) -> None:
+async def wait_stable(cfg, members: int, timeout: float = 60.0,
+                      process: str = "experiment") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state, n = await group_members(cfg)
+        state, n = await group_members(cfg, process)
         if state == "Stable" and n == members:
             await asyncio.sleep(2)  # faust finishes its table recovery after the assignment
             return
         await asyncio.sleep(0.5)
-    raise AssertionError(f"the experiment group never had {members} stable members")
+    raise AssertionError(f"the {process} group never had {members} stable members")
 
 
 def partitions_processed(proc) -> set[int]:

@@ -47,7 +47,7 @@ from labbus.events.topics import (
 )
 from labbus.processors import campaign, experiment
 from tests.conftest import LABBUS, REPO, free_port
-from tests.integration.test_experiment_instances import answers, requests
+from tests.integration.test_experiment_instances import answers, requests, wait_stable
 
 CAMPAIGNS = 10_000
 # campaigns whose every update is still in the changelog's uncleaned segment: those finished in
@@ -191,12 +191,12 @@ async def time_to_first_proposal(cfg, env: dict, logdir) -> float:
             proc.kill()
 
 
-def start_quota(env: dict, logdir) -> subprocess.Popen:
+def start_quota(cfg, env: dict, logdir) -> subprocess.Popen:
     """The quota processor, once it has joined its group (its first start creates topics)."""
     proc = subprocess.Popen([LABBUS, "process", "quota", "--metrics-port", str(free_port())],
                             env=env, stdout=open(logdir / f"quota-{time.time_ns()}.log", "w"),
                             stderr=subprocess.STDOUT, cwd=REPO)
-    time.sleep(10)
+    asyncio.run(wait_stable(cfg, 1, process="quota"))
     return proc
 
 
@@ -231,7 +231,7 @@ def test_restart_with_10000_finished_campaigns_decides_within_5_s(env, tmp_path)
     asyncio.run(kafka.ensure_topics(cfg))
     # campaigns start once the quota processor reserved their budget: it runs beside, started
     # before the clock (what is measured is the experiment processor's start)
-    quota = start_quota(mine, tmp_path)
+    quota = start_quota(cfg, mine, tmp_path)
     try:
         # the processor creates its changelog topics (and their compaction settings) itself
         empty = asyncio.run(time_to_first_proposal(cfg, mine, tmp_path))
@@ -240,7 +240,7 @@ def test_restart_with_10000_finished_campaigns_decides_within_5_s(env, tmp_path)
         counts = asyncio.run(build_history(cfg))
         built = time.monotonic() - started
         asyncio.run(commit_ends(cfg, "quota", (EXPERIMENTS, USERS, QUOTA_INBOX)))
-        quota = start_quota(mine, tmp_path)
+        quota = start_quota(cfg, mine, tmp_path)
         restarted = asyncio.run(time_to_first_proposal(cfg, mine, tmp_path))
         print(f"\nhistory: {CAMPAIGNS} finished campaigns ({counts['inputs']} input events, "
               f"{counts['campaigns']} campaign-table records, {counts['scored-wells']} "

@@ -8,6 +8,9 @@
   deciding again within seconds. What a restart may re-emit differs, and each spec says it:
   `resends="none"` (nothing already in the log is sent again) or `resends="identical ids"`
   (an output may be sent again under the same event id, which every view drops).
+
+Each test runs in a namespace of its own (`own_cfg`): its readers go through its own inputs and
+outputs, not the session's whole topics.
 """
 
 from __future__ import annotations
@@ -198,7 +201,8 @@ def spec(request) -> Spec:
 
 
 def test_an_undecodable_record_is_dead_lettered_once_and_processing_continues(
-        cfg, processes, spec):
+        own_cfg, processes, spec):
+    cfg = own_cfg
     tag = f"rt-junk-{uuid.uuid4().hex[:6]}"
     junk = f"not avro {tag}".encode()
     first = inputs(spec, tag, 2)
@@ -235,7 +239,8 @@ def assert_one_dead_letter(spec: Spec, letters: list[DeadLetter]) -> None:
     assert len({(d.source_topic, d.source_partition, d.source_offset) for d in letters}) == 1
 
 
-def test_outputs_are_on_the_broker_before_the_input_is_committed(cfg, processes, spec):
+def test_outputs_are_on_the_broker_before_the_input_is_committed(own_cfg, processes, spec):
+    cfg = own_cfg
     tag = f"rt-ack-{uuid.uuid4().hex[:6]}"
     events = inputs(spec, tag, spec.count)
     run(publish(cfg, spec, encoded(events)))
@@ -265,7 +270,8 @@ def test_outputs_are_on_the_broker_before_the_input_is_committed(cfg, processes,
     assert checked > 0 and samples > 1
 
 
-def test_kill_9_mid_stream_then_restart(cfg, processes, spec):
+def test_kill_9_mid_stream_then_restart(own_cfg, processes, spec):
+    cfg = own_cfg
     tag = f"rt-kill-{uuid.uuid4().hex[:6]}"
     events = inputs(spec, tag, spec.count)
     expected = {spec.output_id(e) for e in events}
