@@ -37,6 +37,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# How long a closing TLS connection waits for the peer's close_notify (asyncio's and uvloop's
+# ssl_shutdown_timeout, 30 s by default) before it is dropped. The Kafka broker does not always
+# answer a client's close_notify (TLS 1.3 lets it keep its side open): a faust worker's consumer
+# thread, closing a connection with a fetch and a ListOffsets still in flight, waited the whole
+# 30 s, and faust's non-daemon thread kept the process alive that long after SIGTERM. The Kafka
+# protocol needs no TLS goodbye (every request that matters was answered before the close), so
+# a labbus process waits briefly for it and then lets the connection go.
+TLS_CLOSE_TIMEOUT_S = 2.0
+
+
+def install_event_loop() -> None:
+    """Every labbus process's event loops (the main one, faust's consumer thread's, any other
+    asyncio.new_event_loop()): uvloop (~15 % less CPU per event than asyncio's own loop), whose
+    TLS connections wait at most TLS_CLOSE_TIMEOUT_S for the peer's close_notify."""
+    import uvloop
+
+    class Loop(uvloop.Loop):
+        async def create_connection(self, *args, **kwargs):
+            if kwargs.get("ssl") and kwargs.get("ssl_shutdown_timeout") is None:
+                kwargs["ssl_shutdown_timeout"] = TLS_CLOSE_TIMEOUT_S
+            return await super().create_connection(*args, **kwargs)
+
+    class Policy(uvloop.EventLoopPolicy):
+        def new_event_loop(self):
+            return Loop()
+
+    asyncio.set_event_loop_policy(Policy())
+
+
 @dataclass(frozen=True)
 class Security:
     """How a client authenticates: protocol, SASL mechanism/user/password, the CA to trust."""

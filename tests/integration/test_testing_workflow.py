@@ -9,12 +9,14 @@ stay registered (README "Known limits")."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from standardwebhooks import Webhook
 
 from labbus.events import kafka
 from labbus.events.artifacts import GridFSStore, open_store
@@ -31,13 +33,23 @@ from labbus.events.model import (
     ReportGenerated,
     ServiceRequestCompleted,
     ServiceRequestSubmitted,
+    WebhookDelivered,
+    WebhookDeliveryAttempted,
     register_sample,
 )
-from labbus.events.topics import DEVICE_STATUS, TESTING_EXECUTIONS, TESTING_REQUESTS, topic_name
+from labbus.events.topics import (
+    DEVICE_STATUS,
+    TESTING_EXECUTIONS,
+    TESTING_REQUESTS,
+    WEBHOOKS,
+    topic_name,
+)
+from labbus.processors.webhooks import new_secret
 from labbus.producers.pv import models
 from tests.conftest import read_topic, run, wait_for
+from tests.support.webhook_receiver import Receiver, failing_first
 from tests.unit.test_report_gen import check_pdf, check_workbook, expected_verdicts
-from tests.unit.test_testing_logic import PROTOCOLS, pick_samples
+from tests.unit.test_testing_logic import PID_PROTOCOLS, PROTOCOLS, pick_pid_samples, pick_samples
 
 SPEED = {"LABBUS_TESTING_SPEED": "1000000"}  # TC200 (~570 h) in ~2 s
 
@@ -46,6 +58,8 @@ SPEED = {"LABBUS_TESTING_SPEED": "1000000"}  # TC200 (~570 h) in ~2 s
 def cfg(own_cfg):
     return own_cfg
 DEVICES = "iv-curve-tracer:2,climate-chamber:2,insulation-tester:1"
+# the whole-pipeline test also runs PVTP-010 (wet leakage)
+ALL_DEVICES = DEVICES + ",wet-leakage-tester:1"
 
 
 def events(cfg, spec, keep) -> list[Event]:
@@ -61,10 +75,10 @@ def events(cfg, spec, keep) -> list[Event]:
     return out
 
 
-def start(processes, prefix: str, reports: bool = False) -> None:
+def start(processes, prefix: str, reports: bool = False, devices: str = DEVICES) -> None:
     processes.start("process", "devices")
     processes.start("process", "testing", extra_env=SPEED)
-    processes.start("agent", "pv", "--devices", DEVICES, "--prefix", prefix, extra_env=SPEED)
+    processes.start("agent", "pv", "--devices", devices, "--prefix", prefix, extra_env=SPEED)
     if reports:
         start_reports(processes)
 
@@ -129,15 +143,158 @@ def check_verdicts(cfg, rid: str, bad: str, good: str, protocols=PROTOCOLS) -> N
         n, n - 1, 1, "fail")
 
 
+def check_pid_verdicts(cfg, rid: str, bad: str, good: str) -> None:
+    """PVTP-010 and PVTP-030 on two modules: the PID-susceptible one fails PVTP-030 (one NC),
+    the rest pass."""
+    wait_for(lambda: any(isinstance(e, ServiceRequestCompleted)
+                         for e in of_request(cfg, rid, TESTING_REQUESTS)), 90,
+             "ServiceRequestCompleted (PVTP-010/030)")
+    out = of_request(cfg, rid)
+    ends = [e for e in out if isinstance(e, (ExecutionPassed, ExecutionFailed))]
+    verdicts = {(e.sample_id, e.protocol_id): type(e).__name__ for e in ends}
+    assert verdicts == {(s, p["protocol_id"]): "ExecutionPassed" for s in (good, bad)
+                        for p in PID_PROTOCOLS} | {(bad, "PVTP-030"): "ExecutionFailed"}
+    failed = next(e for e in ends if isinstance(e, ExecutionFailed))
+    assert failed.reason_code == "qc_failed"
+    assert "Pmax degradation after the PID stress" in failed.reason
+    ncs = {e.event_id: e for e in out if isinstance(e, NonConformanceRaised)}
+    assert [(n.sample_id, n.protocol_id, n.criteria) for n in ncs.values()] == [
+        (bad, "PVTP-030", ["pmax_degradation"])]
+    qc = {(e.sample_id, e.protocol_id): {c["id"]: c for c in e.criteria}
+          for e in out if isinstance(e, QcEvaluated)}
+    assert qc[(bad, "PVTP-030")]["pmax_degradation"]["value"] > 8
+    assert qc[(good, "PVTP-030")]["pmax_degradation"]["value"] < 2
+    assert qc[(bad, "PVTP-030")]["stress_duration"]["value"] == 96
+    for sample in (good, bad):
+        wet = qc[(sample, "PVTP-010")]
+        assert wet["resistance_for_area"]["verdict"] == "pass"
+        assert wet["resistance_small_module"]["verdict"] == "not_applicable"
+        assert wet["solution_resistivity"]["value"] <= 3500
+
+
+SECRET = new_secret()
+
+
+def start_webhooks(processes, tmp_path, qms: str, lims: str, tracker: str):
+    """`labbus webhooks` with the lab's three systems: non-conformances to the QMS, execution
+    results to the LIMS, request status to the tracker."""
+    def target(name, url, *types):
+        return {"name": name, "url": url, "secret": SECRET,
+                "event_types": [t.TYPE for t in types]}
+
+    path = tmp_path / "webhooks.json"
+    path.write_text(json.dumps({
+        "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
+        "targets": [target("qms", qms, NonConformanceRaised),
+                    target("lims", lims, ExecutionPassed, ExecutionFailed),
+                    target("tracker", tracker, ServiceRequestCompleted)]}))
+    return processes.start("webhooks", extra_env={"LABBUS_WEBHOOKS_CONFIG": str(path)})
+
+
+def accepted_ids(receiver) -> set[str]:
+    with receiver.lock:
+        return {r.event_id for r in receiver.requests if r.status is not None
+                and 200 <= r.status < 300}
+
+
+def webhook_events(cfg) -> list[Event]:
+    return events(cfg, WEBHOOKS, lambda e: True)
+
+
+def check_qms(cfg, qms, ncs: list[NonConformanceRaised]) -> None:
+    """The QMS got exactly the raised NCs, each refused twice then accepted, signed; every
+    attempt is an event on lab.webhooks."""
+    mine = {str(n.event_id) for n in ncs}
+    wait_for(lambda: accepted_ids(qms) >= mine, 60, "the QMS to accept each NC")
+    wait_for(lambda: sum(isinstance(e, WebhookDelivered) and e.target == "qms"
+                         for e in webhook_events(cfg)) >= len(ncs), 30,
+             "WebhookDelivered of each NC")
+    assert accepted_ids(qms) == mine  # nothing but the NCs
+    by_id = {str(n.event_id): n for n in ncs}
+    hooks = webhook_events(cfg)
+    for eid, nc in by_id.items():
+        got = qms.of(eid)
+        assert [r.status for r in got[:3]] == [503, 503, 200], [r.status for r in got]
+        for r in got:  # the reference library verifies each signature
+            doc = Webhook(SECRET).verify(r.body, r.headers)
+            assert r.headers["labbus-event-type"] == NonConformanceRaised.TYPE
+        assert doc["payload"]["nc_id"] == nc.nc_id
+        assert (doc["payload"]["sample_id"], doc["payload"]["protocol_id"]) == (
+            nc.sample_id, nc.protocol_id)
+        attempts = [(e.attempt, e.status_code) for e in hooks
+                    if isinstance(e, WebhookDeliveryAttempted) and e.target == "qms"
+                    and str(e.forwarded_event_id) == eid]
+        assert attempts[:3] == [(1, 503), (2, 503), (3, 200)], attempts
+        delivered = [e for e in hooks if isinstance(e, WebhookDelivered)
+                     and str(e.forwarded_event_id) == eid]
+        assert delivered and delivered[0].attempts == 3 and delivered[0].target == "qms"
+
+
+def check_read_side(cfg, query_api, rid: str, expected: dict) -> None:
+    """GET /service-requests/{id} (the PostgreSQL projector's tables) shows the verdicts, the
+    criteria, the NC and the three reports."""
+    def detail():
+        with query_api(cfg) as api:
+            r = api.get(f"/service-requests/{rid}")
+        body = r.json() if r.status_code == 200 else {}
+        done = body.get("status") == "completed" and len(body.get("reports", [])) == 3
+        return body if done else None
+
+    body = wait_for(detail, 60, f"the read side of {rid} completed with its reports")
+    got = {(x["sample_id"], x["protocol_id"]): x["verdict"] for x in body["executions"]}
+    assert got == expected
+    assert body["verdict"] == "fail"
+    assert body["counts"] == {"total": 4, "running": 0, "passed": 3, "failed": 1}
+    (bad,) = [k for k, v in expected.items() if v == "fail"]
+    x = next(x for x in body["executions"] if (x["sample_id"], x["protocol_id"]) == bad)
+    criteria = {c["id"]: c for c in x["criteria"]}
+    assert x["reason_code"] == "qc_failed" and criteria["pmax_degradation"]["verdict"] == "fail"
+    assert [(n["sample_id"], n["protocol_id"]) for n in body["non_conformances"]] == [bad]
+    assert {r["format"] for r in body["reports"]} == {"pdf", "xlsx", "csv"}
+
+
 def test_a_service_request_of_three_protocols_one_module_failing_thermal_cycling(
-        cfg, processes):
+        cfg, processes, tmp_path, query_api):
+    """The whole pipeline on the real broker: two requests at once, the issue's (PVTP-001,
+    PVTP-015, PVTP-003 on two modules, one failing TC200) and one of PVTP-010 and PVTP-030 on
+    two other modules, one PID-susceptible; reports, the PostgreSQL read side and `labbus
+    webhooks` with a QMS (that refuses each delivery twice), a LIMS and a tracker."""
     prefix = f"pv{uuid.uuid4().hex[:6]}"
-    start(processes, prefix)
-    wait_for(lambda: len(online(cfg, prefix)) == 5, 60, "the five PV instruments ONLINE")
     bad, (good,) = pick_samples(1)
-    rid = f"SR-{uuid.uuid4().hex[:8]}"
-    submit(cfg, rid, [good, bad])
-    check_verdicts(cfg, rid, bad, good)
+    pid_bad, pid_good = pick_pid_samples({bad, good})
+    qms = Receiver(failing_first(2, lambda r: True, status=503))
+    lims, tracker = Receiver(), Receiver()
+    try:
+        start(processes, prefix, reports=True, devices=ALL_DEVICES)
+        processes.start("project", "postgres")
+        start_webhooks(processes, tmp_path, qms.url, lims.url, tracker.url)
+        wait_for(lambda: len(online(cfg, prefix)) == 6, 60, "the six PV instruments ONLINE")
+        rid, pid_rid = f"SR-{uuid.uuid4().hex[:8]}", f"SR-{uuid.uuid4().hex[:8]}"
+        submit(cfg, rid, [good, bad])
+        submit(cfg, pid_rid, [pid_good, pid_bad], PID_PROTOCOLS)
+        check_verdicts(cfg, rid, bad, good)
+        check_pid_verdicts(cfg, pid_rid, pid_bad, pid_good)
+        pid_expected = {(s, p["protocol_id"]): "pass" for s in (pid_good, pid_bad)
+                        for p in PID_PROTOCOLS} | {(pid_bad, "PVTP-030"): "fail"}
+        check_reports(cfg, rid, expected_verdicts(bad, good))
+        check_reports(cfg, pid_rid, pid_expected)
+        check_read_side(cfg, query_api, pid_rid, pid_expected)
+        ncs = [e for r in (rid, pid_rid) for e in of_request(cfg, r)
+               if isinstance(e, NonConformanceRaised)]
+        ncs = list({e.event_id: e for e in ncs}.values())
+        assert len(ncs) == 2
+        check_qms(cfg, qms, ncs)
+        ends = {str(e.event_id) for r in (rid, pid_rid) for e in of_request(cfg, r)
+                if isinstance(e, (ExecutionPassed, ExecutionFailed))}
+        done = {str(e.event_id) for r in (rid, pid_rid)
+                for e in of_request(cfg, r, TESTING_REQUESTS)
+                if isinstance(e, ServiceRequestCompleted)}
+        assert len(ends) == 10 and len(done) == 2
+        wait_for(lambda: accepted_ids(lims) == ends, 60, "the LIMS to get every result")
+        wait_for(lambda: accepted_ids(tracker) == done, 60, "the tracker to get each completion")
+    finally:
+        for receiver in (qms, lims, tracker):
+            receiver.close()
 
 
 def test_kill_9_of_the_testing_processor_mid_execution_changes_no_verdict(cfg, processes):
@@ -191,7 +348,7 @@ def check_reports(cfg, rid: str, expected: dict | None = None, timeout: float = 
     check_pdf(store.get(by_format["pdf"].sha256), verdicts)
     analysed = {e.execution_id: e for e in of_request(cfg, rid)
                 if isinstance(e, ExecutionAnalysed)}
-    assert len(analysed) == 6
+    assert len(analysed) == len(verdicts)
     check_workbook(store.get(by_format["xlsx"].sha256), list(analysed.values()))
     assert by_format["pdf"].certificate == all(v == "pass" for v in verdicts.values())
     assert not by_format["xlsx"].certificate and not by_format["csv"].certificate

@@ -67,6 +67,27 @@ def pick_samples(n_pass: int) -> tuple[str, list[str]]:
     raise AssertionError("no samples found")
 
 
+def pick_pid_samples(exclude: set[str] = frozenset()) -> tuple[str, str]:
+    """(a PID-susceptible sample, losing > 8 % Pmax in PVTP-030's 96 h at -1000 V, 85 degC /
+    85 % RH; a resistant one, losing < 2 %), both with wet insulation far above MQT 15's limit
+    (PVTP-010 passes for both, before or after the damp heat), none of `exclude` (seed 0)."""
+    bad = good = None
+    for k in range(1, 2000):
+        m = models.make_module(f"PV{k:04d}")
+        s = m.susceptibility
+        if m.sample_id in exclude or s.insulation_defect or s.insulation_wet_mohm_m2 < 200:
+            continue
+        loss = 1 - (models.true_iv_parameters(models.pid_stress(m, 96))["pmax_w"]
+                    / models.true_iv_parameters(m)["pmax_w"])
+        if bad is None and loss > 0.08:
+            bad = m.sample_id
+        elif good is None and loss < 0.02:
+            good = m.sample_id
+        if bad and good:
+            return bad, good
+    raise AssertionError("no samples found")
+
+
 class Bus:
     def __init__(self, devices: dict[str, str]) -> None:
         self.log: list[tuple[str, bytes, bytes]] = []
@@ -358,3 +379,34 @@ def test_an_abort_of_an_ended_or_unknown_execution_is_a_no_op():
     assert bus.states == before
     assert not bus.events(ExecutionFailed)
     assert len(bus.events(ExecutionAbortRequested)) == 2
+
+
+PID_PROTOCOLS = [{"protocol_id": "PVTP-010", "version": None, "inputs": {}},
+                 {"protocol_id": "PVTP-030", "version": None, "inputs": {}}]
+
+
+def test_wet_leakage_and_pid_with_a_pid_susceptible_module():
+    bad, good = pick_pid_samples()
+    bus = Bus({**DEVICES, "pv-wl-1": "wet-leakage-tester"})
+    submit(bus, [good, bad], PID_PROTOCOLS)
+    bus.run()
+    ends = {(e.sample_id, e.protocol_id): e for e in bus.events()
+            if isinstance(e, (ExecutionPassed, ExecutionFailed))}
+    assert {k: type(e).__name__ for k, e in ends.items()} == {
+        (s, p["protocol_id"]): "ExecutionPassed" for s in (good, bad)
+        for p in PID_PROTOCOLS} | {(bad, "PVTP-030"): "ExecutionFailed"}
+    assert ends[(bad, "PVTP-030")].reason_code == "qc_failed"
+    ncs = bus.events(NonConformanceRaised)
+    assert [(n.sample_id, n.protocol_id, n.criteria) for n in ncs] == [
+        (bad, "PVTP-030", ["pmax_degradation"])]
+    qc = {(e.sample_id, e.protocol_id): {c["id"]: c for c in e.criteria}
+          for e in bus.events(QcEvaluated)}
+    assert qc[(bad, "PVTP-030")]["pmax_degradation"]["value"] > 8
+    assert qc[(good, "PVTP-030")]["pmax_degradation"]["value"] < 2
+    assert qc[(bad, "PVTP-030")]["stress_duration"]["value"] == 96
+    wet = qc[(good, "PVTP-010")]
+    assert wet["resistance_for_area"]["verdict"] == "pass"
+    assert wet["resistance_small_module"]["verdict"] == "not_applicable"
+    assert wet["resistance_for_area"]["limit"] == [pytest.approx(40 / 1.62)]
+    (done,) = bus.events(ServiceRequestCompleted)
+    assert (done.executions, done.passed, done.failed, done.verdict) == (4, 3, 1, "fail")
