@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import subprocess
@@ -285,7 +286,9 @@ def run_once(requests: int, samples: int, renderers: int, timeout_s: float) -> d
                 "executions_per_s": len(ends) / last_done,
                 "verdict_ms": verdict_ms, "report_ms": report_ms, "download_ms": download_ms,
                 "pdf_ms": pdf_ms, "queued_ms": queued_ms, "readings_read_s": read_s,
-                "failed": sum(isinstance(e, ExecutionFailed) for e in ends.values())}
+                "failed": collections.Counter(
+                    f"{e.protocol_id} {e.reason_code}" for e in ends.values()
+                    if isinstance(e, ExecutionFailed))}
     finally:
         follower.stopping.set()
         for p in procs:
@@ -315,7 +318,8 @@ def report(r: dict) -> None:
     print(f"\n== {r['requests']} requests x {r['samples']} modules x {len(PROTOCOLS)} protocols, "
           f"reports rendered {where}")
     print(f"{r['machine']}; /proc/loadavg {r['load'][0]} -> {r['load'][1]}")
-    print(f"{r['executions']} executions ({r['failed']} failed); wall to the last completion "
+    failed = ", ".join(f"{n} {why}" for why, n in sorted(r["failed"].items())) or "none"
+    print(f"{r['executions']} executions (failed: {failed}); wall to the last completion "
           f"{r['wall_done_s']:.1f} s ({r['executions_per_s']:.2f} executions/s), to the last "
           f"PDF downloadable {r['wall_pdf_s']:.1f} s")
     print(f"last reading -> verdict:                 {p50_99(r['verdict_ms'])}")
