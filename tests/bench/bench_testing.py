@@ -334,15 +334,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--samples", type=int, default=2, help="modules per request")
     ap.add_argument("--renderers", default="1",
-                    help="LABBUS_REPORT_RENDERERS of each run, comma-separated (e.g. 1,0)")
+                    help="LABBUS_REPORT_RENDERERS of each run, comma-separated (e.g. 1,0); "
+                         "each run's ratios to the last one's are printed")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a run may take")
     args = ap.parse_args()
     results = []
     for n in (int(x) for x in args.renderers.split(",")):
         results.append(run_once(args.requests, args.samples, n, args.timeout))
         report(results[-1])
-    if len(results) > 1:
-        base, first = results[-1], results[0]
+    base = results[-1]
+    for first in results[:-1]:
         print(f"\nratio (renderers {first['renderers']} / {base['renderers']}):")
         for key, what in (("report_ms", "completion -> ReportGenerated(pdf) p50"),
                           ("download_ms", "completion -> PDF downloadable p50"),
