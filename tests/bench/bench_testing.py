@@ -10,9 +10,13 @@ testing`, `agent pv` (2 I-V tracers, 2 climate chambers, 1 insulation tester), `
 (LABBUS_REPORT_RENDERERS = the run's value), `project postgres` and `api` (trusting a stand-in
 token issuer, tests/support/idp.py: a viewer's token). All requests (PVTP-001, PVTP-015 TC200,
 PVTP-003 on `--samples` modules each) are submitted at once; LABBUS_TESTING_SPEED 1e6 (TC200's
-~570 h take ~2 s of simulated-instrument time). A follower thread reads lab.testing.requests and
-lab.testing.executions as they grow; once a request has completed, the bench asks the API for
-its report.pdf every 0.25 s until it gets the bytes the ReportGenerated announced (sha256).
+~570 h take ~2 s of simulated-instrument time) and LABBUS_TESTING_MIN_TIMEOUT_S 600
+(`--min-step-timeout`): every step is dispatched at once and an instrument runs its commands in
+turn, so ~100 TC200 runs queue on each climate chamber; with the default 30 s, steps at the back
+of those queues time out (there is no instrument scheduling, README "Known limits").
+A follower thread reads lab.testing.requests and lab.testing.executions as they grow; once a
+request's ReportGenerated(pdf) is out, the bench asks the API for its report.pdf every 0.25 s
+until it gets the bytes announced (sha256).
 
 Printed per run (times are the events' recorded_at and this machine's clock: one clock):
 - wall time from the first submission to the last completion and to the last PDF downloadable,
@@ -173,11 +177,13 @@ def render_log(path: Path) -> list[dict]:
     return out
 
 
-def run_once(requests: int, samples: int, renderers: int, timeout_s: float) -> dict:
+def run_once(requests: int, samples: int, renderers: int, timeout_s: float,
+             min_step_timeout: str) -> dict:
     ns = Namespace.create("bench-testing", 0, database=True)
     mongo_db = "labbus_" + ns.name.replace("-", "_")
     tokens = Tokens()
-    ns.env.update(LABBUS_MONGO_DB=mongo_db, LABBUS_TESTING_SPEED=SPEED, **tokens.env)
+    ns.env.update(LABBUS_MONGO_DB=mongo_db, LABBUS_TESTING_SPEED=SPEED,
+                  LABBUS_TESTING_MIN_TIMEOUT_S=min_step_timeout, **tokens.env)
     ns.cfg = config.load(ns.env)
     asyncio.run(kafka.ensure_topics(ns.cfg))
     procs: list[subprocess.Popen] = []
@@ -281,14 +287,17 @@ def run_once(requests: int, samples: int, renderers: int, timeout_s: float) -> d
         queued_ms = [x["queued_ms"] for x in rendered]
         last_done = max(done_at.values()) - t0
         return {"renderers": renderers, "machine": machine(), "load": (load0, load1),
-                "requests": len(rids), "samples": samples, "executions": len(ends),
+                "requests": len(rids), "samples": samples, "min_step_s": min_step_timeout,
+                "executions": len(ends),
                 "wall_done_s": last_done, "wall_pdf_s": max(downloaded.values()) - t0,
                 "executions_per_s": len(ends) / last_done,
                 "verdict_ms": verdict_ms, "report_ms": report_ms, "download_ms": download_ms,
                 "pdf_ms": pdf_ms, "queued_ms": queued_ms, "readings_read_s": read_s,
                 "failed": collections.Counter(
-                    f"{e.protocol_id} {e.reason_code}" for e in ends.values()
-                    if isinstance(e, ExecutionFailed))}
+                    f"{e.protocol_id} {e.reason_code}" + (
+                        "" if e.reason_code != "timeout" else " (readings)"
+                        if "no its readings" in e.reason else " (completion)")
+                    for e in ends.values() if isinstance(e, ExecutionFailed))}
     finally:
         follower.stopping.set()
         for p in procs:
@@ -317,7 +326,8 @@ def report(r: dict) -> None:
              else f"{r['renderers']} renderer process(es)")
     print(f"\n== {r['requests']} requests x {r['samples']} modules x {len(PROTOCOLS)} protocols, "
           f"reports rendered {where}")
-    print(f"{r['machine']}; /proc/loadavg {r['load'][0]} -> {r['load'][1]}")
+    print(f"LABBUS_TESTING_MIN_TIMEOUT_S={r['min_step_s']}; {r['machine']}; /proc/loadavg "
+          f"{r['load'][0]} -> {r['load'][1]}")
     failed = ", ".join(f"{n} {why}" for why, n in sorted(r["failed"].items())) or "none"
     print(f"{r['executions']} executions (failed: {failed}); wall to the last completion "
           f"{r['wall_done_s']:.1f} s ({r['executions_per_s']:.2f} executions/s), to the last "
@@ -337,10 +347,15 @@ def main() -> None:
                     help="LABBUS_REPORT_RENDERERS of each run, comma-separated (e.g. 1,0); "
                          "each run's ratios to the last one's are printed")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a run may take")
+    ap.add_argument("--min-step-timeout", default="600",
+                    help="LABBUS_TESTING_MIN_TIMEOUT_S: all requests are dispatched at once and "
+                         "an instrument runs its commands in turn (~100 TC200 runs queue on "
+                         "each climate chamber), longer than the default 30 s allows")
     args = ap.parse_args()
     results = []
     for n in (int(x) for x in args.renderers.split(",")):
-        results.append(run_once(args.requests, args.samples, n, args.timeout))
+        results.append(run_once(args.requests, args.samples, n, args.timeout,
+                                args.min_step_timeout))
         report(results[-1])
     base = results[-1]
     for first in results[:-1]:
