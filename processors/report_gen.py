@@ -457,6 +457,7 @@ class Generate:
 
     def __call__(self, states: Mapping[str, dict], now_ms: int,
                  behind: Mapping[int, int] | None = None) -> list[Event]:
+        started = time.monotonic()
         self.next_try = {k: t for k, t in self.next_try.items() if t > now_ms}
         for key, st in states.items():
             if not st.get("pending") or key in self.next_try or key in self.running:
@@ -465,6 +466,10 @@ class Generate:
             report = report_of(st, self.settings.catalog)
             self.running[key] = (st, report.all_passed, time.time(),
                                  self.renderers.submit(report))
+        # remembered from when the events go out: rendering here (no processes) takes this tick
+        # seconds per request, and a request remembered from the tick's start was rendered again
+        # by the next tick when its ReportGenerated had not been read back yet
+        sent_ms = now_ms + round((time.monotonic() - started) * 1000)
         out: list[Event] = []
         for key in [k for k, r in self.running.items() if r[3].done()]:
             st, certificate, submitted, future = self.running.pop(key)
@@ -478,7 +483,7 @@ class Generate:
                 "render_ms": {f: round(s * 1000, 1) for f, s in rendered.seconds.items()},
                 "queued_ms": round((rendered.started - submitted) * 1000, 1),
                 "total_ms": round((time.time() - submitted) * 1000, 1)})
-            self.next_try[key] = now_ms + self.remember_ms
+            self.next_try[key] = sent_ms + self.remember_ms
             out.extend(announced(st, certificate, rendered.artifacts))
         return out
 
