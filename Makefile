@@ -7,7 +7,7 @@ LABBUS := $(VENV)/bin/labbus
 # keeps out of the main virtualenv: it gets one of its own, used through its `st` command.
 ST_VENV := .venv-schemathesis
 
-.PHONY: setup services demo test bench bench-stages bench-anomaly bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos sila down lint
+.PHONY: setup services demo test bench bench-testing bench-stages bench-anomaly bench-faust-patches bench-convergence bench-query bench-gateway bench-commands protos sila down lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: setup
 bench: setup
 	$(VENV)/bin/python tests/bench/bench_pipeline.py
 	$(VENV)/bin/python tests/bench/bench_pipeline.py --validators 2
+
+# issue 11: 100 service requests x 3 protocols to the PDF downloadable from the query API,
+# with one renderer process, then rendering in the report worker's event loop (the baseline)
+bench-testing: setup
+	$(VENV)/bin/python tests/bench/bench_testing.py --requests 100 --renderers 1,0
 
 bench-stages: setup
 	$(VENV)/bin/python tests/bench/bench_stages.py

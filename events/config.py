@@ -151,6 +151,11 @@ SETTINGS: dict[str, Setting] = {
         "Where reports and other artifacts are stored, once per sha256 (events/artifacts.py): "
         "`gridfs` = a GridFS bucket (`artifacts`) of LABBUS_MONGO_DB, or an existing directory "
         "(a file store)."),
+    "report_renderers": Setting(
+        "LABBUS_REPORT_RENDERERS", "1",
+        "`process reports`: processes each worker renders reports in (one report at a time "
+        "each), so its event loop goes on meanwhile; 0 = in the event loop itself (it waits); "
+        "0 to 16."),
     # -- identity and tokens (README "Identity and tokens") --
     "http_gateway_host": Setting("LABBUS_HTTP_GATEWAY_HOST", "127.0.0.1",
                                  "Command gateway (`labbus gateway http`) bind address."),
@@ -247,6 +252,7 @@ class Config:
     deck_layout: DeckLayout = DEFAULT_DECK
     webhooks_config: Path | None = None
     artifacts: str = "gridfs"  # or the directory of a file store (resolved)
+    report_renderers: int = 1
     http_gateway_host: str = "127.0.0.1"
     http_gateway_port: int = 8001
     query_api_url: str = "http://127.0.0.1:8000"
@@ -492,6 +498,7 @@ def load(environ: dict[str, str] | None = None) -> Config:
         deck_layout=_deck("deck_layout", raw["deck_layout"]),
         webhooks_config=_file("webhooks_config", raw["webhooks_config"]),
         artifacts=_artifacts("artifacts", raw["artifacts"]),
+        report_renderers=_int("report_renderers", raw["report_renderers"], 0, 16),
         http_gateway_host=raw["http_gateway_host"],
         http_gateway_port=http_port,
         query_api_url=(raw["query_api_url"].strip().rstrip("/")

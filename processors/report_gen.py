@@ -21,9 +21,9 @@ follows (`testing_logic.raises_nc`); whichever input completes that set triggers
 each kind per execution counts, so a processor that handled an input twice changes nothing);
 the report's date is the completion's `occurred_at`. The same state gives the same bytes, so
 the same sha256, the same stored artifact (content-addressed) and the same ReportGenerated id
-(`report_event_id`: request, format, sha256). A kill -9 mid-generation leaves the completion
-uncommitted: the restarted worker generates again from the same state; at most the events are
-produced twice with the same ids, never a second report.
+(`report_event_id`: request, format, sha256). A kill -9 mid-generation leaves the request
+`pending` (or its completion uncommitted): the restarted worker generates again from the same
+state; at most the events are produced twice with the same ids, never a second report.
 
 **After.** Once generated the request's state shrinks to the sha256 of its reports (later
 inputs of that request change nothing). A store that is down (Mongo unreachable, a full disk)
@@ -32,24 +32,39 @@ ReportGenerated read back end it. A report that cannot be made from the events (
 template version, an inconsistent input) dead-letters the input that triggered it, with the
 reason.
 
-Generation runs in the worker's event loop (the PDF takes ~0.6-2 s, mostly matplotlib): a
-worker makes one report at a time; start more workers and they share the requests.
+**Rendering off the event loop.** The handler only decides that a request's reports are due
+(its state becomes `pending`; it builds the report's input once, so a report that cannot be made
+dead-letters the input as before) and returns at once; a timer (`Generate`, every 0.2 s) hands
+the due reports to `Renderers`: LABBUS_REPORT_RENDERERS spawned processes (default 1) that
+render the three formats and `put` them in the store, while the worker's event loop goes on
+consuming, heartbeating, committing and collecting the next requests. A finished render's
+ReportGenerated are produced by the timer; read back, they shrink the state to `generated`.
+Processes, not threads: rendering is CPU-bound Python (one GIL), and ReportLab and matplotlib
+keep module-level state that is not documented as thread-safe. Each process renders one report
+at a time, the same code on the same input: the same bytes as in the worker itself. A process
+leaves when its worker dies (kill -9 too); a killed worker's pending requests are rendered again
+by the next owner, with the same ids. LABBUS_REPORT_RENDERERS=0 renders in the event loop (as
+before; the benchmark's baseline). Start more workers and they share the requests.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from labbus.events import faust_runtime
-from labbus.events.artifacts import ArtifactStore, open_store
+from labbus.events.artifacts import Artifact, ArtifactStore, open_store
 from labbus.events.config import Config
 from labbus.events.model import (
     Event,
@@ -107,12 +122,13 @@ ACCEPTS = {cls.TYPE for cls in (*EXECUTION_EVENTS, ServiceRequestSubmitted,
 @dataclass(frozen=True)
 class Settings:
     """The templates, the topics' names (namespace included) and the artifact store (opened on
-    first use)."""
+    first use); `opener` opens another one, in a renderer process (picklable)."""
 
     catalog: Catalog
     executions: str
     inbox: str
     store: Callable[[], ArtifactStore]
+    opener: Callable[[], ArtifactStore] | None = None
 
 
 def handle(state: dict | None, event: Event, record: Record, settings: Settings
@@ -133,13 +149,8 @@ def handle(state: dict | None, event: Event, record: Record, settings: Settings
     new = remember(st, event, record)
     if new is st or not new.get("done") or new.get("pending") or not ready(new):
         return (state if new is st else new), []
-    try:
-        outputs, shas = generate(new, settings)
-    except Exception as exc:
-        if not transient(exc):
-            raise  # the runtime dead-letters the input with the reason
-        return {**new, "pending": True}, []  # the timer tries again
-    return generated(new, shas), outputs
+    report_of(new, settings.catalog)  # one that cannot be made: the runtime dead-letters the
+    return {**new, "pending": True}, []  # input with the reason; due: `Generate` renders it
 
 
 def _read_back(st: dict, event: ReportGenerated) -> tuple[dict | None, list]:
@@ -319,76 +330,201 @@ def file_name(request_id: str, fmt: str) -> str:
     return f"{safe}-{'criteria' if fmt == 'csv' else 'report'}.{fmt}"
 
 
-def generate(st: dict, settings: Settings) -> tuple[list[ReportGenerated], dict[str, str]]:
-    """Render the three reports, store them, and the ReportGenerated of each."""
-    log.info("generating the reports of %s", st["id"], extra={"request_id": st["id"]})
-    report = report_of(st, settings.catalog)
-    store = settings.store()
-    done, rid = st["done"], st["id"]
-    out, shas = [], {}
-    for i, fmt in enumerate(FORMATS, 1):
+@dataclass(frozen=True)
+class Rendered:
+    """A request's three reports, stored: the artifacts, the seconds each format took to render
+    and when (time.time()) rendering started and ended (in the process that rendered)."""
+
+    artifacts: Mapping[str, Artifact]
+    seconds: Mapping[str, float]
+    started: float
+    ended: float
+
+
+def render_and_store(report: ServiceRequestReport, store: ArtifactStore) -> Rendered:
+    """Render the three formats of `report` and put each in `store`. Pure but for the store."""
+    started = time.time()
+    artifacts, seconds = {}, {}
+    for fmt in FORMATS:
+        t = time.perf_counter()
         data = RENDER[fmt](report)
-        artifact = store.put(file_name(rid, fmt), CONTENT_TYPES[fmt], data)
-        shas[fmt] = artifact.sha256
-        out.append(ReportGenerated.create(
-            source=SOURCE, subject=rid, sequence=i,
-            event_id=uuid.UUID(report_event_id(rid, fmt, artifact.sha256)),
-            correlation_id=uuid.UUID(done["corr"]) if done.get("corr") else None,
-            causation_id=uuid.UUID(done["event_id"]), request_id=rid, format=fmt,
-            name=file_name(rid, fmt), content_type=CONTENT_TYPES[fmt],
-            sha256=artifact.sha256, size=artifact.size, location=artifact.location,
-            certificate=fmt == "pdf" and report.all_passed))
-    return out, shas
+        seconds[fmt] = time.perf_counter() - t
+        artifacts[fmt] = store.put(file_name(report.request_id, fmt), CONTENT_TYPES[fmt], data)
+    return Rendered(artifacts, seconds, started, time.time())
 
 
-class Retry:
-    """The timer: the reports of pending requests (the store was down), tried again at most
-    every `every_s` per request, and not again for `remember_s` after they were produced (until
-    the ReportGenerated read back end the request's pending state)."""
+def announced(st: dict, certificate: bool, artifacts: Mapping[str, Artifact]
+              ) -> list[ReportGenerated]:
+    """The ReportGenerated of each stored format (ids from request, format and sha256)."""
+    done, rid = st["done"], st["id"]
+    return [ReportGenerated.create(
+        source=SOURCE, subject=rid, sequence=i,
+        event_id=uuid.UUID(report_event_id(rid, fmt, artifacts[fmt].sha256)),
+        correlation_id=uuid.UUID(done["corr"]) if done.get("corr") else None,
+        causation_id=uuid.UUID(done["event_id"]), request_id=rid, format=fmt,
+        name=file_name(rid, fmt), content_type=CONTENT_TYPES[fmt],
+        sha256=artifacts[fmt].sha256, size=artifacts[fmt].size,
+        location=artifacts[fmt].location, certificate=fmt == "pdf" and certificate)
+        for i, fmt in enumerate(FORMATS, 1)]
 
-    def __init__(self, settings: Settings, every_s: float = 5.0, remember_s: float = 30.0):
+
+# -- where reports are rendered -------------------------------------------------------------------
+
+_CHILD: dict[str, Any] = {}
+
+
+def _child_start(opener: Callable[[], ArtifactStore], parent: int) -> None:
+    """A renderer process: the renderers' heavy imports, the store opened once, and a thread
+    that ends the process when its worker is gone (a kill -9 leaves no orphan rendering)."""
+    warm_up()
+    _CHILD["store"] = opener()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _child_render(report: ServiceRequestReport) -> Rendered:
+    return render_and_store(report, _CHILD["store"])
+
+
+class Renderers:
+    """Where reports are rendered: `processes` spawned processes (each renders one report at a
+    time, in the order submitted), or with 0 right here, in the caller's thread (the worker's
+    event loop: it waits). `submit` returns a Future of `Rendered`."""
+
+    def __init__(self, settings: Settings, processes: int) -> None:
+        if processes and settings.opener is None:
+            raise ValueError("rendering in processes needs Settings.opener (picklable)")
+        self.settings, self.processes = settings, processes
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_start, initargs=(self.settings.opener, os.getpid()))
+        return self.pool
+
+    def start(self) -> None:
+        """Start the processes now (their imports take seconds), not on the first request."""
+        if self.processes:
+            for f in [self._pool().submit(time.sleep, 0) for _ in range(self.processes)]:
+                f.result()
+
+    def submit(self, report: ServiceRequestReport) -> Future:
+        if self.processes:
+            return self._pool().submit(_child_render, report)
+        future: Future = Future()
+        try:
+            future.set_result(render_and_store(report, self.settings.store()))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller with the future
+            future.set_exception(exc)
+        return future
+
+    def broken(self) -> None:
+        """A process died (killed, out of memory): new ones for the next submissions."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+class Generate:
+    """The timer that has pending requests' reports rendered (`Renderers`) and produces their
+    ReportGenerated once rendered: a request is submitted once while it renders, tried again
+    after `every_s` when it failed with a transient error (the store down, a renderer killed),
+    and not again for `remember_s` after its events were produced (until the ReportGenerated
+    read back end the request's pending state). A render that fails otherwise (a bug: the input
+    was checked by the handler) is logged and tried again after `give_up_s`."""
+
+    def __init__(self, settings: Settings, renderers: Renderers | None = None,
+                 every_s: float = 5.0, remember_s: float = 30.0, give_up_s: float = 600.0):
         self.settings = settings
+        self.renderers = renderers or Renderers(settings, 0)
         self.every_ms, self.remember_ms = every_s * 1000, remember_s * 1000
+        self.give_up_ms = give_up_s * 1000
         self.next_try: dict[str, float] = {}
-        self.__name__ = "reports-retry"
+        self.running: dict[str, tuple[dict, bool, float, Future]] = {}
+        self.__name__ = "reports-generate"
 
     def __call__(self, states: Mapping[str, dict], now_ms: int,
                  behind: Mapping[int, int] | None = None) -> list[Event]:
-        out: list[Event] = []
+        started = time.monotonic()
         self.next_try = {k: t for k, t in self.next_try.items() if t > now_ms}
         for key, st in states.items():
-            if not st.get("pending") or key in self.next_try:
+            if not st.get("pending") or key in self.next_try or key in self.running:
                 continue
+            log.info("generating the reports of %s", st["id"], extra={"request_id": st["id"]})
+            report = report_of(st, self.settings.catalog)
+            self.running[key] = (st, report.all_passed, time.time(),
+                                 self.renderers.submit(report))
+        # remembered from when the events go out: rendering here (no processes) takes this tick
+        # seconds per request, and a request remembered from the tick's start was rendered again
+        # by the next tick when its ReportGenerated had not been read back yet
+        sent_ms = now_ms + round((time.monotonic() - started) * 1000)
+        out: list[Event] = []
+        for key in [k for k, r in self.running.items() if r[3].done()]:
+            st, certificate, submitted, future = self.running.pop(key)
             try:
-                events, _ = generate(st, self.settings)
-            except Exception as exc:
-                if not transient(exc):
-                    raise
-                self.next_try[key] = now_ms + self.every_ms
+                rendered: Rendered = future.result()
+            except Exception as exc:  # noqa: BLE001 - decided below
+                self._failed(key, st, exc, now_ms)
                 continue
-            self.next_try[key] = now_ms + self.remember_ms
-            out.extend(events)
+            log.info("rendered the reports of %s", st["id"], extra={
+                "request_id": st["id"],
+                "render_ms": {f: round(s * 1000, 1) for f, s in rendered.seconds.items()},
+                "queued_ms": round((rendered.started - submitted) * 1000, 1),
+                "total_ms": round((time.time() - submitted) * 1000, 1)})
+            self.next_try[key] = sent_ms + self.remember_ms
+            out.extend(announced(st, certificate, rendered.artifacts))
         return out
+
+    def _failed(self, key: str, st: dict, exc: Exception, now_ms: int) -> None:
+        if isinstance(exc, BrokenExecutor):
+            self.renderers.broken()
+        if isinstance(exc, BrokenExecutor) or transient(exc):
+            log.warning("the reports of %s failed; trying again", st["id"],
+                        extra={"request_id": st["id"], "error": repr(exc)})
+            self.next_try[key] = now_ms + self.every_ms
+            return
+        log.error("the reports of %s cannot be rendered", st["id"], exc_info=exc,
+                  extra={"request_id": st["id"]})
+        self.next_try[key] = now_ms + self.give_up_ms
 
 
 # -- the process ----------------------------------------------------------------------------------
 
 def settings(cfg: Config, store: Callable[[], ArtifactStore] | None = None) -> Settings:
+    opener = functools.partial(open_store, cfg)
     return Settings(catalog=shipped_catalog(), executions=topic_name(cfg, TESTING_EXECUTIONS),
                     inbox=topic_name(cfg, REPORTS_INBOX),
-                    store=store or functools.cache(lambda: open_store(cfg)))
+                    store=store or functools.cache(opener), opener=opener)
 
 
 def _handle(state: Any, event: Any, record: Any, _shared: Any, *, s: Settings):
     return handle(state, event, record, s)
 
 
-def build_app(cfg: Config, *, tick_s: float = 2.0, **overrides: Any):
+def build_app(cfg: Config, *, tick_s: float = 0.2, renderers: int | None = None,
+              **overrides: Any):
     s = settings(cfg)
-    warm_up()
-    return faust_runtime.build_app(cfg, PROCESS, INPUTS, functools.partial(_handle, s=s),
-                                   accepts=ACCEPTS, table="reports",
-                                   timers=[(tick_s, Retry(s))], **overrides)
+    pool = Renderers(s, cfg.report_renderers if renderers is None else renderers)
+    pool.start()
+    if not pool.processes:
+        warm_up()
+    app = faust_runtime.build_app(cfg, PROCESS, INPUTS, functools.partial(_handle, s=s),
+                                  accepts=ACCEPTS, table="reports",
+                                  timers=[(tick_s, Generate(s, pool))], **overrides)
+    app.labbus_renderers = pool
+    return app
 
 
 def warm_up() -> float:

@@ -518,13 +518,18 @@ def tick(states: Mapping[str, dict], now_ms: int, behind: Mapping[int, int] | No
          ) -> list[Event]:
     """ExecutionFailed (timeout) for running executions whose step is past its deadline. Where
     the worker is behind on its inputs, "now" is the log time it has read to (a completion may
-    be waiting unread)."""
+    be waiting unread) — on the input partition read least far, whichever it is: a step's
+    readings and completion come from lab.measurements.recorded and lab.commands keyed by
+    device, through the inbox, so any partition behind may hold them. (Under a flood of
+    readings the worker fell 2 minutes behind on lab.measurements.recorded while its own
+    partition was read to the end: half of 600 executions timed out waiting for readings
+    already published.)"""
     out = []
+    now = min(behind.values()) if behind else now_ms
     for s in states.values():
         x = s.get("x")
         if not x or x["status"] != "running" or not x.get("cmd"):
             continue
-        now = (behind or {}).get(s.get("p"), now_ms)
         cmd = x["cmd"]
         if now <= cmd["deadline"]:
             continue

@@ -6,8 +6,10 @@ test chooses, with a real file store in a temporary directory. No Kafka, no Mong
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import random
+import time
 
 import openpyxl
 import pytest
@@ -80,10 +82,24 @@ class Reports:
                     self.generated.append(o)
                     queue.append((REQUESTS, o.key, CODEC.encode(o)))  # read back
 
-    def tick(self, timer: rg.Retry, now_ms: int) -> None:
+    def tick(self, timer: rg.Generate, now_ms: int) -> None:
         for e in timer(self.states, now_ms):
             self.generated.append(e)
             self.deliver([(REQUESTS, e.key, CODEC.encode(e))])
+
+    def run(self, records, timer: rg.Generate | None = None, now_ms: int = 1_000
+            ) -> rg.Generate:
+        """Deliver the records, then tick the timer every 0.1 s from `now_ms` (rendering here,
+        in this thread, unless it was given other renderers) until no request waits for its
+        reports."""
+        self.deliver(records)
+        timer = timer or rg.Generate(self.s)
+        for k in range(600):
+            self.tick(timer, now_ms + 100 * k)
+            if not timer.running and not any(st.get("pending") for st in self.states.values()):
+                break
+            time.sleep(0.1)
+        return timer
 
 
 def words(text: str) -> str:
@@ -144,6 +160,9 @@ def test_a_completed_request_gets_three_reports_from_its_events(workflow, tmp_pa
     store = FileStore(tmp_path)
     r = Reports(settings(store))
     r.deliver(records)
+    # the handler renders nothing: the request is due, the timer has its reports rendered
+    assert r.generated == [] and r.states["SR-RG"]["pending"]
+    r.run([])
     by_format = {e.format: e for e in r.generated}
     assert sorted(by_format) == ["csv", "pdf", "xlsx"] and len(r.generated) == 3
     for e in r.generated:
@@ -171,7 +190,7 @@ def test_any_order_of_arrival_gives_the_same_bytes_and_the_same_event_ids(workfl
     report waits until every execution ended and is the same."""
     _, _, records = workflow
     first = Reports(settings(FileStore(tmp_path / "a")))
-    first.deliver(records)
+    first.run(records)
     requests = [r for r in records if r[0] == REQUESTS]
     by_execution: dict[bytes, list] = {}
     for r in records:
@@ -190,7 +209,8 @@ def test_any_order_of_arrival_gives_the_same_bytes_and_the_same_event_ids(workfl
     second = Reports(settings(FileStore(tmp_path / "b")))
     second.deliver([r for r in requests if r not in completed] + completed)
     assert second.generated == [] and "SR-RG" in second.states
-    second.deliver(mixed)
+    assert not second.states["SR-RG"].get("pending")
+    second.run(mixed)
     assert {e.event_id for e in second.generated} == {e.event_id for e in first.generated}
     assert len(second.generated) == 3
 
@@ -206,7 +226,7 @@ def test_a_store_that_is_down_leaves_the_request_pending_and_the_timer_retries(
     r = Reports(s)
     r.deliver(records)
     assert r.generated == [] and r.states["SR-RG"]["pending"]
-    timer = rg.Retry(s)
+    timer = rg.Generate(s)
     r.tick(timer, 1_000)
     assert r.generated == [] and r.states["SR-RG"]["pending"]
     blocker.unlink()
@@ -217,6 +237,60 @@ def test_a_store_that_is_down_leaves_the_request_pending_and_the_timer_retries(
     assert set(r.states["SR-RG"]) == {"p", "id", "generated"}
     r.tick(timer, 20_000)
     assert len(r.generated) == 3
+
+
+def test_a_render_in_the_tick_is_remembered_from_when_its_events_go_out(workflow, tmp_path):
+    """Rendering in the tick itself takes its seconds: the request is remembered from the
+    tick's end, not rendered again by the next tick while its ReportGenerated is not read back
+    yet (it was, in the 100-request benchmark: 20 reports rendered twice)."""
+    _, _, records = workflow
+    s = settings(FileStore(tmp_path))
+    r = Reports(s)
+    r.deliver(records)
+    timer = rg.Generate(s, remember_s=0.5)
+    t = time.monotonic()
+    assert len(timer(r.states, 1_000)) == 3  # not read back
+    took_ms = (time.monotonic() - t) * 1000
+    assert took_ms > 100  # the render (the PDF alone takes longer)
+    assert timer(r.states, 1_000 + 600) == []
+
+
+def test_a_renderer_process_makes_the_same_reports_and_one_killed_midway_is_replaced(
+        workflow, tmp_path):
+    """Rendering in a spawned process: the timer's tick returns at once (the event loop goes
+    on) and the reports come with a later tick, the same bytes and ids as rendered here; a
+    renderer killed mid-render (BrokenProcessPool) is replaced and the request rendered again."""
+    _, _, records = workflow
+    here = Reports(settings(FileStore(tmp_path / "here")))
+    here.run(records)
+    store = FileStore(tmp_path / "there")
+    s = rg.Settings(catalog=shipped_catalog(), executions=EXECUTIONS, inbox=INBOX,
+                    store=lambda: store, opener=functools.partial(FileStore, tmp_path / "there"))
+    renderers = rg.Renderers(s, 1)
+    renderers.start()
+    try:
+        r = Reports(s)
+        r.deliver(records)
+        timer = rg.Generate(s, renderers, every_s=1.0)
+        t = time.perf_counter()
+        r.tick(timer, 1_000)
+        assert time.perf_counter() - t < 0.5 and r.generated == [] and timer.running
+        (child,) = renderers.pool._processes.values()
+        child.kill()  # mid-render
+        child.join(10)
+        for k in range(100):  # the broken pool is seen and the request waits `every_s`
+            r.tick(timer, 1_001 + k)
+            if not timer.running:
+                break
+            time.sleep(0.1)
+        assert r.generated == [] and "SR-RG" in timer.next_try
+        r.run([], timer, now_ms=10_000)
+        assert {e.event_id for e in r.generated} == {e.event_id for e in here.generated}
+        assert len(r.generated) == 3
+        for e in r.generated:
+            assert store.get(e.sha256) == here.s.store().get(e.sha256)
+    finally:
+        renderers.close()
 
 
 def test_file_names_are_safe():

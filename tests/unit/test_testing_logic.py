@@ -274,6 +274,10 @@ def test_a_step_past_its_deadline_times_out_once():
     deadline = bus.states[key]["x"]["cmd"]["deadline"]
     ticker = tl.Ticker()
     assert ticker(bus.states, deadline) == []
+    # the worker behind on another input partition (readings of this step's device may wait
+    # there): not yet
+    other = bus.states[key]["p"] + 1
+    assert ticker(bus.states, deadline + 60_000, {other: deadline - 5_000}) == []
     (timeout,) = ticker(bus.states, deadline + 1)
     assert ticker(bus.states, deadline + 2) == []  # remembered until read back
     assert timeout.reason_code == "timeout" and "no completion within 30 s" in timeout.reason
