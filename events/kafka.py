@@ -299,6 +299,13 @@ async def ensure_acls(cfg: Config, client: AIOKafkaAdminClient | None = None) ->
                 if code:
                     raise ConnectionError(f"CreateAcls {b.describe()} failed: {code} {message}")
         if missing:
+            # the controller has committed them; the broker's authorizer applies the metadata
+            # log a moment later: a client of the namespace must not be refused meanwhile
+            deadline = asyncio.get_running_loop().time() + 15.0
+            while set(missing) - set(await describe_acls(cfg, client)):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ConnectionError("the broker did not show the created ACLs within 15 s")
+                await asyncio.sleep(0.1)
             log.info("created ACLs", extra={"acls": len(missing), "namespace": cfg.namespace})
         return len(missing)
     finally:
