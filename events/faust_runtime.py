@@ -626,6 +626,7 @@ def build_app(cfg: Config, process: str, inputs: Sequence[TopicSpec], handler: S
         broker_commit_interval=1.0,
         broker_session_timeout=10.0,  # a killed worker's partitions move on within ~10 s
         broker_heartbeat_interval=1.0,
+        consumer_group_instance_id=kafka.member(cfg),  # static membership when named
         producer_acks=-1,
         processing_guarantee="at_least_once",
         **broker_settings(cfg),

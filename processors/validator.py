@@ -311,7 +311,7 @@ def build_app(cfg: Config) -> faust.App:
         broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
         # Static membership when LABBUS_GROUP_INSTANCE_ID names this process: a restart with
         # the same name takes its partitions back without waiting for the session timeout.
-        consumer_group_instance_id=cfg.group_instance_id or None,
+        consumer_group_instance_id=kafka.member(cfg),
         **faust_runtime.broker_settings(cfg),
     )
     raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED),
