@@ -406,10 +406,4 @@ async def ack_when_delivered(batch, out: PartitionBatches) -> None:
 
 def run(cfg: Config) -> None:
     """Run the validator worker until SIGINT/SIGTERM."""
-    from faust.worker import Worker
-
-    asyncio.run(kafka.ensure_topics(cfg))
-    app = build_app(cfg)
-    worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
-                    override_logging=False)
-    worker.execute_from_commandline()
+    faust_runtime.run(build_app(cfg), cfg)
