@@ -188,7 +188,11 @@ def test_kill_9_of_the_quota_processor_mid_stream_changes_no_decision(cfg, proce
     print(f"\n{seen_before} of 50 decisions were on the broker at the kill -9")
 
 
-def test_cancel_ends_a_running_campaign_and_refunds(cfg, processes):
+def test_cancel_ends_a_running_campaign_and_refunds(own_cfg, processes):
+    # a namespace of its own: in the session's, the experiment processor also runs every
+    # campaign earlier tests reserved (16 in this file alone: 41 robot runs beside this one's
+    # two, 40-80 s instead of ~11 s, and an agent still mid-run at the teardown)
+    cfg = own_cfg
     processes.start("process", "experiment")  # and the quota processor (tests/conftest.py)
     processes.start("agent", "ot2", "--simulate")
     processes.start("agent", "reader", "--delay", "0.3")
