@@ -173,7 +173,10 @@ def test_fifty_concurrent_requests_of_one_user_never_exceed_the_balance(cfg, pro
 
 
 def test_kill_9_of_the_quota_processor_mid_stream_changes_no_decision(cfg, processes):
-    first = processes.start("process", "quota")
+    # one name across the restart (static membership): the restarted processor takes the
+    # killed one's partitions at once instead of waiting out its 10 s session
+    member = {"LABBUS_GROUP_INSTANCE_ID": "qkill-quota-0"}
+    first = processes.start("process", "quota", extra_env=member)
     user = student(cfg, GRANT)
     tag = f"qkill-{uuid.uuid4().hex[:6]}"
     reqs = requests(user, 50, tag)
@@ -183,7 +186,7 @@ def test_kill_9_of_the_quota_processor_mid_stream_changes_no_decision(cfg, proce
     first.kill()  # SIGKILL, mid-stream (or just after: the decisions are on the broker anyway)
     first.wait(10)
     seen_before = sum(len(v) for v in decisions(cfg, xids).values())
-    processes.start("process", "quota")
+    processes.start("process", "quota", extra_env=member)
     check_fifty(cfg, user, xids)
     print(f"\n{seen_before} of 50 decisions were on the broker at the kill -9")
 
