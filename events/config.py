@@ -80,11 +80,14 @@ SETTINGS: dict[str, Setting] = {
         "partitions of `measurements` are dropped by the projector's hourly maintenance and "
         "`labbus db partitions`."),
     "group_instance_id": Setting("LABBUS_GROUP_INSTANCE_ID", "",
-                                 "Static consumer-group membership (Kafka KIP-345) for the "
-                                 "validator: a name unique to this process and stable across "
-                                 "its restarts (e.g. a StatefulSet pod name); a restarted "
-                                 "process gets its partitions back at once instead of after the "
-                                 "session timeout. Empty: dynamic membership."),
+                                 "Static consumer-group membership (Kafka KIP-345) for every "
+                                 "process that consumes in a group (validator, faust "
+                                 "processors, projectors, agents): a name unique among the "
+                                 "running processes of its kind and stable across its restarts "
+                                 "(e.g. a StatefulSet pod name); a process restarted after a "
+                                 "crash gets its partitions back at once instead of after the "
+                                 "10 s session timeout, but one stopped gracefully holds them "
+                                 "for that timeout. Empty: dynamic membership."),
     "pki_dir": Setting("LABBUS_PKI_DIR", "",
                        "The device certificate authority's files (`labbus devices`); empty = "
                        "LABBUS_HOME/pki."),

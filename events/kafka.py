@@ -160,7 +160,8 @@ def producer(cfg: Config, **overrides) -> AIOKafkaProducer:
 
 
 def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKafkaConsumer:
-    """Auto-commit off: each process commits only after its own work is durable."""
+    """Auto-commit off: each process commits only after its own work is durable. A process's
+    group member (the consumer that subscribes) passes `group_instance_id=member(cfg)`."""
     options = dict(
         bootstrap_servers=cfg.kafka_bootstrap,
         **security(cfg).options(),
@@ -182,6 +183,19 @@ def consumer(cfg: Config, *topics: str, group: str | None, **overrides) -> AIOKa
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
+
+
+def member(cfg: Config) -> str | None:
+    """The static group-membership name (Kafka KIP-345) of this process's consumer-group
+    members: LABBUS_GROUP_INSTANCE_ID, unique per process of a kind and stable across its
+    restarts (a StatefulSet pod name, a systemd instance name). A member restarted under the
+    same name after a crash gets its partitions back at once, without waiting for the dead
+    one's 10 s session to expire; the price: a member stopped gracefully does not leave the
+    group either (aiokafka sends no LeaveGroup for a static member), so its partitions wait the
+    session timeout before moving to the others, and two live processes of a kind under one
+    name fence each other. None (empty): dynamic membership. One name serves every group of a
+    process: the name is unique within a group, and each process kind has groups of its own."""
+    return cfg.group_instance_id or None
 
 
 async def ensure_topics(cfg: Config, specs: tuple[TopicSpec, ...] | None = None,

@@ -132,6 +132,9 @@ def well_names(plate: Plate = PLATE) -> tuple[str, ...]:
     return tuple(f"{r}{c}" for c in range(1, plate.columns + 1) for r in plate.rows)
 
 
+MAX_WELLS = len(well_names())  # one 96-well plate per campaign
+
+
 def well_index(well: str, plate: Plate = PLATE) -> int:
     """Position of a well in `well_names` order; ValueError for a well not on the plate."""
     try:

@@ -257,7 +257,8 @@ async def run_consumer(cfg: Config, process: str, topics: Collection[TopicSpec],
             Backoff(process, "kafka"), stop)
         if started_at:
             log.info("first run: starts at the given time", extra={"partitions": started_at})
-    consumer = kafka.consumer(cfg, group=group_id(cfg, process))
+    consumer = kafka.consumer(cfg, group=group_id(cfg, process),
+                              group_instance_id=kafka.member(cfg))
     recall = _Recall(cfg, step, handler, consumer)
     consumer.subscribe(names, listener=recall)
     producer = kafka.producer(cfg)
@@ -425,7 +426,8 @@ class _ViewRunner:
         self.step = Step(cfg, self.process, codec=codec)
         self.db = Backoff(self.process, f"view-{view.name}")
         self.broker = Backoff(self.process, "kafka")
-        self.consumer = kafka.consumer(cfg, group=group_id(cfg, f"projector.{view.name}"))
+        self.consumer = kafka.consumer(cfg, group=group_id(cfg, f"projector.{view.name}"),
+                                       group_instance_id=kafka.member(cfg))
         self.producer = kafka.producer(cfg)
         self.assigned = _Assigned()
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from labbus.events import labware
 from labbus.events.codec import default_codec
-from labbus.events.labware import DEFAULT_DECK, DeckLayout, WellRecipe
+from labbus.events.labware import DEFAULT_DECK, MAX_WELLS, DeckLayout, WellRecipe
 from labbus.events.model import (
     Event,
     ExperimentCancelled,
@@ -52,7 +52,6 @@ from labbus.processors.colour import optimiser, recipes, scoring
 
 SOURCE = "experiment"
 PLATE_WELLS = labware.well_names()  # the order wells are allocated in
-MAX_WELLS = len(PLATE_WELLS)  # one 96-well plate per campaign
 
 
 @dataclass

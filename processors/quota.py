@@ -49,6 +49,7 @@ from typing import Any
 
 from labbus.events import faust_runtime
 from labbus.events.config import Config
+from labbus.events.labware import MAX_WELLS  # not via processors.campaign: colour and scipy
 from labbus.events.model import (
     Event,
     ExperimentCancelled,
@@ -66,7 +67,6 @@ from labbus.events.model import (
 )
 from labbus.events.runtime import Outgoing, Record
 from labbus.events.topics import EXPERIMENTS, QUOTA_INBOX, USERS, topic_name
-from labbus.processors.campaign import MAX_WELLS
 
 PROCESS = "quota"
 SOURCE = "quota"

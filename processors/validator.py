@@ -311,7 +311,7 @@ def build_app(cfg: Config) -> faust.App:
         broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
         # Static membership when LABBUS_GROUP_INSTANCE_ID names this process: a restart with
         # the same name takes its partitions back without waiting for the session timeout.
-        consumer_group_instance_id=cfg.group_instance_id or None,
+        consumer_group_instance_id=kafka.member(cfg),
         **faust_runtime.broker_settings(cfg),
     )
     raw = app.topic(topic_name(cfg, MEASUREMENTS_RECORDED),
@@ -406,10 +406,4 @@ async def ack_when_delivered(batch, out: PartitionBatches) -> None:
 
 def run(cfg: Config) -> None:
     """Run the validator worker until SIGINT/SIGTERM."""
-    from faust.worker import Worker
-
-    asyncio.run(kafka.ensure_topics(cfg))
-    app = build_app(cfg)
-    worker = Worker(app, loglevel=cfg.log_level.lower(), quiet=True, redirect_stdouts=False,
-                    override_logging=False)
-    worker.execute_from_commandline()
+    faust_runtime.run(build_app(cfg), cfg)

@@ -249,11 +249,15 @@ class Processes:
         for proc in self.running:
             if proc.poll() is None:
                 proc.terminate()
+        # one 15 s grace for all of them (they stop side by side), not 15 s each in turn: two
+        # processes stuck in their stop cost 30 s
+        deadline = time.monotonic() + 15
         for proc in self.running:
             try:
-                proc.wait(15)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 @pytest.fixture

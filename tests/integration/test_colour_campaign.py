@@ -192,7 +192,10 @@ async def pg_status(dsn: str, experiment_id: str):
 
 
 def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
-    processor = processes.start("process", "experiment")
+    # one name across the restart (static membership): the restarted processor takes the
+    # killed one's partitions at once instead of waiting out its 10 s session
+    member = {"LABBUS_GROUP_INSTANCE_ID": "crash-experiment-0"}
+    processor = processes.start("process", "experiment", extra_env=member)
     processes.start("agent", "ot2", "--simulate")
     processes.start("agent", "reader", "--delay", "0.3")  # so the kill lands mid-campaign
     learned_from = verdict(cfg, "it-good")  # set when the first test ran in this session
@@ -204,7 +207,7 @@ def test_processor_killed_mid_campaign_resumes_without_repeats(cfg, processes):
     processor.send_signal(signal.SIGKILL)
     processor.wait(10)
     assert verdict(cfg, "it-crash") is None, "the campaign ended before the kill"
-    processes.start("process", "experiment")
+    processes.start("process", "experiment", extra_env=member)
     final = wait_for(lambda: verdict(cfg, "it-crash"), 240, "a verdict after the restart",
                      interval=1)
     assert isinstance(final, ExperimentCompleted), final

@@ -36,7 +36,10 @@ INTERVAL_S = 0.4  # heartbeat interval the test devices register; offline after 
 
 @pytest.fixture(scope="module")
 def devices(env, tmp_path_factory):
-    procs = Processes({**env, "LABBUS_OFFLINE_AFTER_INTERVALS": "3"},
+    # a static name (LABBUS_GROUP_INSTANCE_ID): the processor restarted after a kill -9
+    # (test_a_restart_keeps_state_from_the_changelog) takes its partitions back at once
+    procs = Processes({**env, "LABBUS_OFFLINE_AFTER_INTERVALS": "3",
+                       "LABBUS_GROUP_INSTANCE_ID": "devices-0"},
                       tmp_path_factory.mktemp("devices"))
     proc = procs.start("process", "devices")
     yield procs, proc

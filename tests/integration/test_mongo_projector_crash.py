@@ -17,6 +17,7 @@ def test_kill_9_mongo_projector_neither_loses_nor_double_counts(own_cfg, process
     # a namespace of its own: in the session's, the projector first catches up on every earlier
     # test's events
     cfg = own_cfg
+    member = {"LABBUS_GROUP_INSTANCE_ID": "mcrash-projector-0"}  # static: a restart takes over
     run(publish_validated(cfg, N, prefix="mcrash", resend=N // 4))  # re-emitted decisions too
     devices = MongoClient(cfg.mongo_url)[cfg.mongo_db].devices
     mine = {"_id": {"$regex": "^mcrash-"}}
@@ -25,11 +26,11 @@ def test_kill_9_mongo_projector_neither_loses_nor_double_counts(own_cfg, process
         return sum(d.get("total_measurements", 0) for d in devices.find(mine))
 
     for threshold in (N // 6, N // 2):
-        proc = processes.start("project", "mongo", "--batch", "400")
+        proc = processes.start("project", "mongo", "--batch", "400", extra_env=member)
         wait_for(lambda t=threshold: counted() >= t, 90, f"{threshold} readings counted")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    processes.start("project", "mongo", "--batch", "400")
+    processes.start("project", "mongo", "--batch", "400", extra_env=member)
     end = len(run(read_topic(cfg, topic_name(cfg, MEASUREMENTS_VALIDATED))))
     positions = MongoClient(cfg.mongo_url)[cfg.mongo_db].projection_positions
     validated = {"projection": "mongo", "topic": topic_name(cfg, MEASUREMENTS_VALIDATED)}

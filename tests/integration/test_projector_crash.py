@@ -64,10 +64,13 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(own_cfg, processes):
     # a namespace of its own: its 40,000 readings stay out of the session's topics, which later
     # tests' projectors and readers would go through
     cfg = own_cfg
+    # one name across the restarts (static membership): a restart takes the killed one's
+    # partitions at once instead of waiting out its 10 s session
+    member = {"LABBUS_GROUP_INSTANCE_ID": "crash-projector-0"}
     ids = run(publish_validated(cfg, N))
     kills = 0
     for threshold in (N // 8, N // 3, 2 * N // 3):
-        proc = processes.start("project", "postgres", "--batch", "700")
+        proc = processes.start("project", "postgres", "--batch", "700", extra_env=member)
         wait_for(lambda t=threshold: run(snapshot(cfg.postgres_dsn))[0] >= t, 90,
                  f"{threshold} rows before the kill")
         os.kill(proc.pid, signal.SIGKILL)
@@ -76,7 +79,7 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(own_cfg, processes):
         total, distinct, _ = run(snapshot(cfg.postgres_dsn))
         assert total == distinct, "a duplicate row appeared after kill -9"
     assert kills == 3
-    processes.start("project", "postgres", "--batch", "700")
+    processes.start("project", "postgres", "--batch", "700", extra_env=member)
     wait_for(lambda: run(snapshot(cfg.postgres_dsn))[0] >= N, 120, "all rows after restart")
 
     total, distinct, positions = run(snapshot(cfg.postgres_dsn))

@@ -120,7 +120,10 @@ def test_quality_on_validated_readings_and_spikes_flagged_across_a_kill_9(cfg, p
     started = time.monotonic()
     run(kafka.ensure_topics(cfg))
     run(publish(cfg, DEVICES, [registration(), registration(KELVIN, "K")]))
-    env = {"LABBUS_ANOMALY_WARMUP": str(WARMUP), "LABBUS_ANOMALY_THRESHOLD": "5"}
+    env = {"LABBUS_ANOMALY_WARMUP": str(WARMUP), "LABBUS_ANOMALY_THRESHOLD": "5",
+           # one name across the restart (static membership): the restarted worker takes the
+           # killed one's partitions at once instead of waiting out its 10 s session
+           "LABBUS_GROUP_INSTANCE_ID": "anomalies-0"}
     processes.start("process", "validate")
     first = processes.start("process", "anomalies", extra_env=env)
 

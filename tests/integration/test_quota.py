@@ -173,7 +173,10 @@ def test_fifty_concurrent_requests_of_one_user_never_exceed_the_balance(cfg, pro
 
 
 def test_kill_9_of_the_quota_processor_mid_stream_changes_no_decision(cfg, processes):
-    first = processes.start("process", "quota")
+    # one name across the restart (static membership): the restarted processor takes the
+    # killed one's partitions at once instead of waiting out its 10 s session
+    member = {"LABBUS_GROUP_INSTANCE_ID": "qkill-quota-0"}
+    first = processes.start("process", "quota", extra_env=member)
     user = student(cfg, GRANT)
     tag = f"qkill-{uuid.uuid4().hex[:6]}"
     reqs = requests(user, 50, tag)
@@ -183,12 +186,16 @@ def test_kill_9_of_the_quota_processor_mid_stream_changes_no_decision(cfg, proce
     first.kill()  # SIGKILL, mid-stream (or just after: the decisions are on the broker anyway)
     first.wait(10)
     seen_before = sum(len(v) for v in decisions(cfg, xids).values())
-    processes.start("process", "quota")
+    processes.start("process", "quota", extra_env=member)
     check_fifty(cfg, user, xids)
     print(f"\n{seen_before} of 50 decisions were on the broker at the kill -9")
 
 
-def test_cancel_ends_a_running_campaign_and_refunds(cfg, processes):
+def test_cancel_ends_a_running_campaign_and_refunds(own_cfg, processes):
+    # a namespace of its own: in the session's, the experiment processor also runs every
+    # campaign earlier tests reserved (16 in this file alone: 41 robot runs beside this one's
+    # two, 40-80 s instead of ~11 s, and an agent still mid-run at the teardown)
+    cfg = own_cfg
     processes.start("process", "experiment")  # and the quota processor (tests/conftest.py)
     processes.start("agent", "ot2", "--simulate")
     processes.start("agent", "reader", "--delay", "0.3")

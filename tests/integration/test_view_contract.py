@@ -179,6 +179,9 @@ class ViewContract:
 
     def _kill_9_mid_stream(self, cfg, processes, own: dict[str, str]) -> None:
         prefix, n = f"kill-{self.process}-{uuid.uuid4().hex[:6]}", self.kill_events
+        # one name across the restarts (static membership): each restart takes the killed
+        # run's partitions at once instead of waiting out its 10 s session
+        own = {**own, "LABBUS_GROUP_INSTANCE_ID": f"projector-{self.process}-0"}
         run(publish(cfg, stream(prefix, n)))
         for threshold in (n // 4, n // 2):
             proc = processes.start("project", self.process, "--batch", "300", extra_env=own)
