@@ -79,8 +79,9 @@ def pid_alive(pid: int, marker: str | None = None) -> bool:
         pass  # exists, belongs to another user
     child = _children.get(pid)
     if child is not None:
-        if child.poll() is not None:  # our own child that exited (now reaped)
-            return False
+        # our own child: its pid cannot have been reused while we have not reaped it, so no
+        # marker check (a JVM's /proc/<pid>/cmdline may read empty while it starts under load)
+        return child.poll() is None
     else:
         with contextlib.suppress(ChildProcessError, OSError):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
